@@ -1,0 +1,292 @@
+"""Tests of lpe.losses.locality against a plain NumPy double loop written from the contract."""
+
+import doctest
+
+import chex
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+
+import lpe.losses.locality
+from lpe.losses import knn_graph, locality_preserving_loss, pairwise_sq_distances
+
+N = 10
+jitted_loss = jax.jit(locality_preserving_loss, static_argnames=('k',))
+
+
+def reference_graph(teacher, k, where=None):
+  """Teacher distances (float64) and neighbour lists, straight from the contract."""
+  t = np.asarray(teacher, np.float64)
+  n = len(t)
+  valid = np.ones(n, bool) if where is None else np.asarray(where, bool)
+  dist = np.zeros((n, n))
+  for i in range(n):
+    for j in range(n):
+      dist[i, j] = np.sum((t[i] - t[j]) ** 2)
+  neighbours = []
+  for i in range(n):
+    candidates = [j for j in range(n) if j != i and valid[j]] if valid[i] else []
+    # A stable sort keeps equal distances in index order: ties go to the lower index.
+    order = np.argsort(dist[i, candidates], kind='stable')[:k]
+    neighbours.append([candidates[o] for o in order])
+  return dist, neighbours
+
+
+def reference_weights(teacher, k, sigma2=None, where=None):
+  """Yields (i, j, a_ij) for every edge of the graph."""
+  dist, neighbours = reference_graph(teacher, k, where)
+  pair_dists = [dist[i, j] for i, nbrs in enumerate(neighbours) for j in nbrs]
+  if sigma2 is None:
+    sigma2 = np.mean(pair_dists) if pair_dists else 0.0
+  for i, nbrs in enumerate(neighbours):
+    for j in nbrs:
+      # sigma2 == 0 only when every neighbour distance is 0: the limit weight is exp(0) = 1.
+      yield i, j, 1.0 if sigma2 == 0 else np.exp(-dist[i, j] / sigma2)
+
+
+def reference_loss(student, teacher, k, sigma2=None, where=None):
+  s = np.asarray(student, np.float64)
+  loss = np.zeros(len(s))
+  for i, j, a in reference_weights(teacher, k, sigma2, where):
+    loss[i] += a * np.sum((s[i] - s[j]) ** 2) / k
+  return loss
+
+
+def reference_mean_loss_grad(student, teacher, k, sigma2=None, where=None):
+  """Analytic gradient of mean_i l_i w.r.t. the student features."""
+  s = np.asarray(student, np.float64)
+  n = len(s)
+  grad = np.zeros_like(s)
+  for i, j, a in reference_weights(teacher, k, sigma2, where):
+    g = 2.0 / k * a * (s[i] - s[j]) / n
+    grad[i] += g
+    grad[j] -= g
+  return grad
+
+
+def make_inputs(seed=0, n=N, d_s=4, d_t=6):
+  rng = np.random.default_rng(seed)
+  student = rng.normal(size=(n, d_s)).astype(np.float32)
+  teacher = rng.normal(size=(n, d_t)).astype(np.float32)
+  mask = rng.random(n) > 0.3
+  mask[:2] = [True, False]  # At least one row of each kind.
+  return student, teacher, mask
+
+
+def mean_loss(student, teacher, **kwargs):
+  return jnp.mean(locality_preserving_loss(student, teacher, **kwargs))
+
+
+# --- pairwise_sq_distances ------------------------------------------------------------------
+
+
+def test_pairwise_sq_distances_matches_numpy():
+  x, y, _ = make_inputs()
+  expected = np.sum((x[:, None, :4].astype(np.float64) - y[None, :, :4]) ** 2, axis=-1)
+  np.testing.assert_allclose(pairwise_sq_distances(x, y[:, :4]), expected, rtol=1e-5, atol=1e-5)
+  dist = pairwise_sq_distances(x)
+  assert dist.dtype == jnp.float32 and dist.shape == (N, N)
+  np.testing.assert_array_equal(np.diag(dist), 0.0)
+
+
+def test_pairwise_sq_distances_nonnegative_for_nearly_identical_rows():
+  rng = np.random.default_rng(1)
+  # Large norms and tiny differences: the norm expansion cancels and can round below zero.
+  x = (1000.0 + 1e-4 * rng.normal(size=(N, 8))).astype(np.float32)
+  dist = np.asarray(pairwise_sq_distances(x, x + 1e-5))
+  assert np.all(dist >= 0.0)
+  np.testing.assert_array_equal(np.diag(pairwise_sq_distances(x)), 0.0)
+
+
+# --- knn_graph -------------------------------------------------------------------------------
+
+
+def test_knn_graph_excludes_self_and_matches_reference():
+  _, teacher, _ = make_inputs()
+  indices, sq_dist = knn_graph(teacher, k=3)
+  dist, neighbours = reference_graph(teacher, 3)
+  assert indices.dtype == jnp.int32 and sq_dist.dtype == jnp.float32
+  assert not np.any(np.asarray(indices) == np.arange(N)[:, None])
+  np.testing.assert_array_equal(indices, neighbours)
+  np.testing.assert_allclose(sq_dist, np.take_along_axis(dist, indices, 1), rtol=1e-5)
+
+
+def test_knn_graph_ties_go_to_lower_index():
+  teacher = jnp.array([[0.0], [1.0], [-1.0], [0.0], [2.0]])
+  indices, _ = jax.jit(knn_graph, static_argnames='k')(teacher, k=2)
+  # Row 0: 3 (distance 0), then 1 and 2 tie at distance 1 -> 1. Row 1: 0 and 3 tie -> 0, 3.
+  assert indices.tolist() == [[3, 1], [0, 3], [0, 3], [0, 1], [1, 0]]
+
+
+def test_knn_graph_mask():
+  _, teacher, _ = make_inputs()
+  where = np.zeros(N, bool)
+  where[[1, 4, 5, 8]] = True
+  indices, sq_dist = knn_graph(teacher, k=4, where=where)
+  valid = np.isfinite(np.asarray(sq_dist))
+  # Masked rows have no neighbours; valid rows have the 3 other valid rows and one empty slot.
+  assert not valid[~where].any()
+  np.testing.assert_array_equal(valid[where].sum(axis=1), 3)
+  assert where[np.asarray(indices)[valid]].all()
+  _, neighbours = reference_graph(teacher, 4, where)
+  for i in np.flatnonzero(where):
+    assert np.asarray(indices)[i][valid[i]].tolist() == neighbours[i]
+
+
+# --- locality_preserving_loss: values --------------------------------------------------------
+
+
+@pytest.mark.parametrize('k', [1, 3, 5, N - 1])
+@pytest.mark.parametrize('case', ['default_sigma2', 'given_sigma2', 'mask'])
+def test_loss_matches_reference(k, case):
+  student, teacher, mask = make_inputs(seed=k)
+  sigma2 = 3.0 if case == 'given_sigma2' else None
+  where = mask if case == 'mask' else None
+  loss = jitted_loss(student, teacher, k=k, sigma2=sigma2, where=where)
+  assert loss.shape == (N,) and loss.dtype == jnp.float32
+  expected = reference_loss(student, teacher, k, sigma2, where)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+  if where is not None:
+    np.testing.assert_array_equal(np.asarray(loss)[~mask], 0.0)
+
+
+@pytest.mark.parametrize('use_mask', [False, True])
+def test_loss_with_tied_teacher_distances(use_mask):
+  student, _, mask = make_inputs(seed=3)
+  teacher = np.random.default_rng(3).integers(0, 3, size=(N, 2)).astype(np.float32)
+  where = mask if use_mask else None
+  loss = jitted_loss(student, teacher, k=3, where=where)
+  np.testing.assert_allclose(loss, reference_loss(student, teacher, 3, None, where), rtol=1e-5)
+
+
+def test_identical_teacher_features_give_unit_weights_and_no_nan():
+  student, _, _ = make_inputs()
+  teacher = np.zeros((N, 3), np.float32)  # Every D is 0, so the default sigma2 is 0.
+  loss = jitted_loss(student, teacher, k=3)
+  np.testing.assert_allclose(loss, reference_loss(student, teacher, 3), rtol=1e-5)
+  assert np.all(np.isfinite(jax.grad(mean_loss)(student, teacher, k=3)))
+
+
+@pytest.mark.parametrize('n_valid', [0, 1])
+def test_no_valid_pairs_give_zero_loss_and_no_nan(n_valid):
+  student, teacher, _ = make_inputs()
+  where = np.arange(N) < n_valid
+  loss = jitted_loss(student, teacher, k=3, where=where)
+  np.testing.assert_array_equal(loss, 0.0)
+  grad = jax.grad(mean_loss)(student, teacher, k=3, where=where)
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_permutation_equivariance():
+  student, teacher, mask = make_inputs(seed=5)  # Gaussian features: no distance ties.
+  perm = np.random.default_rng(5).permutation(N)
+  loss = jitted_loss(student, teacher, k=3, where=mask)
+  permuted = jitted_loss(student[perm], teacher[perm], k=3, where=mask[perm])
+  np.testing.assert_allclose(permuted, np.asarray(loss)[perm], rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_inputs_give_float32_output():
+  student, teacher, _ = make_inputs()
+  s16, t16 = jnp.asarray(student, jnp.bfloat16), jnp.asarray(teacher, jnp.bfloat16)
+  loss = jitted_loss(s16, t16, k=3)
+  assert loss.dtype == jnp.float32
+  # Upcast before any arithmetic: identical to float32 on the rounded values...
+  upcast = jitted_loss(s16.astype(jnp.float32), t16.astype(jnp.float32), k=3)
+  np.testing.assert_allclose(loss, upcast, rtol=1e-6)
+  # ...and close to float32 on the original values.
+  np.testing.assert_allclose(loss, jitted_loss(student, teacher, k=3), rtol=5e-2, atol=1e-3)
+
+
+# --- locality_preserving_loss: gradients -----------------------------------------------------
+
+
+@pytest.mark.parametrize('sigma2', [None, 2.0])
+def test_student_gradient_matches_analytic_reference(sigma2):
+  student, teacher, mask = make_inputs(seed=7)
+  grad = jax.jit(jax.grad(mean_loss), static_argnames='k')(
+    student, teacher, k=3, sigma2=sigma2, where=mask
+  )
+  expected = reference_mean_loss_grad(student, teacher, 3, sigma2, mask)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_check_grads():
+  student, teacher, mask = make_inputs(seed=8)
+  loss_fn = lambda s: locality_preserving_loss(s, teacher, k=3, where=mask)
+  # The loss is quadratic in the student (the graph is fixed by the teacher), so the
+  # second-order checks difference at most cubic functions: a step of 1e-2 keeps float32
+  # rounding (which dominates at the default 1e-4) and truncation error both small.
+  jax.test_util.check_grads(loss_fn, (student,), order=2, modes=('fwd', 'rev'), eps=1e-2)
+
+
+def test_finite_gradients_when_student_features_coincide():
+  _, teacher, _ = make_inputs()
+  student = np.ones((N, 4), np.float32)
+  loss_fn = lambda s: locality_preserving_loss(s, teacher, k=3)
+  np.testing.assert_array_equal(loss_fn(student), 0.0)
+  grad = jax.grad(lambda s: jnp.mean(loss_fn(s)))(student)
+  np.testing.assert_array_equal(grad, 0.0)
+  hessian_vector = jax.jvp(jax.grad(lambda s: jnp.mean(loss_fn(s))), (student,), (student,))[1]
+  assert np.all(np.isfinite(hessian_vector))
+
+
+def test_teacher_gets_no_gradient():
+  student, teacher, mask = make_inputs()
+  for sigma2 in (None, 2.0):
+    grad = jax.grad(mean_loss, argnums=1)(student, teacher, k=3, sigma2=sigma2, where=mask)
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+# --- errors, docs, tracing -------------------------------------------------------------------
+
+BAD_INPUTS = [
+  ('student_rank', dict(student=np.zeros(N)), 'student_features must be a 2-D'),
+  ('teacher_rank', dict(teacher=np.zeros((N, 2, 3))), 'teacher_features must be a 2-D'),
+  ('batch_sizes', dict(teacher=np.zeros((N + 1, 6))), 'same examples.*batch sizes 10 and 11'),
+  ('k_float', dict(k=2.0), 'k must be a Python int'),
+  ('k_zero', dict(k=0), r'k must be >= 1'),
+  ('k_batch', dict(k=N), r'smaller than the \(global\) batch size 10'),
+  ('sigma2_zero', dict(sigma2=0.0), 'sigma2 must be > 0'),
+  ('sigma2_negative', dict(sigma2=-1), 'sigma2 must be > 0'),
+  ('where_shape', dict(where=np.ones((N, 1), bool)), r'where must be a boolean array of shape'),
+]
+
+
+@pytest.mark.parametrize('under_jit', [False, True], ids=['eager', 'jit'])
+@pytest.mark.parametrize('bad, match', [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises(bad, match, under_jit):
+  student, teacher, _ = make_inputs()
+  bad = dict(bad)
+  student, teacher = bad.pop('student', student), bad.pop('teacher', teacher)
+  hyper = {'k': 3, **{name: bad[name] for name in ('k', 'sigma2') if name in bad}}
+  where = bad.get('where')
+  # Hyper-parameters are closed over, as a train step would; arrays are traced under jit.
+  fn = lambda s, t, w: locality_preserving_loss(s, t, where=w, **hyper)
+  with pytest.raises(ValueError, match=match):
+    (jax.jit(fn) if under_jit else fn)(student, teacher, where)
+
+
+def test_knn_graph_rejects_large_k():
+  with pytest.raises(ValueError, match='smaller than the'):
+    knn_graph(np.zeros((4, 2)), k=4)
+
+
+def test_docstring_examples_run():
+  result = doctest.testmod(lpe.losses.locality)
+  assert result.failed == 0 and result.attempted > 0
+
+
+def test_jit_does_not_retrace_for_same_shapes():
+  student, teacher, mask = make_inputs()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def loss_fn(s, t, w):
+    return locality_preserving_loss(s, t, k=3, where=w)
+
+  loss_fn(student, teacher, mask)
+  loss_fn(student + 1.0, 2.0 * teacher, ~mask)
+  with pytest.raises(AssertionError):
+    loss_fn(student[:8], teacher[:8], mask[:8])  # A new shape must retrace.
