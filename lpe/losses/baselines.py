@@ -1,0 +1,495 @@
+"""Baseline distillation losses, defined as in the CIFAR-100 CRD/RepDistiller benchmark.
+
+Each loss follows the matching class in RepDistiller's `distiller_zoo/` (KD.py, FitNet.py, AT.py,
+SP.py, RKD.py, PKT.py; github.com/HobbitLong/RepDistiller, Tian, Krishnan and Isola, "Contrastive
+Representation Distillation", ICLR 2020), so numbers are comparable with that benchmark:
+
+- per-example losses (`kd_loss`, `fitnet_loss`, `attention_transfer_loss`) return `[n]` values
+  whose batch mean equals RepDistiller's batch loss;
+- batch-relational losses (`similarity_preserving_loss`, `rkd_loss`, `pkt_loss`) return a scalar
+  over the batch they are given (the per-device batch under `pmap`, as in single-GPU RepDistiller).
+
+All losses compute in float32 (bfloat16 inputs are upcast) with full-precision matmuls, pass no
+gradient to the teacher argument (`jax.lax.stop_gradient`), and check shapes before any work.
+Hyper-parameters are keyword-only; those that must be positive are checked when they are concrete
+Python or NumPy numbers (a traced value under `jit` cannot be checked).
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lpe.losses.locality import pairwise_sq_distances
+
+__all__ = [
+  'FitNetRegressor',
+  'attention_transfer_loss',
+  'fitnet_loss',
+  'kd_loss',
+  'pkt_loss',
+  'rkd_loss',
+  'similarity_preserving_loss',
+]
+
+# torch.nn.functional.normalize's default eps: x / max(||x||, eps).
+_NORMALIZE_EPS = 1e-12
+# The default matmul precision on GPU/TPU (tf32/bf16 passes) is too coarse for Gram matrices.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_rank(fn: str, name: str, x: jax.Array, ranks: Sequence[int], layout: str) -> None:
+  if np.ndim(x) not in ranks:
+    raise ValueError(f'{fn} expects {name} of shape {layout}, got shape {np.shape(x)}.')
+
+
+def _check_same_batch(fn: str, student: jax.Array, teacher: jax.Array) -> None:
+  if np.shape(student)[0] != np.shape(teacher)[0]:
+    raise ValueError(
+      f'{fn}: student and teacher batch sizes differ ({np.shape(student)[0]} vs '
+      f'{np.shape(teacher)[0]}); pass the same examples to both.'
+    )
+
+
+def _check_positive(fn: str, name: str, value: float) -> None:
+  if np.ndim(value) != 0:
+    raise ValueError(f'{fn}: {name} must be a scalar, got shape {np.shape(value)}.')
+  try:
+    concrete = float(value)
+  except TypeError:  # A tracer under jit (ConcretizationTypeError is a TypeError).
+    return
+  if not concrete > 0:
+    raise ValueError(f'{fn}: {name} must be positive, got {concrete}.')
+
+
+def _relational_inputs(
+  fn: str, student: jax.Array, teacher: jax.Array, *, min_batch: int = 1
+) -> tuple[jax.Array, jax.Array]:
+  """Checks `[n, ...]` inputs and returns them flattened to `[n, d]` float32, teacher frozen."""
+  _check_rank(fn, 'student features', student, range(2, 9), '[n, ...]')
+  _check_rank(fn, 'teacher features', teacher, range(2, 9), '[n, ...]')
+  _check_same_batch(fn, student, teacher)
+  n = np.shape(student)[0]
+  if n < min_batch:
+    raise ValueError(f'{fn} needs a batch of at least {min_batch} examples, got {n}.')
+  student = jnp.asarray(student, jnp.float32).reshape(n, -1)
+  teacher = jax.lax.stop_gradient(jnp.asarray(teacher, jnp.float32).reshape(n, -1))
+  return student, teacher
+
+
+def _l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """`x / max(||x||_2, 1e-12)` along `axis`, as `torch.nn.functional.normalize`.
+
+  Written as `x / sqrt(max(||x||^2, eps^2))`, the same value, so that the gradient at a zero
+  vector is finite (the norm's gradient is cut where the clamp is active).
+  """
+  sq_norm = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq_norm, _NORMALIZE_EPS**2))
+
+
+def _smooth_l1(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean Huber loss with beta = 1, as `torch.nn.functional.smooth_l1_loss` (mean reduction)."""
+  diff = jnp.abs(x - y)
+  return jnp.mean(jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5))
+
+
+def kd_loss(
+  student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float
+) -> jax.Array:
+  """Hinton's knowledge-distillation loss per example: a tempered KL divergence.
+
+  `loss_i = T^2 * KL(softmax(t_i / T) || softmax(s_i / T))
+          = T^2 * sum_c p_ic (log p_ic - log q_ic)`, with `p = softmax(t / T)` and
+  `q = softmax(s / T)`. RepDistiller's `DistillKL` sums the KL over classes and examples and
+  divides by the batch size, so it equals `kd_loss(...).mean()`. The `T^2` factor keeps gradient
+  magnitudes independent of `T`.
+
+  Args:
+    student_logits: `[n, classes]` student logits (any float dtype; bfloat16 is upcast).
+    teacher_logits: `[n, classes]` teacher logits; no gradient flows to them.
+    temperature: softmax temperature `T > 0` (RepDistiller uses 4).
+
+  Returns:
+    `[n]` float32 per-example losses.
+
+  Raises:
+    ValueError: if the inputs are not `[n, classes]` of the same shape, or `temperature <= 0`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = jnp.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    >>> t = jnp.array([[1.0, 2.0, 3.0], [0.0, 0.0, 8.0]])
+    >>> [round(v, 4) for v in kd_loss(s, t, temperature=4.0).tolist()]
+    [0.0, 6.9286]
+
+  Reference: G. Hinton, O. Vinyals and J. Dean, "Distilling the Knowledge in a Neural Network",
+  NIPS Deep Learning Workshop 2015, arXiv 1503.02531.
+  """
+  fn = 'kd_loss'
+  _check_rank(fn, 'student_logits', student_logits, (2,), '[n, classes]')
+  _check_rank(fn, 'teacher_logits', teacher_logits, (2,), '[n, classes]')
+  if np.shape(student_logits) != np.shape(teacher_logits):
+    raise ValueError(
+      f'kd_loss: student_logits shape {np.shape(student_logits)} and teacher_logits shape '
+      f'{np.shape(teacher_logits)} differ; both must be [n, classes] over the same classes.'
+    )
+  _check_positive(fn, 'temperature', temperature)
+  student = jnp.asarray(student_logits, jnp.float32)
+  teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
+  log_q = jax.nn.log_softmax(student / temperature, axis=-1)
+  log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
+  # exp(log_p) underflows to exactly 0 where p is negligible, so 0 * finite = 0 as in kl_div.
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  return kl * temperature**2
+
+
+def fitnet_loss(student_hint: jax.Array, teacher_hint: jax.Array) -> jax.Array:
+  """FitNet hint loss per example: the mean squared error over all non-batch dimensions.
+
+  `loss_i = mean_k (s_ik - t_ik)^2` over the flattened features of example `i`, so the batch
+  mean equals RepDistiller's `HintLoss` (`nn.MSELoss()`). The student hint must already have the
+  teacher's shape: map it with `FitNetRegressor` (whose parameters are trained with the student).
+
+  Args:
+    student_hint: `[n, ...]` regressed student features (e.g. NHWC maps or `[n, d]` vectors).
+    teacher_hint: teacher features of the same shape; no gradient flows to them.
+
+  Returns:
+    `[n]` float32 per-example losses.
+
+  Raises:
+    ValueError: if an input has rank < 2 or the two shapes differ.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = jnp.zeros((2, 2, 2, 3))
+    >>> t = jnp.ones((2, 2, 2, 3)).at[1].set(2.0)
+    >>> fitnet_loss(s, t).tolist()
+    [1.0, 4.0]
+
+  Reference: A. Romero, N. Ballas, S. E. Kahou, A. Chassang, C. Gatta and Y. Bengio, "FitNets:
+  Hints for Thin Deep Nets", ICLR 2015, arXiv 1412.6550.
+  """
+  fn = 'fitnet_loss'
+  _check_rank(fn, 'student_hint', student_hint, range(2, 9), '[n, ...]')
+  _check_rank(fn, 'teacher_hint', teacher_hint, range(2, 9), '[n, ...]')
+  if np.shape(student_hint) != np.shape(teacher_hint):
+    raise ValueError(
+      f'fitnet_loss: student_hint shape {np.shape(student_hint)} differs from teacher_hint '
+      f'shape {np.shape(teacher_hint)}; map the student features with '
+      'FitNetRegressor(features=teacher_width) first (spatial sizes must already match).'
+    )
+  student = jnp.asarray(student_hint, jnp.float32)
+  teacher = jax.lax.stop_gradient(jnp.asarray(teacher_hint, jnp.float32))
+  sq_err = jnp.square(student - teacher)
+  return jnp.mean(sq_err.reshape(sq_err.shape[0], -1), axis=1)
+
+
+class FitNetRegressor(nn.Module):
+  """The FitNet regressor: maps student features to the teacher's width.
+
+  As RepDistiller's `ConvReg` for equal spatial sizes and its `Regress` for vectors:
+
+  - NHWC `[n, h, w, c_s]` input: 1x1 convolution (with bias) to `features` channels, then batch
+    normalisation over `(n, h, w)` with a learnt scale and bias (epsilon 1e-5, as PyTorch), then
+    ReLU. Output `[n, h, w, features]`: the spatial size is kept, so the teacher map must have the
+    student's spatial size; `fitnet_loss` raises a ValueError otherwise. (`ConvReg`'s strided or
+    transposed convolutions for 2x size ratios are not supported.)
+  - `[n, d_s]` input: Dense (with bias) to `features`, then ReLU. Output `[n, features]`.
+
+  The normalisation always uses the statistics of the current batch, as PyTorch BatchNorm in
+  training mode, and keeps no running averages: the regressor is used only for the training
+  loss and dropped at evaluation, so running statistics would never be read, and the module
+  stays a pure function with only a `params` collection. Under `pmap` the statistics are
+  per device, as unsynchronised BatchNorm.
+
+  Its parameters are extra trainable parameters: optimise them together with the student's, and
+  do not keep them as part of the student. Count: `c_s * features + 3 * features` for NHWC
+  input (conv kernel and bias, normalisation scale and bias; as `ConvReg` with a 1x1 kernel),
+  `d_s * features + features` for vectors. Initialisation uses Flax defaults (LeCun normal
+  kernels, zero biases), not PyTorch's.
+
+  Attributes:
+    features: teacher width (channels for NHWC maps, `d` for vectors).
+    epsilon: variance epsilon of the batch normalisation.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> reg = FitNetRegressor(features=8)
+    >>> x = jnp.ones((2, 4, 4, 3))
+    >>> params = reg.init(jax.random.key(0), x)
+    >>> reg.apply(params, x).shape
+    (2, 4, 4, 8)
+    >>> sum(p.size for p in jax.tree.leaves(params))  # 3*8 + 8 + 8 + 8
+    48
+
+  Reference: A. Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
+  """
+
+  features: int
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_rank('FitNetRegressor', 'x', x, (2, 4), '[n, d] or NHWC [n, h, w, c]')
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim == 2:
+      return nn.relu(nn.Dense(self.features, name='dense')(x))
+    y = nn.Conv(self.features, (1, 1), name='conv')(x)
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    var = jnp.var(y, axis=(0, 1, 2))  # Biased, as BatchNorm normalises with.
+    scale = self.param('bn_scale', nn.initializers.ones, (self.features,), jnp.float32)
+    bias = self.param('bn_bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    y = (y - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return nn.relu(y)
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """`[out, in]` averaging weights of PyTorch's `adaptive_avg_pool` along one axis.
+
+  Output cell `i` averages inputs `floor(i * in / out)` up to `ceil((i + 1) * in / out)`
+  (exclusive); for `in` a multiple of `out` this is plain `in / out` average pooling.
+  """
+  weights = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    start = (i * in_size) // out_size
+    end = -(-((i + 1) * in_size) // out_size)
+    weights[i, start:end] = 1.0 / (end - start)
+  return weights
+
+
+def _adaptive_avg_pool(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Adaptive average pooling of an NHWC map to `[n, height, width, c]`."""
+  if x.shape[1:3] == (height, width):
+    return x
+  pool_h = _adaptive_pool_matrix(x.shape[1], height)
+  pool_w = _adaptive_pool_matrix(x.shape[2], width)
+  return jnp.einsum('nhwc,ph,qw->npqc', x, pool_h, pool_w, precision=_HIGHEST)
+
+
+def _attention_map(x: jax.Array, p: float) -> jax.Array:
+  """`[n, h*w]` L2-normalised spatial attention: channel mean of `|x|^p`, flattened."""
+  attention = jnp.mean(jnp.abs(x) ** p, axis=-1)
+  return _l2_normalize(attention.reshape(attention.shape[0], -1))
+
+
+def attention_transfer_loss(
+  student_map: jax.Array, teacher_map: jax.Array, *, p: float = 2.0
+) -> jax.Array:
+  """Attention-transfer loss per example between NHWC feature maps.
+
+  The attention of a map `f` of shape `[h, w, c]` is `a = vec(mean_c |f|^p) / ||vec(mean_c
+  |f|^p)||_2` (a unit vector of length `h * w`), and `loss_i = mean_k (a_s,ik - a_t,ik)^2`. As
+  RepDistiller's `Attention.at_loss`, whose `.pow(2).mean()` over the batch equals
+  `attention_transfer_loss(...).mean()`. Channel counts may differ.
+
+  When the spatial sizes differ, the larger map is adaptive-average-pooled (PyTorch's
+  `adaptive_avg_pool2d`) to the smaller size before the attention is taken; height and width
+  are pooled independently to `min(h_s, h_t)` and `min(w_s, w_t)` (RepDistiller compares heights
+  only and assumes square maps, which this reproduces).
+
+  Deviation: this uses `|f|^p` as in the paper; RepDistiller uses `f^p`, which is the same for
+  even `p`, including the default `p = 2`.
+
+  Args:
+    student_map: `[n, h_s, w_s, c_s]` student feature map (NHWC).
+    teacher_map: `[n, h_t, w_t, c_t]` teacher feature map; no gradient flows to it.
+    p: positive exponent of the attention (RepDistiller and the paper use 2).
+
+  Returns:
+    `[n]` float32 per-example losses.
+
+  Raises:
+    ValueError: if a map is not rank 4, the batch sizes differ, or `p <= 0`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = jnp.ones((1, 2, 2, 3)).at[0, 0, 0].set(0.0)
+    >>> t = jnp.ones((1, 4, 4, 5))
+    >>> [round(v, 4) for v in attention_transfer_loss(s, t).tolist()]
+    [0.067]
+
+  Reference: S. Zagoruyko and N. Komodakis, "Paying More Attention to Attention: Improving the
+  Performance of Convolutional Neural Networks via Attention Transfer", ICLR 2017,
+  arXiv 1612.03928.
+  """
+  fn = 'attention_transfer_loss'
+  _check_rank(fn, 'student_map', student_map, (4,), 'NHWC [n, h, w, c]')
+  _check_rank(fn, 'teacher_map', teacher_map, (4,), 'NHWC [n, h, w, c]')
+  _check_same_batch(fn, student_map, teacher_map)
+  _check_positive(fn, 'p', p)
+  student = jnp.asarray(student_map, jnp.float32)
+  teacher = jax.lax.stop_gradient(jnp.asarray(teacher_map, jnp.float32))
+  height = min(student.shape[1], teacher.shape[1])
+  width = min(student.shape[2], teacher.shape[2])
+  a_s = _attention_map(_adaptive_avg_pool(student, height, width), p)
+  a_t = _attention_map(_adaptive_avg_pool(teacher, height, width), p)
+  return jnp.mean(jnp.square(a_s - a_t), axis=1)
+
+
+def _row_normalized_gram(x: jax.Array) -> jax.Array:
+  return _l2_normalize(jnp.matmul(x, x.T, precision=_HIGHEST), axis=1)
+
+
+def similarity_preserving_loss(student_map: jax.Array, teacher_map: jax.Array) -> jax.Array:
+  """Similarity-preserving loss over the batch (a scalar: the loss is batch-relational).
+
+  With `f` the features flattened to `[n, d]`, `G = f f^T` (`[n, n]`) is L2-normalised row by
+  row, and `loss = sum_ij (G_s,ij - G_t,ij)^2 / n^2`, as RepDistiller's
+  `Similarity.similarity_loss`. The widths (and shapes after the batch axis) may differ.
+
+  Args:
+    student_map: `[n, ...]` student features (e.g. NHWC maps or `[n, d]` vectors).
+    teacher_map: `[n, ...]` teacher features; no gradient flows to them.
+
+  Returns:
+    Scalar float32 loss over the batch.
+
+  Raises:
+    ValueError: if an input has rank < 2 or the batch sizes differ.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> t = jnp.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    >>> round(float(similarity_preserving_loss(s, t)), 4)
+    0.2929
+
+  Reference: F. Tung and G. Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019,
+  arXiv 1907.09682.
+  """
+  student, teacher = _relational_inputs('similarity_preserving_loss', student_map, teacher_map)
+  n = student.shape[0]
+  diff = _row_normalized_gram(student) - _row_normalized_gram(teacher)
+  return jnp.sum(jnp.square(diff)) / (n * n)
+
+
+def _rkd_distances(x: jax.Array) -> jax.Array:
+  """Distances normalised by their mean over the positive entries, as RepDistiller's `pdist`.
+
+  `d_ij = sqrt(max(||x_i - x_j||^2, 1e-12))` off the diagonal and 0 on it. The clamp keeps the
+  square root's gradient finite (and cuts it where active) for coincident rows.
+  """
+  n = x.shape[0]
+  dist = jnp.sqrt(jnp.maximum(pairwise_sq_distances(x), 1e-12))
+  dist = jnp.where(jnp.eye(n, dtype=bool), 0.0, dist)
+  positive = dist > 0
+  mean = jnp.sum(jnp.where(positive, dist, 0.0)) / jnp.sum(positive)
+  return dist / mean
+
+
+def _rkd_angles(x: jax.Array) -> jax.Array:
+  """`[n, n, n]` cosines `<e_ij, e_ik>` of the unit difference vectors `e_ij = unit(x_j - x_i)`.
+
+  A zero difference (`j = i`, or duplicate rows) gives a zero vector, as F.normalize.
+  """
+  unit = _l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
+  return jnp.einsum('ijd,ikd->ijk', unit, unit, precision=_HIGHEST)
+
+
+def rkd_loss(
+  student_features: jax.Array,
+  teacher_features: jax.Array,
+  *,
+  distance_weight: float = 25.0,
+  angle_weight: float = 50.0,
+) -> jax.Array:
+  """Relational knowledge distillation over the batch (a scalar: the loss is batch-relational).
+
+  With the features flattened to `[n, d]` (widths may differ):
+
+  - distance term: `d_ij = ||x_i - x_j||` (clamped at `sqrt(1e-12)` off the diagonal, 0 on
+    it) divided by the mean of the positive `d_ij`; `L_d = mean_ij huber(d_s,ij - d_t,ij)`;
+  - angle term: `c_ijk = <e_ij, e_ik>` with `e_ij = (x_j - x_i) / max(||x_j - x_i||, 1e-12)`;
+    `L_a = mean_ijk huber(c_s,ijk - c_t,ijk)`;
+
+  where `huber` is smooth-L1 with beta 1 (`0.5 x^2` for `|x| < 1`, else `|x| - 0.5`), and
+  `loss = distance_weight * L_d + angle_weight * L_a`, as RepDistiller's `RKDLoss` (weights 25
+  and 50). Gradients are finite for coincident rows (the clamps cut them there).
+
+  Memory is `O(n^2 d + n^3)` for the angle term, as in RepDistiller: apply it to embeddings.
+
+  Args:
+    student_features: `[n, ...]` student features, `n >= 2`.
+    teacher_features: `[n, ...]` teacher features; no gradient flows to them.
+    distance_weight: weight of the distance term.
+    angle_weight: weight of the angle term.
+
+  Returns:
+    Scalar float32 loss over the batch.
+
+  Raises:
+    ValueError: if an input has rank < 2, the batch sizes differ, or the batch has fewer than
+      2 examples (there are no distances).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> abs(float(rkd_loss(s, 3.0 * s))) < 1e-6  # Distances and angles are scale-invariant.
+    True
+    >>> t = jnp.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    >>> round(float(rkd_loss(s, t)), 3)
+    8.274
+
+  Reference: W. Park, D. Kim, Y. Lu and M. Cho, "Relational Knowledge Distillation", CVPR 2019,
+  arXiv 1904.05068.
+  """
+  student, teacher = _relational_inputs('rkd_loss', student_features, teacher_features, min_batch=2)
+  loss_d = _smooth_l1(_rkd_distances(student), _rkd_distances(teacher))
+  loss_a = _smooth_l1(_rkd_angles(student), _rkd_angles(teacher))
+  return distance_weight * loss_d + angle_weight * loss_a
+
+
+def _pkt_probabilities(x: jax.Array, eps: float) -> jax.Array:
+  """Rows of the cosine kernel `(cos + 1) / 2`, each normalised to sum to 1."""
+  sq_norm = jnp.sum(x * x, axis=1, keepdims=True)
+  # sqrt has an infinite gradient at 0: take it only on positive values (zero rows stay 0).
+  norm = jnp.where(sq_norm > 0, jnp.sqrt(jnp.where(sq_norm > 0, sq_norm, 1.0)), 0.0)
+  unit = x / (norm + eps)
+  kernel = (jnp.matmul(unit, unit.T, precision=_HIGHEST) + 1.0) / 2.0
+  return kernel / jnp.sum(kernel, axis=1, keepdims=True)
+
+
+def pkt_loss(
+  student_features: jax.Array, teacher_features: jax.Array, *, eps: float = 1e-7
+) -> jax.Array:
+  """Probabilistic knowledge transfer over the batch (a scalar: the loss is batch-relational).
+
+  With the features flattened to `[n, d]` (widths may differ), each row is scaled to
+  `x_i / (||x_i|| + eps)`, the cosine kernel is shifted to `[0, 1]` as `K_ij = (x_i . x_j + 1)
+  / 2` and row-normalised to `P_ij = K_ij / sum_k K_ik`; then
+  `loss = mean_ij P_t,ij * log((P_t,ij + eps) / (P_s,ij + eps))`, a KL(teacher || student)
+  averaged over all `n^2` entries, with `eps` placed as in RepDistiller's `PKT`. Gradients are
+  finite for duplicate and all-zero rows. (RepDistiller also zeroes NaNs after the row
+  scaling; with `eps > 0` these arise only from non-finite inputs, so that step is omitted.)
+
+  Args:
+    student_features: `[n, ...]` student features.
+    teacher_features: `[n, ...]` teacher features; no gradient flows to them.
+    eps: positive stabiliser of the row norm and the logarithm.
+
+  Returns:
+    Scalar float32 loss over the batch.
+
+  Raises:
+    ValueError: if an input has rank < 2, the batch sizes differ, or `eps <= 0`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> abs(float(pkt_loss(s, 2.0 * s))) < 1e-6  # The kernel is scale-invariant.
+    True
+    >>> round(float(pkt_loss(s, jnp.array([[1.0, 0.0], [1.0, 0.0]]))), 4)
+    0.0294
+
+  Reference: N. Passalis and A. Tefas, "Learning Deep Representations with Probabilistic
+  Knowledge Transfer", ECCV 2018, arXiv 1803.10837.
+  """
+  fn = 'pkt_loss'
+  student, teacher = _relational_inputs(fn, student_features, teacher_features)
+  _check_positive(fn, 'eps', eps)
+  p_s = _pkt_probabilities(student, eps)
+  p_t = _pkt_probabilities(teacher, eps)
+  return jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps)))
