@@ -1,7 +1,15 @@
 """Flax models that return `(logits, features)`; see `build` and `names`."""
 
 # Importing a model module registers its architectures.
-from lpe.models import small_cnn  # noqa: F401
+from lpe.models import (  # noqa: F401
+  fitnets,
+  mobilenetv2,
+  resnet,
+  shufflenet,
+  small_cnn,
+  vgg,
+  wrn,
+)
 from lpe.models.registry import build, names
 
 __all__ = ['build', 'names']

@@ -8,34 +8,34 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Registers `factory(num_classes, **kwargs) -> nn.Module` under `name`."""
+  """Registers `factory(num_classes, **kwargs) -> nn.Module` under `name`."""
 
-    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f'Model name {name!r} is registered twice.')
-        _REGISTRY[name] = factory
-        return factory
+  def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    if name in _REGISTRY:
+      raise ValueError(f'Model name {name!r} is registered twice.')
+    _REGISTRY[name] = factory
+    return factory
 
-    return decorator
+  return decorator
 
 
 def names() -> list[str]:
-    """Returns the registered model names, sorted."""
-    return sorted(_REGISTRY)
+  """Returns the registered model names, sorted."""
+  return sorted(_REGISTRY)
 
 
 def build(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """Returns the Flax module registered as `name`, with `num_classes` outputs.
+  """Returns the Flax module registered as `name`, with `num_classes` outputs.
 
-    Every module is called as `module.apply(variables, images, train=bool)` on NHWC images and
-    returns `(logits, features)`: `logits` is `[n, num_classes]`, `features` a dict of named
-    intermediate outputs that always holds `'embedding'`, the pooled pre-logit vector `[n, d]`.
+  Every module is called as `module.apply(variables, images, train=bool)` on NHWC images and
+  returns `(logits, features)`: `logits` is `[n, num_classes]`, `features` a dict of named
+  intermediate outputs that always holds `'embedding'`, the pooled pre-logit vector `[n, d]`.
 
-    Keyword arguments (for example `dtype` for the computation dtype, `bn_axis_name` for
-    cross-device BatchNorm under `pmap`) are passed to the factory.
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f'Unknown model {name!r}; valid names are: {", ".join(names())}.')
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f'num_classes must be a positive int, got {num_classes!r}.')
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+  Keyword arguments (for example `dtype` for the computation dtype, `bn_axis_name` for
+  cross-device BatchNorm under `pmap`) are passed to the factory.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown model {name!r}; valid names are: {", ".join(names())}.')
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f'num_classes must be a positive int, got {num_classes!r}.')
+  return _REGISTRY[name](num_classes=num_classes, **kwargs)

@@ -9,44 +9,44 @@ from lpe.models.registry import register
 
 
 class SmallCNN(nn.Module):
-    """Two 3x3 conv + max-pool stages, a dense embedding layer and a linear classifier.
+  """Two 3x3 conv + max-pool stages, a dense embedding layer and a linear classifier.
 
-    Attributes:
-      num_classes: Number of output classes.
-      widths: Channels of the two convolution stages.
-      embedding_width: Width of the pre-logit embedding (`features['embedding']`).
-      dtype: Computation dtype (parameters stay float32).
-    """
+  Attributes:
+    num_classes: Number of output classes.
+    widths: Channels of the two convolution stages.
+    embedding_width: Width of the pre-logit embedding (`features['embedding']`).
+    dtype: Computation dtype (parameters stay float32).
+  """
 
-    num_classes: int
-    widths: tuple[int, int] = (8, 16)
-    embedding_width: int = 32
-    dtype: Any = jnp.float32
+  num_classes: int
+  widths: tuple[int, int] = (8, 16)
+  embedding_width: int = 32
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False):
-        del train  # No dropout or BatchNorm: the same function in both modes.
-        features = {}
-        x = x.astype(self.dtype)
-        for i, width in enumerate(self.widths):
-            x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f'conv{i + 1}')(x)
-            x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-            features[f'stage{i + 1}'] = x
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.embedding_width, dtype=self.dtype, name='embed')(x))
-        features['embedding'] = x
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-        return logits, features
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False):
+    del train  # No dropout or BatchNorm: the same function in both modes.
+    features = {}
+    x = x.astype(self.dtype)
+    for i, width in enumerate(self.widths):
+      x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f'conv{i + 1}')(x)
+      x = nn.relu(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      features[f'stage{i + 1}'] = x
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.embedding_width, dtype=self.dtype, name='embed')(x))
+    features['embedding'] = x
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return logits, features
 
 
 @register('cnn_teacher')
 def cnn_teacher(num_classes: int, **kwargs) -> nn.Module:
-    """The core Fashion-MNIST teacher: 64/128 channels, a 256-wide embedding."""
-    return SmallCNN(num_classes, widths=(64, 128), embedding_width=256, **kwargs)
+  """The core Fashion-MNIST teacher: 64/128 channels, a 256-wide embedding."""
+  return SmallCNN(num_classes, widths=(64, 128), embedding_width=256, **kwargs)
 
 
 @register('cnn_student')
 def cnn_student(num_classes: int, **kwargs) -> nn.Module:
-    """The core Fashion-MNIST student: 8/16 channels, a 32-wide embedding."""
-    return SmallCNN(num_classes, widths=(8, 16), embedding_width=32, **kwargs)
+  """The core Fashion-MNIST student: 8/16 channels, a 32-wide embedding."""
+  return SmallCNN(num_classes, widths=(8, 16), embedding_width=32, **kwargs)

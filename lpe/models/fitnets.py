@@ -1,0 +1,140 @@
+"""The paper's students, FitNet-1 to FitNet-4, and FitNets' wide maxout teacher.
+
+Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015), as paper.md describes them: thin,
+deep stacks of 3x3 convs in three groups, each group followed by pooling, then a fully connected
+layer and softmax. Choices the description leaves open, made here:
+
+- Each conv is followed by BatchNorm and ReLU (`maxout=False`, the default), or, with
+  `maxout=True`, produces twice the channels, is batch-normalised, and takes the max over adjacent
+  pairs (maxout with k = 2 pieces; BN before the max keeps each piece affine, so the unit is still
+  a maxout of affine maps). Convs followed by BN have no bias.
+- Groups 1 and 2 end in a 2x2 max pool (stride 2); group 3 ends in a global average pool, which
+  gives the embedding (its width is the last conv's) and makes the net input-size agnostic:
+  32x32 -> 16 -> 8 -> pooled, 28x28 -> 14 -> 7 -> pooled.
+- "A fully connected layer and softmax" is the single linear classifier on the embedding (the
+  softmax lives in the loss).
+
+The teacher (`maxout_teacher`): three maxout conv layers of 96, 192 and 192 units (3x3, k = 2,
+BatchNorm before the max), each followed by a 2x2 max pool; the 4x4x192 map is flattened into a
+500-unit maxout layer with k = 5 pieces (Goodfellow et al.'s CIFAR-10 maxout net uses 5 pieces in
+its dense layer), then the linear classifier. Dropout is left out. With 10 classes this is about
+8.7M parameters, close to the ~9M FitNets reports; the flatten makes the count input-size
+dependent.
+
+Features: `stage{g}` is the output of conv group `g` (1-based, as the paper numbers groups) after
+its last activation and before its pool; `embedding` the pre-logit vector.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lpe.models.layers import ModelOutput, batch_norm, conv, global_avg_pool, max_pool_2x2, maxout
+from lpe.models.registry import register
+
+_MAXOUT_CONV_PIECES = 2
+_MAXOUT_DENSE_PIECES = 5
+
+
+class FitNet(nn.Module):
+  """A FitNet: groups of 3x3 conv layers, pooled between groups, then a linear classifier.
+
+  Attributes:
+    num_classes: Number of output classes.
+    groups: Conv widths (units) of each group; groups but the last end in a 2x2 max pool, the
+      last in a global average pool.
+    maxout: Maxout units with 2 pieces instead of ReLU.
+    dtype: Computation dtype (parameters stay float32).
+    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+  """
+
+  num_classes: int
+  groups: tuple[tuple[int, ...], ...]
+  maxout: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
+    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
+    pieces = _MAXOUT_CONV_PIECES if self.maxout else 1
+    x = x.astype(self.dtype)
+    features = {}
+    for g, widths in enumerate(self.groups, start=1):
+      for j, width in enumerate(widths):
+        x = conv(width * pieces, 3, dtype=self.dtype, name=f'group{g}_conv{j}')(x)
+        x = norm(name=f'group{g}_bn{j}')(x)
+        x = maxout(x, pieces) if self.maxout else nn.relu(x)
+      features[f'stage{g}'] = x
+      if g < len(self.groups):
+        x = max_pool_2x2(x)
+    x = global_avg_pool(x)
+    features['embedding'] = x
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+    return logits, features
+
+
+class MaxoutTeacher(nn.Module):
+  """FitNets' wide CIFAR-10 maxout teacher: maxout convs 96-192-192, a 500-unit maxout layer.
+
+  Attributes:
+    num_classes: Number of output classes.
+    conv_units: Units of the three maxout conv layers.
+    dense_units: Units of the maxout fully connected layer (the embedding width).
+    dtype: Computation dtype (parameters stay float32).
+    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+  """
+
+  num_classes: int
+  conv_units: tuple[int, ...] = (96, 192, 192)
+  dense_units: int = 500
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
+    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
+    x = x.astype(self.dtype)
+    features = {}
+    for i, units in enumerate(self.conv_units, start=1):
+      x = conv(units * _MAXOUT_CONV_PIECES, 3, dtype=self.dtype, name=f'conv{i}')(x)
+      x = maxout(norm(name=f'bn{i}')(x), _MAXOUT_CONV_PIECES)
+      features[f'stage{i}'] = x
+      x = max_pool_2x2(x)
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(self.dense_units * _MAXOUT_DENSE_PIECES, dtype=self.dtype, name='dense')(x)
+    x = maxout(x, _MAXOUT_DENSE_PIECES)
+    features['embedding'] = x
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+    return logits, features
+
+
+@register('fitnet1')
+def fitnet1(num_classes: int, **kwargs) -> nn.Module:
+  """FitNet-1: 16,16,16 | 32,32,32 | 48,48,64 (paper: about 250K parameters with maxout)."""
+  return FitNet(num_classes, groups=((16, 16, 16), (32, 32, 32), (48, 48, 64)), **kwargs)
+
+
+@register('fitnet2')
+def fitnet2(num_classes: int, **kwargs) -> nn.Module:
+  """FitNet-2: 16,32,32 | 48,64,80 | 96,96,128 (paper: about 862K)."""
+  return FitNet(num_classes, groups=((16, 32, 32), (48, 64, 80), (96, 96, 128)), **kwargs)
+
+
+@register('fitnet3')
+def fitnet3(num_classes: int, **kwargs) -> nn.Module:
+  """FitNet-3: 32,48,64,64 | 80,80,80,80 | 128,128,128 (paper: about 1.6M)."""
+  return FitNet(num_classes, groups=((32, 48, 64, 64), (80, 80, 80, 80), (128, 128, 128)), **kwargs)
+
+
+@register('fitnet4')
+def fitnet4(num_classes: int, **kwargs) -> nn.Module:
+  """FitNet-4: 32,32,32,48,48 | 80 x6 | 128 x6 (paper: about 2.5M)."""
+  return FitNet(num_classes, groups=((32, 32, 32, 48, 48), (80,) * 6, (128,) * 6), **kwargs)
+
+
+@register('maxout_teacher')
+def maxout_teacher(num_classes: int, **kwargs) -> nn.Module:
+  """FitNets' wide maxout teacher: 96-192-192 maxout convs, 500-unit maxout layer (~9M)."""
+  return MaxoutTeacher(num_classes, **kwargs)

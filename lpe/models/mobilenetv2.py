@@ -1,0 +1,109 @@
+"""CIFAR MobileNetV2 of CRD/RepDistiller (`mobile_half`: expansion 6, width multiplier 0.5).
+
+Differences from the ImageNet MobileNetV2 that RepDistiller's `mobilenetv2.py` makes, kept here:
+ReLU instead of ReLU6; the expansion 1x1 conv is present even in the first block (expansion 1);
+the stem is a stride-2 3x3 conv of `int(32 * width)` channels; the last 1x1 conv keeps 1280
+channels for widths <= 1; the classifier is a single linear layer.
+
+Features (RepDistiller's `is_feat=True` list): `stage0` the stem output, `stage1` to `stage4` the
+outputs of inverted-residual groups 1, 2, 4 and 6 (0-based; resolutions 16, 8, 4 and 2 for a 32x32
+input; these outputs are linear, there is no ReLU after a projection), `embedding` the pooled
+1280-vector after the last 1x1 conv + BN + ReLU.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lpe.models.layers import ModelOutput, ModuleDef, batch_norm, conv, global_avg_pool
+from lpe.models.registry import register
+
+# (expansion t, channels c, repeats n, first stride s), before the width multiplier.
+_SETTING = (
+  (1, 16, 1, 1),
+  (6, 24, 2, 1),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
+# Groups (0-based) whose outputs RepDistiller exposes as features f1..f4.
+_FEATURE_GROUPS = (1, 2, 4, 6)
+
+
+class InvertedResidual(nn.Module):
+  """1x1 expand + BN + ReLU, 3x3 depthwise (strided) + BN + ReLU, 1x1 project + BN."""
+
+  features: int
+  strides: int
+  expansion: int
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    hidden = x.shape[-1] * self.expansion
+    out = conv(hidden, 1, dtype=self.dtype, name='expand')(x)
+    out = nn.relu(self.norm(name='expand_bn')(out))
+    out = conv(hidden, 3, self.strides, groups=hidden, dtype=self.dtype, name='depthwise')(out)
+    out = nn.relu(self.norm(name='depthwise_bn')(out))
+    out = conv(self.features, 1, dtype=self.dtype, name='project')(out)
+    out = self.norm(name='project_bn')(out)
+    if self.strides == 1 and x.shape[-1] == self.features:
+      out = out + x
+    return out
+
+
+class MobileNetV2(nn.Module):
+  """RepDistiller's CIFAR MobileNetV2.
+
+  Attributes:
+    num_classes: Number of output classes.
+    expansion: Expansion ratio T of every group but the first (which has 1).
+    width_mult: Channel multiplier of the stem and the inverted-residual groups.
+    dtype: Computation dtype (parameters stay float32).
+    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+  """
+
+  num_classes: int
+  expansion: int = 6
+  width_mult: float = 0.5
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
+    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
+    x = x.astype(self.dtype)
+    x = conv(int(32 * self.width_mult), 3, 2, dtype=self.dtype, name='conv1')(x)
+    x = nn.relu(norm(name='bn1')(x))
+    features = {'stage0': x}
+    for i, (t, c, n, s) in enumerate(_SETTING):
+      t = t if t == 1 else self.expansion
+      for j in range(n):
+        x = InvertedResidual(
+          int(c * self.width_mult),
+          s if j == 0 else 1,
+          t,
+          norm,
+          self.dtype,
+          name=f'group{i}_{j}',
+        )(x)
+      if i in _FEATURE_GROUPS:
+        features[f'stage{_FEATURE_GROUPS.index(i) + 1}'] = x
+    last_channels = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
+    x = conv(last_channels, 1, dtype=self.dtype, name='conv2')(x)
+    x = nn.relu(norm(name='bn2')(x))
+    # RepDistiller's AvgPool2d(2, ceil_mode=True) covers the whole 2x2 map of a 32x32 input.
+    x = global_avg_pool(x)
+    features['embedding'] = x
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+    return logits, features
+
+
+@register('MobileNetV2')
+def mobilenetv2(num_classes: int, **kwargs) -> nn.Module:
+  """RepDistiller's `mobile_half`: expansion 6, width multiplier 0.5, a 1280-wide embedding."""
+  return MobileNetV2(num_classes, **kwargs)
