@@ -1,0 +1,73 @@
+"""Tests of the input pipeline: offline preparation, caching, deterministic batches, evaluation."""
+
+import os
+
+import numpy as np
+import pytest
+
+from lpe import data
+from tests.conftest import TEST_SIZE, TRAIN_SIZE
+
+
+def test_load_split_prepares_offline_and_caches(fashion_data_dir):
+  train = data.load_split('fashion_mnist', 'train', fashion_data_dir)
+  test = data.load_split('fashion_mnist', 'test', fashion_data_dir)
+  assert train.images.shape == (TRAIN_SIZE, 28, 28, 1) and train.images.dtype == np.uint8
+  assert test.labels.shape == (TEST_SIZE,) and test.labels.dtype == np.int32
+  assert set(np.unique(train.labels)) <= set(range(10))
+  cached = os.listdir(os.path.join(fashion_data_dir, 'lpe_cache'))
+  assert any(name.startswith('fashion_mnist-') and 'train' in name for name in cached)
+  again = data.load_split('fashion_mnist', 'train', fashion_data_dir)
+  np.testing.assert_array_equal(again.images, train.images)
+  np.testing.assert_array_equal(again.labels, train.labels)
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+  with pytest.raises(data.DatasetUnavailableError, match='tfds build mnist'):
+    data.load_split('mnist', 'train', str(tmp_path))
+
+
+def test_unknown_dataset_lists_supported():
+  with pytest.raises(ValueError, match='supported datasets are: mnist, fashion_mnist'):
+    data.dataset_info('imagenet')
+
+
+def _split(n):
+  images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
+  return data.Split(images, np.arange(n, dtype=np.int32))
+
+
+def test_train_batches_are_a_function_of_seed_and_epoch():
+  split = _split(100)
+  first = [b[1] for b in data.train_batches(split, batch_size=32, seed=0, epoch=0)]
+  again = [b[1] for b in data.train_batches(split, batch_size=32, seed=0, epoch=0)]
+  other_epoch = [b[1] for b in data.train_batches(split, batch_size=32, seed=0, epoch=1)]
+  other_seed = [b[1] for b in data.train_batches(split, batch_size=32, seed=1, epoch=0)]
+  assert len(first) == 3  # The last partial batch is dropped in training.
+  np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+  assert not np.array_equal(np.concatenate(first), np.concatenate(other_epoch))
+  assert not np.array_equal(np.concatenate(first), np.concatenate(other_seed))
+  assert len(set(np.concatenate(first).tolist())) == 96  # No example twice in an epoch.
+  resumed = [b[1] for b in data.train_batches(split, batch_size=32, seed=0, epoch=0, start_step=2)]
+  np.testing.assert_array_equal(resumed[0], first[2])
+
+
+@pytest.mark.parametrize('n, batch_size', [(100, 32), (96, 32), (5, 8)])
+def test_eval_batches_count_every_example_once(n, batch_size):
+  seen = []
+  for images, labels, mask in data.eval_batches(_split(n), batch_size=batch_size):
+    assert images.shape[0] == labels.shape[0] == mask.shape[0] == batch_size
+    seen.extend(labels[mask].tolist())
+  assert sorted(seen) == list(range(n))
+
+
+def test_batch_larger_than_dataset_is_a_clear_error():
+  with pytest.raises(ValueError, match='larger than the 10 training examples'):
+    data.steps_per_epoch(10, 32)
+
+
+def test_preprocess_standardises():
+  info = data.dataset_info('fashion_mnist')
+  x = np.full((2, 28, 28, 1), 255, np.uint8)
+  out = np.asarray(data.preprocess(x, info))
+  np.testing.assert_allclose(out, (1.0 - info.mean[0]) / info.std[0], rtol=1e-6)
