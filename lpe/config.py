@@ -43,6 +43,16 @@ def default_config() -> ml_collections.ConfigDict:
   config.distill.kd_weight = 0.0
   config.distill.kd_temperature = 4.0
 
+  # Devices and hosts (see lpe/parallel.py).
+  config.parallelism = 'jit'  # 'jit' (sharded jit over a mesh) or 'pmap'.
+  config.sync_batch_stats = True  # pmap: BatchNorm statistics over all devices (cross-replica).
+  config.half_precision = False  # bfloat16 forward passes; float32 params, optimizer and losses.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.auto = False  # TPU pods / SLURM: let JAX detect the cluster.
+  config.distributed.coordinator_address = ''  # 'host:port' of process 0 ('' = single host).
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+
   config.log_every_steps = 100
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 3

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lpe import data
+from lpe import data, parallel
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'info'))
@@ -36,7 +36,10 @@ def evaluate(
   correct = total_ce = count = 0
   for images, labels, mask in data.eval_batches(split, batch_size=batch_size):
     if sharding is not None:
-      images, labels, mask = jax.device_put((images, labels, mask), sharding)
+      rows = parallel.process_rows(batch_size)
+      images, labels, mask = parallel.global_batch(
+        (images[rows], labels[rows], mask[rows]), sharding
+      )
     c, ce, n = eval_step(model, variables, images, labels, mask, info=info)
     correct, total_ce, count = correct + int(c), total_ce + float(ce), count + int(n)
   if count != len(split):

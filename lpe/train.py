@@ -21,7 +21,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from lpe import checkpoint, data, evaluate, losses, metrics_io, models
+from lpe import checkpoint, data, evaluate, losses, metrics_io, models, parallel
 
 Batch = tuple[jax.Array, jax.Array]
 
@@ -67,13 +67,22 @@ def create_train_state(model, config, rng: jax.Array, image_shape, steps_per_epo
   )
 
 
-def augment_cifar(rng: jax.Array, images: jax.Array) -> jax.Array:
-  """Random 4-pixel-padded crop and horizontal flip, per image (torchvision's CIFAR recipe)."""
+def augment_cifar(rng: jax.Array, images: jax.Array, *, axis_name: str | None = None) -> jax.Array:
+  """Random 4-pixel zero-padded crop and horizontal flip, per image (torchvision's CIFAR recipe).
+
+  Under `pmap` pass `axis_name`: the draws are made for the global batch and each device takes its
+  rows, so the augmentation does not depend on the device count.
+  """
   n, h, w, _ = images.shape
-  padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+  total = n * (jax.lax.psum(1, axis_name) if axis_name else 1)
   crop_rng, flip_rng = jax.random.split(rng)
-  offsets = jax.random.randint(crop_rng, (n, 2), 0, 9)
-  flips = jax.random.bernoulli(flip_rng, 0.5, (n,))
+  offsets = jax.random.randint(crop_rng, (total, 2), 0, 9)
+  flips = jax.random.bernoulli(flip_rng, 0.5, (total,))
+  if axis_name:
+    start = jax.lax.axis_index(axis_name) * n
+    offsets = jax.lax.dynamic_slice_in_dim(offsets, start, n)
+    flips = jax.lax.dynamic_slice_in_dim(flips, start, n)
+  padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
 
   def one(image, offset, flip):
     image = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
@@ -103,13 +112,14 @@ def train_step(
   distill: Mapping[str, Any],
   augment: str,
   seed: int,
+  axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on CE + lp_weight * LP + kd_weight * KD for the student.
 
   Args:
     state: The student's state.
     teacher_variables: The teacher's variables (None when not distilling); never differentiated.
-    images: uint8 `[n, H, W, C]`, the global batch.
+    images: uint8 `[n, H, W, C]`: the global batch, or this device's rows under `axis_name`.
     labels: int32 `[n]`.
     student, teacher: The Flax modules (teacher None when not distilling).
     info: The dataset's normalisation constants.
@@ -117,12 +127,15 @@ def train_step(
     augment: 'none' or 'cifar'.
     seed: Base seed; the augmentation rng is `fold_in(key(seed), step)`, so a resumed run draws
       the same augmentations.
+    axis_name: Under `pmap`, the device axis: the LP loss gathers over it and gradients, metrics
+      and BatchNorm statistics are averaged over it.
 
   Returns:
     The new state and scalar metrics: loss, ce, lp, kd, accuracy, grad_norm, param_norm.
   """
   if augment == 'cifar':
-    images = augment_cifar(jax.random.fold_in(jax.random.key(seed), state.step), images)
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    images = augment_cifar(rng, images, axis_name=axis_name)
   x = data.preprocess(images, info)
   if teacher is not None:
     t_logits, t_features = teacher.apply(teacher_variables, x, train=False)
@@ -132,6 +145,7 @@ def train_step(
     mutable = ['batch_stats'] if state.batch_stats else False
     out = student.apply(_variables(params, state.batch_stats), x, train=True, mutable=mutable)
     (logits, features), new_vars = out if mutable else (out, {})
+    logits = logits.astype(jnp.float32)
     terms = {'ce': optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()}
     if distill['lp_weight']:
       terms['lp'] = losses.locality_preserving_loss(
@@ -139,6 +153,7 @@ def train_step(
         t_features[distill['feature']],
         k=distill['k'],
         sigma2=distill['sigma2'],
+        axis_name=axis_name,
       ).mean()
     if distill['kd_weight']:
       terms['kd'] = losses.kd_loss(logits, t_logits, temperature=distill['kd_temperature']).mean()
@@ -153,14 +168,14 @@ def train_step(
   (loss, (terms, accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
     state.params
   )
+  metrics = dict(terms, loss=loss, accuracy=accuracy)
+  if axis_name:
+    # Every term is a mean over this device's rows, so the mean over devices is the global mean
+    # (the LP gradient already holds every device's share through the gather's transpose).
+    grads, metrics, batch_stats = jax.lax.pmean((grads, metrics, batch_stats), axis_name)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  metrics = dict(
-    terms,
-    loss=loss,
-    accuracy=accuracy,
-    grad_norm=optax.tree.norm(grads),
-    param_norm=optax.tree.norm(new_state.params),
-  )
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  metrics['param_norm'] = optax.tree.norm(new_state.params)
   return new_state, metrics
 
 
@@ -213,13 +228,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f'config.{key}={config[key]} does not divide over {num_devices} devices; use a multiple '
         f'of {num_devices}.'
       )
+  if config.parallelism not in ('jit', 'pmap'):
+    raise ValueError(f'config.parallelism={config.parallelism!r} is unknown; use jit or pmap.')
+  if config.parallelism == 'jit' and not config.sync_batch_stats:
+    raise ValueError(
+      'config.sync_batch_stats=False needs config.parallelism=pmap: under sharded jit BatchNorm '
+      'statistics are always over the global batch.'
+    )
   d = config.distill
   if d.lp_weight < 0 or d.kd_weight < 0:
     raise ValueError('config.distill.lp_weight and kd_weight must be >= 0.')
-  if d.lp_weight and not 1 <= d.k < config.batch_size:
+  per_device = config.batch_size // num_devices
+  if d.lp_weight and not 1 <= d.k < per_device:
     raise ValueError(
-      f'config.distill.k={d.k} must be at least 1 and smaller than the global batch '
-      f'({config.batch_size}); lower k or raise batch_size.'
+      f'config.distill.k={d.k} must be at least 1 and smaller than the per-device batch '
+      f'({config.batch_size} over {num_devices} devices = {per_device}); lower k or raise '
+      'batch_size.'
     )
   if d.sigma2 is not None and d.sigma2 <= 0:
     raise ValueError(f'config.distill.sigma2 must be positive or None, got {d.sigma2}.')
@@ -227,6 +251,45 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(f'config.distill.kd_temperature must be positive, got {d.kd_temperature}.')
   if config.augment not in ('none', 'cifar'):
     raise ValueError(f'config.augment={config.augment!r} is unknown; use none or cifar.')
+
+
+class _Placement:
+  """Puts state and batches on the devices for the configured data-parallel mode.
+
+  The canonical state (checkpoints, evaluation, export) is always mesh-replicated; under pmap the
+  step works on a per-device copy.
+  """
+
+  def __init__(self, mode: str):
+    self.mode = mode
+    self.mesh = parallel.make_mesh()
+    self.replicated = parallel.replicated(self.mesh)
+    self.sharded = parallel.batch_sharded(self.mesh)
+
+  def compile(self, step):
+    if self.mode == 'pmap':
+      step = functools.partial(step, axis_name=parallel.AXIS)
+      return jax.pmap(step, axis_name=parallel.AXIS, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,))
+
+  def state(self, canonical):
+    """Canonical (mesh-replicated) state to the form the step takes."""
+    if self.mode == 'pmap':
+      return parallel.replicate_for_pmap(canonical)
+    return jax.device_put(canonical, self.replicated)
+
+  def canonical(self, state):
+    """The step's state back to the canonical, mesh-replicated form."""
+    return parallel.unreplicate(state, self.mesh) if self.mode == 'pmap' else state
+
+  def batch(self, local_rows):
+    """This process's rows of a global batch, placed for the step."""
+    if self.mode == 'pmap':
+      return parallel.per_device(local_rows)
+    return parallel.global_batch(local_rows, self.sharded)
+
+  def metrics(self, metrics):
+    return parallel.first_replica(metrics) if self.mode == 'pmap' else metrics
 
 
 class _Stop:
@@ -253,31 +316,48 @@ def _format_duration(seconds: float) -> str:
   return f'{minutes}m{seconds:02d}s' if minutes else f'{seconds}s'
 
 
+def _finished_result(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  path = os.path.join(workdir, 'result.json')
+  if not (os.path.exists(path) and os.path.exists(os.path.join(workdir, checkpoint.EXPORT_NAME))):
+    return None
+  with open(path) as f:
+    result = json.load(f)
+  return result if result.get('num_epochs') == config.num_epochs else None
+
+
+def _progress_line(name, epoch, offset, steps_per_epoch, config, means, rate, eta) -> str:
+  terms = ' '.join(
+    f'{k} {means[k]:.4f}' for k in ('loss', 'ce', 'lp', 'kd', 'accuracy') if k in means
+  )
+  return (
+    f'[{name}] epoch {epoch + 1}/{config.num_epochs} step {offset}/{steps_per_epoch} '
+    f'{terms} | {rate:.0f} img/s | eta {_format_duration(eta)}'
+  )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.model` on `config.dataset`, resuming from `workdir`, and evaluates it.
 
-  Writes into `workdir`: config.json, metrics.jsonl (one line per epoch), TensorBoard events,
-  orbax checkpoints, and at the end model.msgpack/model.json (the exported model) and
-  result.json. Running the same command again resumes from the latest checkpoint; a finished run
-  returns its saved result.
+  Writes into `workdir` (process 0 only): config.json, metrics.jsonl (one line per epoch),
+  TensorBoard events, and at the end model.msgpack/model.json (the exported model) and
+  result.json; every process takes part in the orbax checkpoints. Running the same command again
+  resumes from the latest checkpoint; a finished run returns its saved result.
 
   Returns:
     The result: model, params, final and best test accuracy, epochs and training time.
   """
-  devices = jax.devices()
-  validate_config(config, len(devices))
-  result_path = os.path.join(workdir, 'result.json')
-  if os.path.exists(result_path) and os.path.exists(os.path.join(workdir, checkpoint.EXPORT_NAME)):
-    with open(result_path) as f:
-      result = json.load(f)
-    if result.get('num_epochs') == config.num_epochs:
-      logging.info('%s already finished; returning its result.', workdir)
-      return result
+  parallel.maybe_initialize_distributed(config)
+  validate_config(config, jax.device_count())
+  finished = _finished_result(workdir, config)
+  if finished is not None:
+    logging.info('%s already finished; returning its result.', workdir)
+    return finished
 
   info = data.dataset_info(config.dataset)
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   distilling = bool(config.distill.lp_weight or config.distill.kd_weight)
   teacher, teacher_vars, teacher_meta = (
-    load_teacher(config, info) if distilling else (None, None, None)
+    load_teacher(config, info, dtype) if distilling else (None, None, None)
   )
   train_data = data.load_split(config.dataset, config.train_split, config.data_dir or None)
   test_data = data.load_split(config.dataset, config.test_split, config.data_dir or None)
@@ -286,28 +366,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch_limit)
   total_steps = steps_per_epoch * config.num_epochs
 
-  student = models.build(config.model, info.num_classes)
-  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  place = _Placement(config.parallelism)
+  sync_bn = config.parallelism == 'pmap' and config.sync_batch_stats
+  student = models.build(
+    config.model, info.num_classes, dtype=dtype, bn_axis_name=parallel.AXIS if sync_bn else None
+  )
+  eval_model = student.clone(bn_axis_name=None)
   state = create_train_state(
     student, config, jax.random.key(config.seed), info.image_shape, steps_per_epoch
   )
-  state = jax.device_put(state, replicated)
-  if teacher_vars is not None:
-    teacher_vars = jax.device_put(teacher_vars, replicated)
+  state = jax.device_put(state, place.replicated)
 
-  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
   manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints)
   restored = checkpoint.restore_latest(manager, state)
   if restored is not None:
     state = restored
     logging.info('Resumed %s from step %d.', workdir, int(state.step))
-    print(f'Resuming {workdir} from step {int(state.step)}.', flush=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+    if is_main:
+      print(f'Resuming {workdir} from step {int(state.step)}.', flush=True)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
 
-  step_fn = jax.jit(
+  step_fn = place.compile(
     functools.partial(
       train_step,
       student=student,
@@ -316,67 +400,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       distill=dict(config.distill),
       augment=config.augment,
       seed=config.seed,
-    ),
-    donate_argnums=(0,),
+    )
   )
+  if teacher_vars is not None:
+    teacher_vars = place.state(jax.device_put(teacher_vars, place.replicated))
+  rows = parallel.process_rows(config.batch_size)
   writer = metrics_io.MetricsWriter(workdir)
   stop = _Stop()
   name = config.name or os.path.basename(os.path.normpath(workdir))
+  say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
   step = int(state.step)
+  state = place.state(state)
   try:
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
       epoch_metrics, window, t0, window_start = [], [], time.time(), step
       batches = data.train_batches(
-        train_data,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        epoch=epoch,
-        start_step=offset,
+        train_data, batch_size=config.batch_size, seed=config.seed, epoch=epoch, start_step=offset
       )
       for images, labels in batches:
         if offset >= steps_per_epoch:
           break
-        images = jax.device_put(images, batch_sharding)
-        labels = jax.device_put(labels, batch_sharding)
-        state, metrics = step_fn(state, teacher_vars, images, labels)
+        state, metrics = step_fn(state, teacher_vars, *place.batch((images[rows], labels[rows])))
         step, offset = step + 1, offset + 1
         window.append(metrics)
         if step % config.log_every_steps == 0 or offset == steps_per_epoch:
-          window = jax.device_get(window)
+          window = jax.device_get([place.metrics(m) for m in window])
           epoch_metrics.extend(window)
           rate = (step - window_start) * config.batch_size / (time.time() - t0)
           eta = (total_steps - step) * config.batch_size / rate
           means = metrics_io.mean_metrics(window)
-          terms = ' '.join(
-            f'{k} {means[k]:.4f}' for k in ('loss', 'ce', 'lp', 'kd', 'accuracy') if k in means
-          )
-          print(
-            f'[{name}] epoch {epoch + 1}/{config.num_epochs} step {offset}/{steps_per_epoch} '
-            f'{terms} | {rate:.0f} img/s | eta {_format_duration(eta)}',
-            flush=True,
-          )
+          say(_progress_line(name, epoch, offset, steps_per_epoch, config, means, rate, eta))
           window = []
-        if step % config.checkpoint_every_steps == 0:
-          checkpoint.save_state(manager, step, state)
+        if step % config.checkpoint_every_steps == 0 or stop.requested:
+          checkpoint.save_state(manager, step, place.canonical(state))
         if stop.requested:
-          break
-      if stop.requested:
-        checkpoint.save_state(manager, step, state)
-        manager.wait_until_finished()
-        print(
-          f'[{name}] SIGTERM: saved step {step}; run the same command to resume.',
-          flush=True,
-        )
-        raise SystemExit(143)
-      checkpoint.save_state(manager, step, state)
+          manager.wait_until_finished()
+          say(f'[{name}] SIGTERM: saved step {step}; run the same command to resume.')
+          raise SystemExit(143)
+      checkpoint.save_state(manager, step, place.canonical(state))
       evaluation = evaluate.evaluate(
-        student,
-        _variables(state.params, state.batch_stats),
+        eval_model,
+        variables_of(place.canonical(state)),
         test_data,
         info=info,
         batch_size=config.eval_batch_size,
-        sharding=batch_sharding,
+        sharding=place.sharded,
       )
       record = {
         'epoch': epoch + 1,
@@ -387,18 +456,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         'epoch_time_s': time.time() - t0,
       }
       writer.write(record)
-      print(
+      say(
         f'[{name}] epoch {epoch + 1}/{config.num_epochs} test accuracy '
-        f'{100 * evaluation["accuracy"]:.2f}%',
-        flush=True,
+        f'{100 * evaluation["accuracy"]:.2f}%'
       )
   finally:
     stop.close()
     manager.wait_until_finished()
     writer.close()
 
-  history = metrics_io.read_metrics(workdir)
-  accuracies = [r['test_accuracy'] for r in history]
+  state = place.canonical(state)
+  history = metrics_io.read_metrics(workdir) if is_main else []
+  accuracies = [r['test_accuracy'] for r in history] or [float('nan')]
   result = {
     'name': name,
     'model': config.model,
@@ -411,11 +480,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     'train_time_s': sum(r['epoch_time_s'] for r in history),
     'teacher': teacher_meta and {k: teacher_meta.get(k) for k in ('model', 'test_accuracy')},
   }
-  checkpoint.export_variables(
-    os.path.join(workdir, checkpoint.EXPORT_NAME),
-    _variables(state.params, state.batch_stats),
-    {k: result[k] for k in ('model', 'dataset', 'num_classes', 'params', 'test_accuracy')},
-  )
-  with open(result_path, 'w') as f:
-    json.dump(result, f, indent=2)
+  if is_main:
+    checkpoint.export_variables(
+      os.path.join(workdir, checkpoint.EXPORT_NAME),
+      variables_of(state),
+      {k: result[k] for k in ('model', 'dataset', 'num_classes', 'params', 'test_accuracy')},
+    )
+    with open(os.path.join(workdir, 'result.json'), 'w') as f:
+      json.dump(result, f, indent=2)
   return result

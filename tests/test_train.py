@@ -165,7 +165,7 @@ def test_bad_config_values_stop_before_work(small_config, tmp_path, field, value
 def test_k_not_below_batch_is_a_clear_error(small_config):
   small_config.distill.lp_weight = 0.1
   small_config.distill.k = small_config.batch_size
-  with pytest.raises(ValueError, match='smaller than the global batch'):
+  with pytest.raises(ValueError, match='smaller than the per-device batch'):
     train.validate_config(small_config, 1)
 
 

@@ -22,6 +22,7 @@ class SmallCNN(nn.Module):
   widths: tuple[int, int] = (8, 16)
   embedding_width: int = 32
   dtype: Any = jnp.float32
+  bn_axis_name: str | None = None  # Unused (no BatchNorm); accepted like every lpe model.
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False):

@@ -1,0 +1,125 @@
+"""Multi-device checks, run by tests/test_multidevice.py in a process with 8 fake CPU devices.
+
+XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax is imported, so these
+checks run in their own process and print one JSON object for the test to assert on.
+"""
+
+import functools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lpe import config as lpe_config
+from lpe import data, evaluate, models, parallel, train
+
+
+def _setup(model_name: str, image_shape, n: int):
+  info = data.DatasetInfo(10, image_shape, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1])
+  teacher = models.build('cnn_student', 10) if image_shape[0] == 28 else models.build('resnet8', 10)
+  teacher_vars = teacher.init(jax.random.key(1), jnp.zeros((1, *image_shape)))
+  config = lpe_config.default_config()
+  config.model = model_name
+  config.optimizer, config.learning_rate, config.weight_decay = 'sgd', 0.1, 5e-4
+  config.distill.lp_weight, config.distill.k, config.distill.kd_weight = 1.0, 3, 0.5
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (n, *image_shape)).astype(np.uint8)
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  return info, teacher, teacher_vars, config, images, labels
+
+
+def _max_diff(a, b) -> float:
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+def step_equivalence(model_name: str, image_shape, augment: str) -> dict:
+  """One LP+KD train step: single device vs pmap vs sharded jit over 8 devices."""
+  n = 32
+  info, teacher, teacher_vars, config, images, labels = _setup(model_name, image_shape, n)
+  results = {}
+  for mode in ('single', 'pmap', 'jit'):
+    student = models.build(model_name, 10, bn_axis_name=parallel.AXIS if mode == 'pmap' else None)
+    state = train.create_train_state(student, config, jax.random.key(0), image_shape, 10)
+    step = functools.partial(
+      train.train_step,
+      student=student,
+      teacher=teacher,
+      info=info,
+      distill=dict(config.distill),
+      augment=augment,
+      seed=0,
+    )
+    if mode == 'single':
+      one = jax.devices()[0]
+      new_state, metrics = jax.jit(step)(
+        *jax.device_put((state, teacher_vars, images, labels), one)
+      )
+    else:
+      place = train._Placement(mode)
+      compiled = place.compile(step)
+      canonical = jax.device_put(state, place.replicated)
+      tv = place.state(jax.device_put(teacher_vars, place.replicated))
+      new_state, metrics = compiled(place.state(canonical), tv, *place.batch((images, labels)))
+      new_state, metrics = place.canonical(new_state), place.metrics(metrics)
+    results[mode] = (jax.device_get(train.variables_of(new_state)), jax.device_get(metrics))
+  base_vars, base_metrics = results['single']
+  out = {}
+  for mode in ('pmap', 'jit'):
+    variables, metrics = results[mode]
+    out[mode] = {
+      'max_param_diff': _max_diff(base_vars, variables),
+      'max_metric_diff': _max_diff(
+        {k: base_metrics[k] for k in sorted(base_metrics)},
+        {k: metrics[k] for k in sorted(base_metrics)},
+      ),
+      'loss': float(metrics['loss']),
+    }
+  out['single_loss'] = float(base_metrics['loss'])
+  out['param_change'] = _max_diff(
+    base_vars,
+    train.variables_of(
+      train.create_train_state(
+        models.build(model_name, 10), config, jax.random.key(0), image_shape, 10
+      )
+    ),
+  )
+  return out
+
+
+def eval_counts() -> dict:
+  """Evaluation over 1, 3 and 8 devices counts every example exactly once."""
+  info = data.DatasetInfo(10, (28, 28, 1), (0.5,), (0.25,))
+  model = models.build('cnn_student', 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  rng = np.random.default_rng(0)
+  split = data.Split(
+    rng.integers(0, 255, (101, 28, 28, 1)).astype(np.uint8),
+    rng.integers(0, 10, 101).astype(np.int32),
+  )
+  out = {}
+  for count in (1, 3, 8):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:count]), (parallel.AXIS,))
+    result = evaluate.evaluate(
+      model, variables, split, info=info, batch_size=24, sharding=parallel.batch_sharded(mesh)
+    )
+    out[str(count)] = {'num_examples': result['num_examples'], 'accuracy': result['accuracy']}
+  return out
+
+
+if __name__ == '__main__':
+  assert jax.device_count() == 8, jax.devices()
+  check = sys.argv[1]
+  if check == 'step_cnn':
+    result = step_equivalence('cnn_student', (28, 28, 1), 'none')
+  elif check == 'step_resnet_bn':
+    result = step_equivalence('resnet8', (32, 32, 3), 'cifar')
+  elif check == 'eval':
+    result = eval_counts()
+  else:
+    raise SystemExit(f'unknown check {check}')
+  print('RESULT ' + json.dumps(result))

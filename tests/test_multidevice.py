@@ -1,0 +1,153 @@
+"""Data parallelism gives the single-device numbers: 8 fake CPU devices, and 2 CPU processes.
+
+Each check runs in its own process, since the device count is fixed when jax is imported.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _check(name: str) -> dict:
+  proc = subprocess.run(
+    [sys.executable, os.path.join(REPO, 'tests', 'multidevice_checks.py'), name],
+    env=_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  line = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')][-1]
+  return json.loads(line[len('RESULT ') :])
+
+
+@pytest.mark.parametrize('check', ['step_cnn', 'step_resnet_bn'])
+def test_pmap_and_sharded_jit_step_match_single_device(check):
+  """One LP+KD step: params after the update, loss and metrics equal the 1-device step."""
+  result = _check(check)
+  assert result['param_change'] > 1e-4  # The step did move the parameters.
+  for mode in ('pmap', 'jit'):
+    assert result[mode]['max_param_diff'] < 1e-5, (mode, result)
+    assert result[mode]['max_metric_diff'] < 1e-4, (mode, result)
+    np.testing.assert_allclose(result[mode]['loss'], result['single_loss'], rtol=1e-5)
+
+
+def test_eval_counts_each_example_once_on_1_3_and_8_devices():
+  result = _check('eval')
+  assert {r['num_examples'] for r in result.values()} == {101}
+  assert len({r['accuracy'] for r in result.values()}) == 1
+
+
+def _launch(args, devices, **kwargs):
+  return subprocess.Popen(
+    [sys.executable, os.path.join(REPO, 'launch.py'), *args],
+    cwd=REPO,
+    env=_env(devices),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    **kwargs,
+  )
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _run_args(data_dir, workdir, teacher):
+  return [
+    '--config=configs/fashion_mnist_lp.py',
+    f'--workdir={workdir}',
+    f'--config.data_dir={data_dir}',
+    f'--config.teacher.checkpoint={teacher}',
+    '--config.teacher.model=cnn_student',
+    '--config.num_epochs=1',
+    '--config.steps_per_epoch_limit=4',
+    '--config.batch_size=32',
+    '--config.eval_batch_size=20',
+    '--config.distill.k=3',
+  ]
+
+
+@pytest.fixture(scope='module')
+def small_teacher(fashion_data_dir, tmp_path_factory):
+  from configs import fashion_mnist_student
+  from lpe import train
+
+  config = fashion_mnist_student.get_config()
+  config.data_dir, config.num_epochs, config.steps_per_epoch_limit = fashion_data_dir, 1, 2
+  config.batch_size, config.eval_batch_size = 32, 26
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _params(workdir):
+  from lpe import checkpoint
+
+  return checkpoint.load_variables(workdir)[0]
+
+
+@pytest.mark.parametrize('mode', ['jit', 'pmap'])
+def test_device_count_does_not_change_the_run(fashion_data_dir, small_teacher, tmp_path, mode):
+  """Whole LP runs through launch.py on 1 and on 4 devices end with the same parameters."""
+  outs = {}
+  for devices in (1, 4):
+    workdir = tmp_path / f'{devices}'
+    args = _run_args(fashion_data_dir, workdir, small_teacher) + [f'--config.parallelism={mode}']
+    proc = _launch(args, devices)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    outs[devices] = _params(str(workdir))
+  for a, b in zip(_leaves(outs[1]), _leaves(outs[4]), strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def _leaves(tree):
+  import jax
+
+  return jax.tree.leaves(tree)
+
+
+def test_distributed_two_processes_match_one_process(fashion_data_dir, small_teacher, tmp_path):
+  """2 CPU processes x 2 devices (gloo collectives) give the 1-process, 4-device result."""
+  port = _free_port()
+  workdir = tmp_path / 'two_hosts'
+  procs = [
+    _launch(
+      _run_args(fashion_data_dir, workdir, small_teacher)
+      + [
+        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+        '--config.distributed.num_processes=2',
+        f'--config.distributed.process_id={pid}',
+      ],
+      2,
+    )
+    for pid in (0, 1)
+  ]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs, strict=True):
+    assert p.returncode == 0, out
+  assert '[lp] epoch 1/1 test accuracy' in outs[0]
+  assert '[lp]' not in outs[1]  # Only process 0 logs.
+  single = tmp_path / 'one_host'
+  proc = _launch(_run_args(fashion_data_dir, single, small_teacher), 4)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  for a, b in zip(_leaves(_params(str(workdir))), _leaves(_params(str(single))), strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-5)
