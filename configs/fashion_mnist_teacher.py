@@ -2,8 +2,9 @@
 
   .venv/bin/python launch.py --config=configs/fashion_mnist_teacher.py --workdir=runs/teacher
 
-Took 23 minutes on 2 CPU cores shared with other jobs (4 epochs, 91.88% test accuracy). Its exported model (runs/teacher/model.msgpack
-and model.json) is what the committed assets/fashion_mnist_teacher.* were copied from.
+Took 23 minutes on 2 CPU cores shared with other jobs (4 epochs, 91.88% test accuracy). Its
+exported model (runs/teacher/model.msgpack and model.json) is what the committed
+assets/fashion_mnist_teacher.* were copied from.
 """
 
 from lpe.config import default_config
