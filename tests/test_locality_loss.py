@@ -239,6 +239,78 @@ def test_teacher_gets_no_gradient():
     np.testing.assert_array_equal(grad, 0.0)
 
 
+# --- blockwise kNN: the same graph, loss and gradients at O(n * block) memory ---------------
+
+jitted_graph = jax.jit(knn_graph, static_argnames=('k', 'block_size'))
+jitted_blockwise_loss = jax.jit(locality_preserving_loss, static_argnames=('k', 'block_size'))
+jitted_loss_grad = jax.jit(jax.value_and_grad(mean_loss), static_argnames=('k', 'block_size'))
+# N = 10 rows: blocks of 3 and 4 leave a padded last block; 1 and N - 1 are the extremes.
+BLOCK_SIZES = [1, 3, 4, N - 1]
+
+
+def blockwise_inputs(case):
+  """Gaussian features, or integer teacher features whose distances tie exactly."""
+  student, teacher, mask = make_inputs(seed=11)
+  if 'ties' in case:
+    teacher = np.random.default_rng(11).integers(0, 3, size=(N, 2)).astype(np.float32)
+  return student, teacher, (mask if 'mask' in case else None)
+
+
+@pytest.mark.parametrize('block_size', BLOCK_SIZES)
+@pytest.mark.parametrize('case', ['gaussian', 'ties', 'mask', 'ties_mask'])
+def test_blockwise_knn_graph_matches_direct(block_size, case):
+  _, teacher, where = blockwise_inputs(case)
+  indices, sq_dist = jitted_graph(teacher, k=4, where=where, block_size=block_size)
+  direct_indices, direct_sq_dist = jitted_graph(teacher, k=4, where=where, block_size=0)
+  np.testing.assert_array_equal(indices, direct_indices)
+  np.testing.assert_allclose(sq_dist, direct_sq_dist, rtol=1e-6)  # inf slots must match too.
+  valid = np.isfinite(np.asarray(sq_dist))
+  _, neighbours = reference_graph(teacher, 4, where)
+  for i in range(N):
+    assert np.asarray(indices)[i][valid[i]].tolist() == neighbours[i]
+
+
+@pytest.mark.parametrize('block_size', BLOCK_SIZES)
+@pytest.mark.parametrize('case', ['default_sigma2', 'given_sigma2', 'mask', 'ties_mask'])
+def test_blockwise_loss_and_gradient_match_direct(block_size, case):
+  student, teacher, where = blockwise_inputs(case)
+  sigma2 = 3.0 if case == 'given_sigma2' else None
+  kwargs = dict(k=3, sigma2=sigma2, where=where)
+  loss = jitted_blockwise_loss(student, teacher, block_size=block_size, **kwargs)
+  direct = jitted_blockwise_loss(student, teacher, block_size=0, **kwargs)
+  np.testing.assert_allclose(loss, direct, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(loss, reference_loss(student, teacher, 3, sigma2, where), rtol=1e-5)
+  _, grad = jitted_loss_grad(student, teacher, block_size=block_size, **kwargs)
+  _, direct_grad = jitted_loss_grad(student, teacher, block_size=0, **kwargs)
+  np.testing.assert_allclose(grad, direct_grad, rtol=1e-6, atol=1e-7)
+  expected_grad = reference_mean_loss_grad(student, teacher, 3, sigma2, where)
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def distance_matrix_shapes(n, block_size):
+  """The float32 [rows, n] shapes in the loss's jaxpr, traced on abstract inputs (no compute)."""
+  fn = lambda s, t: locality_preserving_loss(s, t, k=5, block_size=block_size)
+  spec = lambda d: jax.ShapeDtypeStruct((n, d), jnp.float32)
+  text = str(jax.make_jaxpr(fn)(spec(4), spec(3)))
+  return {rows for rows in (n, lpe.losses.locality.KNN_BLOCK_SIZE) if f'f32[{rows},{n}]' in text}
+
+
+def test_automatic_block_size_switches_to_blockwise_above_the_threshold():
+  threshold = lpe.losses.locality.KNN_DIRECT_MAX_ROWS
+  block = lpe.losses.locality.KNN_BLOCK_SIZE
+  assert distance_matrix_shapes(threshold, None) == {threshold}  # Direct: one [n, n] matrix.
+  assert distance_matrix_shapes(threshold + 1, None) == {block}  # Blockwise: [block, n] only.
+  assert distance_matrix_shapes(threshold + 1, 0) == {threshold + 1}  # 0 forces direct.
+  assert distance_matrix_shapes(threshold, block) == {block}  # A block size forces blockwise.
+
+
+@pytest.mark.parametrize('block_size', [-1, 2.0, True])
+def test_bad_block_size_raises(block_size):
+  student, teacher, _ = make_inputs()
+  with pytest.raises(ValueError, match='block_size must be None'):
+    locality_preserving_loss(student, teacher, k=3, block_size=block_size)
+
+
 # --- errors, docs, tracing -------------------------------------------------------------------
 
 BAD_INPUTS = [

@@ -83,8 +83,33 @@ def pairwise_sq_distances(x: jax.Array, y: jax.Array | None = None) -> jax.Array
   return sq
 
 
+# Automatic path choice (`block_size=None`): the direct path (one block holding every row) up to
+# this global batch size, blocks of `KNN_BLOCK_SIZE` rows above it. Up to 4096 rows the [n, n]
+# matrix is at most 64 MiB; from 8192 it is 256 MiB and grows 4x per doubling, while on 2 CPU
+# cores blocks of 1024 rows ran as fast as the direct path (within timing noise) from n = 2048
+# on, for teacher widths 64 to 2048 (docs/performance_loss_scaling.md).
+KNN_DIRECT_MAX_ROWS = 4096
+KNN_BLOCK_SIZE = 1024
+
+
+def _resolve_block_size(block_size: int | None, n: int) -> int:
+  """Rows per block: `n` (one block, the direct path) or a smaller positive int."""
+  if block_size is None:
+    return n if n <= KNN_DIRECT_MAX_ROWS else KNN_BLOCK_SIZE
+  if not isinstance(block_size, Integral) or isinstance(block_size, bool) or block_size < 0:
+    raise ValueError(
+      f'block_size must be None (automatic), 0 (direct) or a positive Python int, got '
+      f'{block_size!r}; under jax.jit pass it via static_argnames.'
+    )
+  return n if block_size == 0 else min(int(block_size), n)
+
+
 def knn_graph(
-  teacher_features: jax.Array, *, k: int, where: jax.Array | None = None
+  teacher_features: jax.Array,
+  *,
+  k: int,
+  where: jax.Array | None = None,
+  block_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The directed k-nearest-neighbour graph of the rows of `teacher_features`.
 
@@ -97,10 +122,19 @@ def knn_graph(
   other rows) has distance `+inf`; its index is in range but meaningless. Test slots with
   `jnp.isfinite(sq_distances)`.
 
+  Memory: the rows are processed in blocks of `block_size` anchors (`jax.lax.map`), each against
+  all `n` rows, so the largest buffer is `[block_size, n]` instead of `[n, n]`. Each row's
+  neighbours depend on that row's distances only, so every block size gives the same graph (up to
+  float32 rounding of the matmul, which can differ between matrix shapes).
+
   Args:
     teacher_features: `[n, d]` float array.
     k: number of neighbours per row, `1 <= k < n`.
     where: optional `[n]` bool array, True for rows that take part.
+    block_size: rows per block: None picks the direct path (one `[n, n]` block) for
+      `n <= KNN_DIRECT_MAX_ROWS` and blocks of `KNN_BLOCK_SIZE` above; 0 forces the direct path;
+      a positive int sets the block (the last block is padded). A Python int: under `jax.jit`
+      pass it via `static_argnames`.
 
   Returns:
     `(indices, sq_distances)`: `[n, k]` int32 neighbour indices and `[n, k]` float32 `D[i, j]`.
@@ -108,20 +142,34 @@ def knn_graph(
   Example:
     >>> import jax.numpy as jnp
     >>> t = jnp.array([[0.0], [1.0], [3.0], [6.0]])
-    >>> indices, sq_distances = knn_graph(t, k=1)
+    >>> indices, sq_distances = knn_graph(t, k=1, block_size=3)
     >>> indices.tolist(), sq_distances.tolist()
     ([[1], [0], [1], [2]], [[1.0], [1.0], [4.0], [9.0]])
   """
   _check_rank2('teacher_features', teacher_features)
-  n = jnp.shape(teacher_features)[0]
+  n, d = jnp.shape(teacher_features)
   k = _check_k(k, n)
   where = _check_where(where, n)
-  dist = pairwise_sq_distances(jax.lax.stop_gradient(teacher_features))
-  excluded = jnp.eye(n, dtype=bool)
-  if where is not None:
-    excluded = excluded | ~where[None, :] | ~where[:, None]
-  neg_dist, indices = jax.lax.top_k(jnp.where(excluded, -jnp.inf, -dist), k)
-  return indices.astype(jnp.int32), -neg_dist
+  block = _resolve_block_size(block_size, n)
+  teacher = jax.lax.stop_gradient(jnp.asarray(teacher_features, jnp.float32))
+  valid = jnp.ones(n, bool) if where is None else where
+
+  def block_graph(anchors, anchor_ids, anchor_valid):
+    dist = pairwise_sq_distances(anchors, teacher)  # [block, n]
+    excluded = (anchor_ids[:, None] == jnp.arange(n)) | ~anchor_valid[:, None] | ~valid[None, :]
+    neg_dist, indices = jax.lax.top_k(jnp.where(excluded, -jnp.inf, -dist), k)
+    return indices.astype(jnp.int32), -neg_dist
+
+  num_blocks = -(-n // block)
+  if num_blocks == 1:
+    return block_graph(teacher, jnp.arange(n), valid)
+  # Padding rows are anchors without neighbours (never columns); their results are cut off.
+  pad = num_blocks * block - n
+  anchors = jnp.pad(teacher, ((0, pad), (0, 0))).reshape(num_blocks, block, d)
+  anchor_ids = jnp.arange(num_blocks * block).reshape(num_blocks, block)
+  anchor_valid = jnp.pad(valid, (0, pad)).reshape(num_blocks, block)
+  indices, sq_dist = jax.lax.map(lambda xs: block_graph(*xs), (anchors, anchor_ids, anchor_valid))
+  return indices.reshape(-1, k)[:n], sq_dist.reshape(-1, k)[:n]
 
 
 def locality_preserving_loss(
@@ -132,6 +180,7 @@ def locality_preserving_loss(
   sigma2: float | jax.Array | None = None,
   where: jax.Array | None = None,
   axis_name: str | None = None,
+  block_size: int | None = None,
 ) -> jax.Array:
   """Per-example locality-preserving loss: teacher neighbours should stay close in the student.
 
@@ -161,6 +210,9 @@ def locality_preserving_loss(
     axis_name: inside `jax.pmap` / `jax.shard_map` over the batch, the mapped axis name: the
       features and mask are all-gathered, the graph and default `sigma2` use the global batch,
       and the loss of the local rows is returned (equal to the single-device values).
+    block_size: how `knn_graph` splits the teacher distances: None (automatic, by the global
+      batch size), 0 (direct, one `[n, n]` matrix) or rows per block (peak memory
+      `O(n * block_size)`). The loss and its gradients do not depend on it. A Python int.
 
   Returns:
     `[n]` float32 per-example loss (local rows under `axis_name`).
@@ -193,7 +245,7 @@ def locality_preserving_loss(
     student, teacher = gather(student), gather(teacher)
     where = None if where is None else gather(where)
 
-  indices, sq_dist = knn_graph(teacher, k=k, where=where)
+  indices, sq_dist = knn_graph(teacher, k=k, where=where, block_size=block_size)
   valid = jnp.isfinite(sq_dist)
   sq_dist = jnp.where(valid, sq_dist, 0.0)  # Keeps inf out of the sums below.
   if sigma2 is None:
