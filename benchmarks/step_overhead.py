@@ -1,0 +1,131 @@
+"""What distillation adds to a student step: (c) / ((a) + (b)), measured side by side.
+
+  .venv/bin/python benchmarks/step_overhead.py --quick     # Fashion-MNIST pair, ~2 minutes
+  .venv/bin/python benchmarks/step_overhead.py             # + resnet32x4 -> resnet8x4 (slow on CPU)
+
+(a) the student-only train step (CE), (b) the teacher forward pass alone, (c) the full LP
+distillation step (teacher forward + student step + LP loss), and (c') the LP step with the teacher
+in bfloat16. The variants are interleaved and repeated, and the median of each is reported, so a
+busy machine slows all of them alike. Nothing is asserted.
+"""
+
+import argparse
+import functools
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from lpe import config as lpe_config  # noqa: E402
+from lpe import data, models, train  # noqa: E402
+
+PAIRS = {
+  'fashion_mnist': ('cnn_teacher', 'cnn_student', data.dataset_info('fashion_mnist')),
+  'cifar100': ('resnet32x4', 'resnet8x4', data.dataset_info('cifar100')),
+}
+
+
+def _timer(fn, *args):
+  def run():
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+  return run
+
+
+def variants(pair: str, batch: int) -> dict:
+  """The jitted functions and inputs to time for one teacher/student pair and batch size."""
+  teacher_name, student_name, info = PAIRS[pair]
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 255, (batch, *info.image_shape)).astype(np.uint8))
+  labels = jnp.asarray(rng.integers(0, info.num_classes, batch).astype(np.int32))
+  config = lpe_config.default_config()
+  config.optimizer, config.learning_rate = 'sgd', 0.05
+  student = models.build(student_name, info.num_classes)
+  state = train.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
+  teachers = {
+    dtype: models.build(teacher_name, info.num_classes, dtype=dtype)
+    for dtype in (jnp.float32, jnp.bfloat16)
+  }
+  t_vars = teachers[jnp.float32].init(
+    jax.random.key(1), jnp.zeros((1, *info.image_shape)), train=False
+  )
+
+  def step(teacher, lp_weight):
+    distill = dict(config.distill, lp_weight=lp_weight)
+    return jax.jit(
+      functools.partial(
+        train.train_step,
+        student=student,
+        teacher=teacher,
+        info=info,
+        distill=distill,
+        augment='none',
+        seed=0,
+      )
+    )
+
+  forward = jax.jit(
+    lambda v, x: teachers[jnp.float32].apply(v, data.preprocess(x, info), train=False)
+  )
+  # The steps do not donate their state, so the same inputs serve every repeat.
+  return {
+    'a_student': _timer(step(None, 0.0), state, None, images, labels),
+    'b_teacher_forward': _timer(forward, t_vars, images),
+    'c_lp_step': _timer(step(teachers[jnp.float32], 0.1), state, t_vars, images, labels),
+    'c_lp_step_bf16_teacher': _timer(
+      step(teachers[jnp.bfloat16], 0.1), state, t_vars, images, labels
+    ),
+  }
+
+
+def measure(pair: str, batch: int, repeats: int) -> dict[str, float]:
+  timers = variants(pair, batch)
+  for run in timers.values():  # Compile and warm up.
+    run()
+    run()
+  times = {name: [] for name in timers}
+  for _ in range(repeats):
+    for name, run in timers.items():
+      times[name].append(run())
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='Fashion-MNIST pair only.')
+  parser.add_argument('--repeats', type=int, default=7)
+  args = parser.parse_args()
+  print(
+    f'Device: {jax.devices()[0].device_kind} ({jax.default_backend()}), medians of '
+    f'{args.repeats} interleaved repeats, milliseconds per step.\n'
+  )
+  print(
+    '| pair | batch | (a) student step | (b) teacher fwd | (c) LP step | (c) / ((a)+(b)) '
+    '| (c) bf16 teacher | bf16 / fp32 (c) |'
+  )
+  print('|---|---:|---:|---:|---:|---:|---:|---:|')
+  plan = [('fashion_mnist', b) for b in (64, 128, 256)]
+  if not args.quick:
+    plan += [('cifar100', b) for b in (64, 128, 256)]
+  for pair, batch in plan:
+    t = measure(pair, batch, args.repeats)
+    a, b, c, c16 = (
+      1e3 * t[k] for k in ('a_student', 'b_teacher_forward', 'c_lp_step', 'c_lp_step_bf16_teacher')
+    )
+    name = '{} -> {}'.format(*PAIRS[pair][:2])
+    print(
+      f'| {name} | {batch} | {a:.1f} | {b:.1f} | {c:.1f} | {c / (a + b):.3f} | {c16:.1f} '
+      f'| {c16 / c:.2f} |',
+      flush=True,
+    )
+
+
+if __name__ == '__main__':
+  main()
