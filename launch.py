@@ -2,14 +2,19 @@
 
 .venv/bin/python launch.py --config=configs/fashion_mnist_lp.py --workdir=runs/lp
 .venv/bin/python launch.py --mode=evaluate --workdir=runs/lp
+
+Killed, the same command resumes the run; a SIGTERM saves first and exits with status 143. A
+mistake in the config, a missing dataset or teacher, or a non-finite loss stops with one line
+(exit status 1); `--verbosity=0` also logs the traceback.
 """
 
+import ast
 import json
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lpe import experiment
+from lpe import checkpoint, data, experiment, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
@@ -18,6 +23,34 @@ _CHECKPOINT = flags.DEFINE_string(
   'checkpoint', None, 'evaluate: a model.msgpack or run workdir (default: --workdir).'
 )
 _STEP = flags.DEFINE_integer('step', None, 'evaluate: the checkpoint step (default: latest).')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  'train: continue a workdir whose run was started with a different config.',
+)
+
+# Errors that explain themselves in one sentence: shown without a traceback.
+_USER_ERRORS = (
+  ValueError,
+  FileNotFoundError,
+  data.DatasetUnavailableError,
+  checkpoint.CorruptCheckpointError,
+  train.NonFiniteLossError,
+)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config_flags' unknown-field error as one line, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except AttributeError as error:  # config_flags: `--config.<field>` names no field.
+    try:
+      detail = ast.literal_eval(str(error))
+    except (ValueError, SyntaxError):
+      detail = str(error)
+    detail = ' '.join(str(detail).split())
+    message = f'Error: a --config.<field> flag names no field of the config: {detail}'
+    raise SystemExit(message) from None
 
 
 def main(argv):
@@ -25,14 +58,18 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Progress goes to stdout; orbax's INFO is noise.
-  if _MODE.value == 'evaluate':
-    result = experiment.evaluate_and_save(_CHECKPOINT.value or _WORKDIR.value, step=_STEP.value)
-    print(json.dumps(result, indent=2))
-    return
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError('Training needs --config=configs/<experiment>.py and --workdir=<dir>.')
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    if _MODE.value == 'evaluate':
+      result = experiment.evaluate_and_save(_CHECKPOINT.value or _WORKDIR.value, step=_STEP.value)
+      print(json.dumps(result, indent=2))
+      return
+    if _CONFIG.value is None or _WORKDIR.value is None:
+      raise app.UsageError('Training needs --config=configs/<experiment>.py and --workdir=<dir>.')
+    experiment.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except _USER_ERRORS as error:
+    logging.info('Stopped:', exc_info=True)
+    raise SystemExit(f'Error: {error}') from None
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -2,7 +2,12 @@
 
 Two kinds of file, one job each:
 - `workdir/checkpoints/<step>/`: the full train state (orbax `CheckpointManager`, keep-last-N),
-  written during training and restored automatically when the same run is started again.
+  written during training and restored automatically when the same run is started again. Orbax
+  writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save cut
+  short by a kill is never listed as a step. Each save also records a SHA-256 of the state in the
+  step's metadata; a restore checks it, because orbax itself restores some damaged files (flipped
+  bytes in the array data) without an error. A damaged step is moved to
+  `workdir/corrupt_checkpoints/` (never deleted) and the previous step is restored instead.
 - `model.msgpack` + `model.json`: a finished model's variables (params and batch statistics) and
   what they are (model name, classes, dataset, accuracy, SHA-256 of the msgpack). This is what a
   teacher is loaded from; the checksum is verified on every load.
@@ -11,40 +16,183 @@ Two kinds of file, one job each:
 import hashlib
 import json
 import os
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import serialization
 
 EXPORT_NAME = 'model.msgpack'
+CORRUPT_DIR = 'corrupt_checkpoints'
+# The key of the state's SHA-256 in each step's orbax custom metadata.
+FINGERPRINT_KEY = 'lpe_state_sha256'
 
 
-def checkpoint_manager(workdir: str, *, max_to_keep: int) -> ocp.CheckpointManager:
-  """An orbax manager over `workdir/checkpoints` that keeps the last `max_to_keep` saves."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+class CorruptCheckpointError(RuntimeError):
+  """A saved checkpoint cannot be read back, or reads back other values than were saved."""
+
+
+def checkpoint_manager(
+  workdir: str, *, max_to_keep: int, for_training: bool = True
+) -> ocp.CheckpointManager:
+  """An orbax manager over `workdir/checkpoints` that keeps the last `max_to_keep` saves.
+
+  For training it creates the folder and removes the `*.orbax-checkpoint-tmp` folders of saves a
+  kill cut short; otherwise (evaluation, possibly beside a running trainer) it touches nothing.
+  """
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep, create=for_training, cleanup_tmp_directories=for_training
+  )
   return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options
+    os.path.join(os.path.abspath(workdir), 'checkpoints'),
+    options=options,
+    item_handlers=ocp.StandardCheckpointHandler(),
   )
 
 
+def state_fingerprint(state: Any) -> str:
+  """SHA-256 of every leaf of `state` (path, shape and bytes; integers as int64)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    array = np.asarray(jax.device_get(leaf))
+    if array.dtype.kind in 'iub':
+      array = array.astype(np.int64)  # A step saved as int32 may come back as int64.
+    digest.update(f'{_path_name(path)}{array.shape};'.encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
 def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Saves `state` at `step` unless that step is saved already.
+  """Saves `state` at `step`, with its fingerprint, unless that step is saved already.
 
   The save is asynchronous; call `manager.wait_until_finished()` before exit.
   """
   if manager.latest_step() == step:
     return
-  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  manager.save(
+    step,
+    args=ocp.args.StandardSave(state),
+    custom_metadata={FINGERPRINT_KEY: state_fingerprint(state)},
+    force=True,
+  )
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, state: Any) -> Any:
+  """Restores checkpoint `step` into the structure and shardings of `state` (or its abstract form).
+
+  Raises:
+    ValueError: the checkpoint holds arrays of other shapes (another architecture or number of
+      classes); the message names the first difference.
+    CorruptCheckpointError: the checkpoint cannot be read, or its values do not match the
+      fingerprint recorded when it was saved.
+  """
+  where = f'Checkpoint step {step} in {manager.directory}'
+  try:
+    metadata = manager.metadata(step)
+    saved_tree = metadata.item_metadata
+    if saved_tree is None:
+      raise ValueError('it lists no saved arrays')
+  except Exception as error:  # Orbax and TensorStore raise many types for damaged files.
+    raise CorruptCheckpointError(f'{where} is unreadable ({_first_line(error)}).') from error
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  check_variables_match(saved_tree, abstract, what=where, fix=_CHECKPOINT_FIX)
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as error:
+    raise CorruptCheckpointError(f'{where} is unreadable ({_first_line(error)}).') from error
+  expected = _fingerprint(manager, step)
+  if expected is None:
+    # Orbax reads a damaged step metadata file as empty: a run whose other steps have
+    # fingerprints lost this one to damage; a run without any was saved by an older lpe.
+    if any(_fingerprint(manager, s) for s in manager.all_steps() if s != step):
+      raise CorruptCheckpointError(f'{where} has lost its fingerprint (damaged metadata).')
+    logging.warning('%s has no fingerprint (saved by an older lpe); restored unverified.', where)
+  elif state_fingerprint(restored) != expected:
+    raise CorruptCheckpointError(
+      f'{where} reads back other values than were saved (its SHA-256 does not match).'
+    )
+  return restored
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any) -> Any | None:
-  """Restores the latest saved state into the structure and shardings of `state`, or None."""
-  step = manager.latest_step()
-  if step is None:
+  """Restores the newest good checkpoint into the structure and shardings of `state`, or None.
+
+  A checkpoint that cannot be read or fails its fingerprint is skipped with a warning, and once
+  an older good one is restored it is moved to `<workdir>/corrupt_checkpoints/` (kept for
+  inspection, out of orbax's way) so the run can save that step again. Nothing is moved or
+  deleted when no checkpoint is good.
+
+  Raises:
+    ValueError: the checkpoints hold another architecture than `state`.
+    CorruptCheckpointError: checkpoints exist but none can be restored.
+  """
+  bad = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = restore_step(manager, step, state)
+    except CorruptCheckpointError as error:
+      logging.warning('%s Trying the previous checkpoint.', error)
+      bad.append((step, error))
+      continue
+    for bad_step, error in bad:
+      moved = _set_aside(manager, bad_step)
+      message = f'Warning: {error} It was moved to {moved}; resuming from step {step} instead.'
+      logging.warning(message)
+      if jax.process_index() == 0:
+        print(message, flush=True)
+    if bad:
+      manager.reload()
+    return restored
+  if bad:
+    raise CorruptCheckpointError(
+      f'None of the {len(bad)} checkpoints in {manager.directory} can be restored (the latest: '
+      f'{str(bad[0][1]).rstrip(".")}); move that folder aside to start the run over.'
+    )
+  return None
+
+
+_CHECKPOINT_FIX = (
+  'check that the config (config.json for a workdir) names the model and number of classes '
+  'that made the checkpoint'
+)
+
+
+def _fingerprint(manager: ocp.CheckpointManager, step: int) -> str | None:
+  try:
+    return (manager.metadata(step).custom_metadata or {}).get(FINGERPRINT_KEY)
+  except Exception:  # Unreadable: as good as absent.
     return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:200]}' if text else type(error).__name__
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves a bad step folder to `<workdir>/corrupt_checkpoints/<step>-<time>`; returns the path."""
+  source = os.path.join(str(manager.directory), str(step))
+  target = os.path.join(
+    os.path.dirname(str(manager.directory)), CORRUPT_DIR, f'{step}-{int(time.time())}'
+  )
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(source, target)
+  return target
+
+
+def _path_name(path) -> str:
+  """A key path as `a/b/0`, the same for a dataclass field, a dict key and a sequence index."""
+  names = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+  return '/'.join(names)
 
 
 def _sha256(path: str) -> str:
@@ -108,16 +256,28 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   return variables, meta
 
 
-def check_variables_match(variables: Any, expected: Any, *, what: str) -> None:
-  """Raises a ValueError naming the first difference between two variable trees' shapes."""
-  got = jax.tree_util.tree_flatten_with_path(variables)[0]
-  want = jax.tree_util.tree_flatten_with_path(expected)[0]
-  got_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in got}
-  want_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in want}
-  for key in sorted(set(got_shapes) | set(want_shapes)):
+def check_variables_match(
+  variables: Any,
+  expected: Any,
+  *,
+  what: str,
+  fix: str = 'check that the config names the same model and number of classes that made the file',
+) -> None:
+  """Raises a ValueError naming the first difference between two variable trees' shapes.
+
+  Paths are compared by name (`params/conv1/kernel`), so a saved tree of dicts and lists matches
+  the dataclasses and tuples it was saved from.
+  """
+  got_shapes, want_shapes = _shapes(variables), _shapes(expected)
+  params_first = lambda key: (not key.startswith('params/'), key)
+  for key in sorted(set(got_shapes) | set(want_shapes), key=params_first):
     if got_shapes.get(key) != want_shapes.get(key):
       raise ValueError(
         f'{what} does not fit the configured architecture: {key} has shape '
-        f'{got_shapes.get(key)} in the file but {want_shapes.get(key)} in the model; check that '
-        'the config names the same model and number of classes that made the file.'
+        f'{got_shapes.get(key)} in the file but {want_shapes.get(key)} in the model; {fix}.'
       )
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(path): tuple(np.shape(leaf)) for path, leaf in leaves}

@@ -1,4 +1,13 @@
-"""The defaults every experiment config starts from (`configs/*.py` override them)."""
+"""The defaults every experiment config starts from (`configs/*.py` override them).
+
+`default_config()` is also the schema: a run config may hold only its keys, with values of the
+same types (`check_keys_and_types`). `RESUME_SAFE_FIELDS` lists the fields a run may change when it
+resumes from its workdir without `--allow_config_change` (`changed_fields`).
+"""
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -55,5 +64,113 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 200
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3  # At least 2, so a corrupt latest checkpoint has a fallback.
+  # A step with a non-finite loss, gradient or update stops the run (False) or is skipped (True):
+  # its update is not applied and the skipped batches are counted in metrics.jsonl.
+  config.skip_nonfinite_batches = False
   return config
+
+
+# Fields that do not change the trained parameters, so a run may resume with new values: where
+# the data and teacher files live, how often to log and checkpoint, how many checkpoints to keep,
+# the evaluation batch (masked, every example counted once), the cluster layout, and the remedy
+# for non-finite batches. Everything else (num_epochs included: it sets the learning-rate
+# schedule) needs `--allow_config_change`.
+RESUME_SAFE_FIELDS = (
+  'name',
+  'data_dir',
+  'eval_batch_size',
+  'log_every_steps',
+  'checkpoint_every_steps',
+  'keep_checkpoints',
+  'skip_nonfinite_batches',
+  'teacher.checkpoint',
+  'distributed',
+)
+
+
+def _kind(default: Any) -> str:
+  if isinstance(default, bool):
+    return 'a bool'
+  if isinstance(default, int):
+    return 'an int'
+  if isinstance(default, float):
+    return 'a number'
+  if isinstance(default, tuple | list):
+    return 'a tuple of numbers'
+  return 'a string'
+
+
+def _fits(value: Any, default: Any) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, int | float) and not isinstance(value, bool)
+  if isinstance(default, tuple | list):
+    return isinstance(value, tuple | list) and all(_fits(v, 1.0) for v in value)
+  return isinstance(value, str)
+
+
+def _is_group(x: Any) -> bool:
+  return isinstance(x, Mapping | ml_collections.ConfigDict)
+
+
+def check_keys_and_types(
+  config: Any, defaults: ml_collections.ConfigDict | None = None, prefix: str = 'config.'
+) -> None:
+  """Raises a ValueError for a key `default_config()` lacks or a value of another type.
+
+  A typo in a config file (`config.learning_rat = 0.1`) would otherwise add a key that nothing
+  reads. `None` is accepted where the default is a placeholder (e.g. `distill.sigma2`).
+  """
+  defaults = default_config() if defaults is None else defaults
+  for key in config.keys():
+    if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults.keys()), n=1)
+      hint = f'did you mean {prefix}{close[0]}?' if close else 'remove it.'
+      raise ValueError(
+        f'{prefix}{key} is not a setting (the settings are the keys of '
+        f'lpe.config.default_config()); {hint}'
+      )
+    value, default = config[key], defaults[key]
+    if _is_group(default):
+      if not _is_group(value):
+        raise ValueError(f'{prefix}{key} must be a group of settings, got {value!r}; fix it.')
+      check_keys_and_types(value, default, f'{prefix}{key}.')
+      continue
+    if default is None:  # A placeholder: None or a value of its declared type.
+      if value is None:
+        continue
+      default = defaults.get_type(key)()
+    if not _fits(value, default):
+      raise ValueError(
+        f'{prefix}{key} must be {_kind(default)}, got {value!r} ({type(value).__name__}); '
+        'fix its value.'
+      )
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if _is_group(value):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def changed_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """`'field: old -> new'` for each field that differs and is not in `RESUME_SAFE_FIELDS`.
+
+  Both are plain dicts (a run's `config.json` and the new config's JSON); a field only one side
+  has (written by another version of lpe) is not compared.
+  """
+  old, new = _flatten(saved), _flatten(current)
+  safe = lambda key: any(key == f or key.startswith(f + '.') for f in RESUME_SAFE_FIELDS)
+  return [
+    f'{key}: {old[key]!r} -> {new[key]!r}'
+    for key in sorted(set(old) & set(new))
+    if not safe(key) and old[key] != new[key]
+  ]

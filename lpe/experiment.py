@@ -6,6 +6,7 @@ This is what `launch.py` calls; everything here is also usable from a notebook.
 import functools
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -34,17 +35,23 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
       config = ml_collections.ConfigDict(json.load(f))
     info = data.dataset_info(config.dataset)
     model = models.build(config.model, info.num_classes)
-    manager = checkpoint.checkpoint_manager(path, max_to_keep=config.keep_checkpoints)
+    manager = checkpoint.checkpoint_manager(
+      path, max_to_keep=config.keep_checkpoints, for_training=False
+    )
     steps = manager.all_steps()
     if not steps:
-      raise FileNotFoundError(f'{path}/checkpoints holds no checkpoint yet.')
+      raise FileNotFoundError(
+        f'{path}/checkpoints holds no checkpoint yet; train it first or pass a model.msgpack.'
+      )
     step = steps[-1] if step is None else step
     if step not in steps:
       raise ValueError(f'{path} has no checkpoint at step {step}; it has steps {list(steps)}.')
     state = jax.eval_shape(
       lambda: train.create_train_state(model, config, jax.random.key(0), info.image_shape, 1)
     )
-    state = manager.restore(step, args=checkpoint.ocp.args.StandardRestore(state))
+    # Checks the shapes against config.json's model first, so another architecture is a clear
+    # error rather than an orbax shape error.
+    state = checkpoint.restore_step(manager, step, state)
     variables = train.variables_of(state)
     dataset, data_dir = config.dataset, data_dir or config.data_dir or None
   else:
@@ -78,18 +85,89 @@ def _table(rows: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+COMPARISON_KEYS = ('teacher_checkpoint', 'runs')
+
+
+def _comparison_plan(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool
+) -> tuple[str, list[tuple[str, ml_collections.ConfigDict]]]:
+  """The teacher path and the `(name, run config)` to train, in order, all checked before any work.
+
+  Each run's keys, types and values are validated, its workdir's config compared, and every
+  distilling run's teacher checked against the teacher it will get (the exported file, or the
+  teacher run's model and dataset), so a mistake in the last run stops the first.
+  """
+  for key in config.keys():
+    if key not in COMPARISON_KEYS:
+      raise ValueError(
+        f'config.{key} is not a setting of a comparison (it has {", ".join(COMPARISON_KEYS)}); '
+        'remove it or move it into config.runs.<name>.'
+      )
+  runs = dict(config.runs)
+  if 'teacher' not in runs:
+    raise ValueError('config.runs has no teacher run; add config.runs.teacher.')
+  teacher_path = config.teacher_checkpoint or os.path.join(workdir, 'teacher')
+  # Students alone first, then the distilling runs (ConfigDict keys come back sorted).
+  students = sorted(
+    (name for name in runs if name != 'teacher'),
+    key=lambda name: bool(runs[name].distill.lp_weight or runs[name].distill.kd_weight),
+  )
+  plan = [] if config.teacher_checkpoint else [('teacher', runs['teacher'])]
+  for name in students:
+    run = runs[name].copy_and_resolve_references()
+    if run.distill.lp_weight or run.distill.kd_weight:
+      run.teacher.checkpoint = teacher_path
+    plan.append((name, run))
+  for name, run in plan:
+    try:
+      train.validate_config(run, jax.device_count())
+    except ValueError as error:
+      raise ValueError(_in_run(str(error), name)) from error
+    train.check_workdir_config(
+      run, os.path.join(workdir, name), allow_config_change=allow_config_change
+    )
+  if config.teacher_checkpoint:
+    teacher = checkpoint.load_variables(config.teacher_checkpoint)[1]
+  else:
+    info = data.dataset_info(runs['teacher'].dataset)
+    teacher = {'model': runs['teacher'].model, 'num_classes': info.num_classes}
+  for name, run in plan:
+    if name == 'teacher' or not (run.distill.lp_weight or run.distill.kd_weight):
+      continue
+    if run.teacher.model != teacher['model']:
+      raise ValueError(
+        f'config.runs.{name}.teacher.model is {run.teacher.model!r} but its teacher '
+        f'{teacher_path} is a {teacher["model"]!r}; make them agree.'
+      )
+    classes = data.dataset_info(run.dataset).num_classes
+    if teacher['num_classes'] != classes:
+      raise ValueError(
+        f'The teacher {teacher_path} has {teacher["num_classes"]} classes but config.runs.'
+        f'{name}.dataset {run.dataset!r} has {classes}; use a teacher trained on that dataset.'
+      )
+  return teacher_path, plan
+
+
+def _in_run(message: str, name: str) -> str:
+  """A run config's error message with its fields named as fields of `config.runs.<name>`."""
+  named, count = re.subn(r'(?<![\w.])config\.', f'config.runs.{name}.', message)
+  return named if count else f'config.runs.{name}: {message}'
+
+
+def compare(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> list[dict[str, Any]]:
   """Trains each run of `config.runs` in `workdir/<name>` and prints a table of the results.
 
   The teacher run is trained first unless `config.teacher_checkpoint` names an exported teacher,
-  which is then evaluated instead; every distilling run uses that teacher. Finished runs are
-  skipped and interrupted ones resume, so the same command can be run again after a kill.
+  which is then evaluated instead; every distilling run uses that teacher. Every run is checked
+  before the first one trains. Finished runs are skipped and interrupted ones resume, so the same
+  command can be run again after a kill.
   """
-  runs = dict(config.runs)
+  teacher_path, plan = _comparison_plan(config, workdir, allow_config_change=allow_config_change)
   rows = []
   if config.teacher_checkpoint:
-    teacher_path = config.teacher_checkpoint
-    evaluation = evaluate_saved(teacher_path, data_dir=runs['teacher'].data_dir or None)
+    evaluation = evaluate_saved(teacher_path, data_dir=config.runs.teacher.data_dir or None)
     _, meta = checkpoint.load_variables(teacher_path)
     rows.append(
       dict(
@@ -99,19 +177,12 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, A
         test_accuracy=evaluation['accuracy'],
       )
     )
-  else:
-    teacher_path = os.path.join(workdir, 'teacher')
-    rows.append(train.train_and_evaluate(runs['teacher'], teacher_path))
-  # Students alone first, then the distilling runs (ConfigDict keys come back sorted).
-  students = sorted(
-    (name for name in runs if name != 'teacher'),
-    key=lambda name: bool(runs[name].distill.lp_weight or runs[name].distill.kd_weight),
-  )
-  for name in students:
-    run = runs[name].copy_and_resolve_references()
-    if run.distill.lp_weight or run.distill.kd_weight:
-      run.teacher.checkpoint = teacher_path
-    rows.append(train.train_and_evaluate(run, os.path.join(workdir, name)))
+  for name, run in plan:
+    rows.append(
+      train.train_and_evaluate(
+        run, os.path.join(workdir, name), allow_config_change=allow_config_change
+      )
+    )
   table = _table(rows)
   print('\n' + table, flush=True)
   if jax.process_index() == 0:
@@ -120,11 +191,17 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, A
   return rows
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Runs a config: a comparison when it has `runs`, else one training run."""
+def run(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> Any:
+  """Runs a config: a comparison when it has `runs`, else one training run.
+
+  `allow_config_change` lets a workdir's run continue with a config that differs from the one it
+  was started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
+  """
   if 'runs' in config:
-    return compare(config, workdir)
-  return train.train_and_evaluate(config, workdir)
+    return compare(config, workdir, allow_config_change=allow_config_change)
+  return train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
 
 
 def evaluate_and_save(

@@ -22,8 +22,20 @@ from absl import logging
 from flax.training import train_state
 
 from lpe import checkpoint, data, evaluate, losses, metrics_io, models, parallel
+from lpe import config as config_lib
 
 Batch = tuple[jax.Array, jax.Array]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A train step gave a non-finite loss, gradient or update, and skipping was not asked for."""
+
+
+class Preempted(SystemExit):
+  """Raised once the state is saved after a SIGTERM: the process exits with status 143."""
+
+  def __init__(self):
+    super().__init__(128 + signal.SIGTERM)
 
 
 class TrainState(train_state.TrainState):
@@ -112,6 +124,7 @@ def train_step(
   distill: Mapping[str, Any],
   augment: str,
   seed: int,
+  skip_nonfinite: bool = False,
   axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on CE + lp_weight * LP + kd_weight * KD for the student.
@@ -127,11 +140,15 @@ def train_step(
     augment: 'none' or 'cifar'.
     seed: Base seed; the augmentation rng is `fold_in(key(seed), step)`, so a resumed run draws
       the same augmentations.
+    skip_nonfinite: When the loss, gradient norm or new parameter norm is not finite, keep the
+      old params, optimizer state and BatchNorm statistics (the step count still advances, so the
+      data order and augmentation stay those of the uninterrupted run).
     axis_name: Under `pmap`, the device axis: the LP loss gathers over it and gradients, metrics
       and BatchNorm statistics are averaged over it.
 
   Returns:
-    The new state and scalar metrics: loss, ce, lp, kd, accuracy, grad_norm, param_norm.
+    The new state and scalar metrics: loss, ce, lp, kd, accuracy, grad_norm, param_norm, and
+    finite (1.0, or 0.0 when this step's loss or update is not finite).
   """
   if augment == 'cifar':
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -176,6 +193,15 @@ def train_step(
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['param_norm'] = optax.tree.norm(new_state.params)
+  finite = jnp.isfinite(jnp.stack([metrics[k] for k in ('loss', 'grad_norm', 'param_norm')])).all()
+  if skip_nonfinite:
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = new_state.replace(
+      params=keep(new_state.params, state.params),
+      opt_state=keep(new_state.opt_state, state.opt_state),
+      batch_stats=keep(new_state.batch_stats, state.batch_stats),
+    )
+  metrics['finite'] = finite.astype(jnp.float32)
   return new_state, metrics
 
 
@@ -216,12 +242,19 @@ def load_teacher(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtyp
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Stops before any work on config values that cannot run, naming the fix."""
+  config_lib.check_keys_and_types(config)
   data.dataset_info(config.dataset)
   if config.model not in models.names():
     models.build(config.model, 1)  # Raises the error that lists the valid names.
-  for key in ('num_epochs', 'batch_size', 'eval_batch_size'):
+  positive = ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps')
+  for key in (*positive, 'checkpoint_every_steps'):
     if not isinstance(config[key], int) or config[key] < 1:
       raise ValueError(f'config.{key} must be a positive integer, got {config[key]!r}.')
+  if config.keep_checkpoints < 2:
+    raise ValueError(
+      f'config.keep_checkpoints={config.keep_checkpoints} leaves no checkpoint to fall back on '
+      'when the latest is damaged; keep at least 2.'
+    )
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % num_devices:
       raise ValueError(
@@ -251,6 +284,47 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(f'config.distill.kd_temperature must be positive, got {d.kd_temperature}.')
   if config.augment not in ('none', 'cifar'):
     raise ValueError(f'config.augment={config.augment!r} is unknown; use none or cifar.')
+
+
+def check_workdir_config(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> list[str]:
+  """Refuses to continue the run in `workdir` with a config that differs from its config.json.
+
+  Fields in `lpe.config.RESUME_SAFE_FIELDS` may change freely. Reads files only.
+
+  Returns:
+    The changed fields (`'field: old -> new'`), allowed by `allow_config_change`.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as error:
+    raise ValueError(
+      f'{path} is unreadable ({error}); move it aside if {workdir} holds the run you mean to '
+      'continue, or use another --workdir.'
+    ) from error
+  changes = config_lib.changed_fields(saved, json.loads(config.to_json_best_effort()))
+  if changes and not allow_config_change:
+    shown = '; '.join(changes[:3]) + (f'; and {len(changes) - 3} more' if len(changes) > 3 else '')
+    raise ValueError(
+      f'{workdir} holds a run made with another config ({shown}); use another --workdir, or '
+      'pass --allow_config_change (allow_config_change=True) to continue it with this config.'
+    )
+  return changes
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str, changes: list[str]) -> None:
+  """Writes config.json atomically; a replaced config is kept as config.<time>.json."""
+  path = os.path.join(workdir, 'config.json')
+  if changes:
+    os.replace(path, os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json'))
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(path + '.tmp', path)
 
 
 class _Placement:
@@ -325,29 +399,83 @@ def _finished_result(workdir: str, config: ml_collections.ConfigDict) -> dict[st
   return result if result.get('num_epochs') == config.num_epochs else None
 
 
-def _progress_line(name, epoch, offset, steps_per_epoch, config, means, rate, eta) -> str:
+def _progress_line(name, epoch, offset, steps_per_epoch, config, means, rate, eta, skipped) -> str:
   terms = ' '.join(
     f'{k} {means[k]:.4f}' for k in ('loss', 'ce', 'lp', 'kd', 'accuracy') if k in means
   )
+  skips = f' | skipped {skipped} non-finite batches' if skipped else ''
   return (
     f'[{name}] epoch {epoch + 1}/{config.num_epochs} step {offset}/{steps_per_epoch} '
-    f'{terms} | {rate:.0f} img/s | eta {_format_duration(eta)}'
+    f'{terms}{skips} | {rate:.0f} img/s | eta {_format_duration(eta)}'
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _finite_metrics(
+  window: list[dict[str, Any]], last_step: int, *, skip: bool, name: str, last_saved: int | None
+) -> tuple[list[dict[str, float]], int]:
+  """Host metrics of the steps ending at `last_step` that were finite, and how many were not.
+
+  Raises:
+    NonFiniteLossError: at the first non-finite step, unless `skip`; nothing is saved after it.
+  """
+  finite, skipped = [], 0
+  for i, metrics in enumerate(jax.device_get(window)):
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if metrics.pop('finite'):
+      finite.append(metrics)
+      continue
+    if not skip:
+      terms = ', '.join(
+        f'{k} {metrics[k]:.4g}'
+        for k in ('loss', 'ce', 'lp', 'kd', 'grad_norm', 'param_norm')
+        if k in metrics
+      )
+      kept = f'step {last_saved}' if last_saved is not None else 'none was saved yet'
+      raise NonFiniteLossError(
+        f'[{name}] step {last_step - len(window) + i + 1} gave a non-finite loss or update '
+        f'({terms}), so the run stopped without saving it (last good checkpoint: {kept}); lower '
+        'config.learning_rate, check the inputs, or set config.skip_nonfinite_batches=True to '
+        'skip such batches.'
+      )
+    skipped += 1
+  return finite, skipped
+
+
+def _epoch_record_missing(workdir: str, step: int, steps_per_epoch: int) -> bool:
+  """Whether `step` ends an epoch that metrics.jsonl has no record of (killed before writing it)."""
+  if step == 0 or step % steps_per_epoch:
+    return False
+  epochs = {r['epoch'] for r in metrics_io.read_metrics(workdir)}
+  missing = np.int32(step // steps_per_epoch not in epochs)
+  if jax.process_count() > 1:  # Evaluation is collective: every process must agree.
+    from jax.experimental import multihost_utils
+
+    missing = multihost_utils.broadcast_one_to_all(missing)
+  return bool(missing)
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, Any]:
   """Trains `config.model` on `config.dataset`, resuming from `workdir`, and evaluates it.
 
   Writes into `workdir` (process 0 only): config.json, metrics.jsonl (one line per epoch),
   TensorBoard events, and at the end model.msgpack/model.json (the exported model) and
   result.json; every process takes part in the orbax checkpoints. Running the same command again
-  resumes from the latest checkpoint; a finished run returns its saved result.
+  resumes from the latest good checkpoint; a finished run returns its saved result. The config
+  is checked (and the teacher and data loaded) before anything is written; a workdir that holds a
+  run made with another config is refused unless `allow_config_change` (see
+  `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
+
+  A SIGTERM saves the state and raises `Preempted` (exit status 143); a non-finite step raises
+  `NonFiniteLossError` without saving (or is skipped with `config.skip_nonfinite_batches`).
 
   Returns:
     The result: model, params, final and best test accuracy, epochs and training time.
   """
   parallel.maybe_initialize_distributed(config)
   validate_config(config, jax.device_count())
+  changes = check_workdir_config(config, workdir, allow_config_change=allow_config_change)
   finished = _finished_result(workdir, config)
   if finished is not None:
     logging.info('%s already finished; returning its result.', workdir)
@@ -388,8 +516,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
       print(f'Resuming {workdir} from step {int(state.step)}.', flush=True)
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    if changes:
+      print(f'{workdir}: continuing with a changed config: {"; ".join(changes)}.', flush=True)
+    _write_config(config, workdir, changes)
 
   step_fn = place.compile(
     functools.partial(
@@ -400,21 +529,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       distill=dict(config.distill),
       augment=config.augment,
       seed=config.seed,
+      skip_nonfinite=config.skip_nonfinite_batches,
     )
   )
   if teacher_vars is not None:
     teacher_vars = place.state(jax.device_put(teacher_vars, place.replicated))
   rows = parallel.process_rows(config.batch_size)
   writer = metrics_io.MetricsWriter(workdir)
-  stop = _Stop()
   name = config.name or os.path.basename(os.path.normpath(workdir))
   say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+
+  def evaluate_state(canonical_state) -> dict[str, float]:
+    return evaluate.evaluate(
+      eval_model,
+      variables_of(canonical_state),
+      test_data,
+      info=info,
+      batch_size=config.eval_batch_size,
+      sharding=place.sharded,
+    )
+
   step = int(state.step)
+  if _epoch_record_missing(workdir, step, steps_per_epoch):
+    # Killed between the epoch's checkpoint and its record: the test accuracy is recomputed
+    # exactly from the checkpoint; the epoch's training means and time were lost with the process.
+    evaluation = evaluate_state(state)
+    writer.write(
+      {
+        'epoch': step // steps_per_epoch,
+        'step': step,
+        'test_accuracy': evaluation['accuracy'],
+        'test_loss': evaluation['loss'],
+        'epoch_time_s': 0.0,
+        'recovered': True,
+      }
+    )
+    say(f'[{name}] epoch {step // steps_per_epoch} record recovered from its checkpoint.')
+  stop = _Stop()
+  check = functools.partial(_finite_metrics, skip=config.skip_nonfinite_batches, name=name)
   state = place.state(state)
   try:
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
-      epoch_metrics, window, t0, window_start = [], [], time.time(), step
+      epoch_metrics, window, pending, t0, window_start = [], [], [], time.time(), step
+      skipped = epoch_skipped = 0
       batches = data.train_batches(
         train_data, batch_size=config.batch_size, seed=config.seed, epoch=epoch, start_step=offset
       )
@@ -423,30 +581,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           break
         state, metrics = step_fn(state, teacher_vars, *place.batch((images[rows], labels[rows])))
         step, offset = step + 1, offset + 1
-        window.append(metrics)
-        if step % config.log_every_steps == 0 or offset == steps_per_epoch:
-          window = jax.device_get([place.metrics(m) for m in window])
-          epoch_metrics.extend(window)
+        pending.append(place.metrics(metrics))
+        log_now = step % config.log_every_steps == 0 or offset == steps_per_epoch
+        save_now = step % config.checkpoint_every_steps == 0 or stop.requested
+        if log_now or save_now:  # Every saved state has had its steps checked for NaN/Inf.
+          finite, n = check(pending, step, last_saved=manager.latest_step())
+          pending, skipped, epoch_skipped = [], skipped + n, epoch_skipped + n
+          window.extend(finite)
+          epoch_metrics.extend(finite)
+        if log_now:
           rate = (step - window_start) * config.batch_size / (time.time() - t0)
           eta = (total_steps - step) * config.batch_size / rate
           means = metrics_io.mean_metrics(window)
-          say(_progress_line(name, epoch, offset, steps_per_epoch, config, means, rate, eta))
-          window = []
-        if step % config.checkpoint_every_steps == 0 or stop.requested:
+          say(
+            _progress_line(name, epoch, offset, steps_per_epoch, config, means, rate, eta, skipped)
+          )
+          window, skipped = [], 0
+        if save_now:
           checkpoint.save_state(manager, step, place.canonical(state))
         if stop.requested:
           manager.wait_until_finished()
           say(f'[{name}] SIGTERM: saved step {step}; run the same command to resume.')
-          raise SystemExit(143)
+          raise Preempted()
+      if pending:  # Only when the data ran out before steps_per_epoch: check before saving.
+        finite, n = check(pending, step, last_saved=manager.latest_step())
+        pending, epoch_skipped = [], epoch_skipped + n
+        epoch_metrics.extend(finite)
       checkpoint.save_state(manager, step, place.canonical(state))
-      evaluation = evaluate.evaluate(
-        eval_model,
-        variables_of(place.canonical(state)),
-        test_data,
-        info=info,
-        batch_size=config.eval_batch_size,
-        sharding=place.sharded,
-      )
+      evaluation = evaluate_state(place.canonical(state))
       record = {
         'epoch': epoch + 1,
         'step': step,
@@ -455,6 +617,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         'test_loss': evaluation['loss'],
         'epoch_time_s': time.time() - t0,
       }
+      if config.skip_nonfinite_batches:
+        record['skipped_batches'] = epoch_skipped
       writer.write(record)
       say(
         f'[{name}] epoch {epoch + 1}/{config.num_epochs} test accuracy '
@@ -478,6 +642,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     'test_accuracy': accuracies[-1],
     'best_test_accuracy': max(accuracies),
     'train_time_s': sum(r['epoch_time_s'] for r in history),
+    'skipped_batches': sum(r.get('skipped_batches', 0) for r in history),
     'teacher': teacher_meta and {k: teacher_meta.get(k) for k in ('model', 'test_accuracy')},
   }
   if is_main:
