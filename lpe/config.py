@@ -49,12 +49,29 @@ def default_config() -> ml_collections.ConfigDict:
   config.distill.k = 5
   config.distill.sigma2 = config_dict.placeholder(float)  # None: mean kNN distance in the batch.
   config.distill.feature = 'embedding'  # A key of both models' feature dicts.
+  # None: direct kNN up to 4096 rows, blockwise above; 0: always direct; n: blocks of n rows.
+  config.distill.knn_block_size = config_dict.placeholder(int)
   config.distill.kd_weight = 0.0
   config.distill.kd_temperature = 4.0
+  # The baselines (lpe/objectives.py), each with the features it reads; names are keys of both
+  # models' feature dicts (the stage names of the small CNNs; the zoo's nets have stage0..3).
+  config.distill.fitnet_weight = 0.0
+  config.distill.fitnet_feature = 'stage2'  # The hint layer; a trainable regressor maps widths.
+  config.distill.at_weight = 0.0
+  config.distill.at_features = ('stage1', 'stage2')
+  config.distill.sp_weight = 0.0
+  config.distill.sp_feature = 'stage2'
+  config.distill.rkd_weight = 0.0
+  config.distill.rkd_feature = 'embedding'
+  config.distill.pkt_weight = 0.0
+  config.distill.pkt_feature = 'embedding'
 
   # Devices and hosts (see lpe/parallel.py).
   config.parallelism = 'jit'  # 'jit' (sharded jit over a mesh) or 'pmap'.
   config.sync_batch_stats = True  # pmap: BatchNorm statistics over all devices (cross-replica).
+  # Convolution implementation of the zoo's models: 'xla' (lax.conv, best on GPU/TPU) or
+  # 'im2col' (patches + one matmul, faster training on XLA:CPU); same parameters either way.
+  config.conv_impl = 'xla'
   config.half_precision = False  # bfloat16 forward passes; float32 params, optimizer and losses.
   config.distributed = ml_collections.ConfigDict()
   config.distributed.auto = False  # TPU pods / SLURM: let JAX detect the cluster.
@@ -97,7 +114,7 @@ def _kind(default: Any) -> str:
   if isinstance(default, float):
     return 'a number'
   if isinstance(default, tuple | list):
-    return 'a tuple of numbers'
+    return 'a tuple of strings' if default and isinstance(default[0], str) else 'a tuple of numbers'
   return 'a string'
 
 
@@ -109,7 +126,8 @@ def _fits(value: Any, default: Any) -> bool:
   if isinstance(default, float):
     return isinstance(value, int | float) and not isinstance(value, bool)
   if isinstance(default, tuple | list):
-    return isinstance(value, tuple | list) and all(_fits(v, 1.0) for v in value)
+    element = default[0] if default else 1.0  # The default's elements say what may go in.
+    return isinstance(value, tuple | list) and all(_fits(v, element) for v in value)
   return isinstance(value, str)
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lpe import checkpoint, data, evaluate, models, train
+from lpe import checkpoint, data, evaluate, models, objectives, study, train
 
 
 def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None = None) -> dict:
@@ -110,12 +110,12 @@ def _comparison_plan(
   # Students alone first, then the distilling runs (ConfigDict keys come back sorted).
   students = sorted(
     (name for name in runs if name != 'teacher'),
-    key=lambda name: bool(runs[name].distill.lp_weight or runs[name].distill.kd_weight),
+    key=lambda name: bool(objectives.active(runs[name].distill)),
   )
   plan = [] if config.teacher_checkpoint else [('teacher', runs['teacher'])]
   for name in students:
     run = runs[name].copy_and_resolve_references()
-    if run.distill.lp_weight or run.distill.kd_weight:
+    if objectives.active(run.distill):
       run.teacher.checkpoint = teacher_path
     plan.append((name, run))
   for name, run in plan:
@@ -132,7 +132,7 @@ def _comparison_plan(
     info = data.dataset_info(runs['teacher'].dataset)
     teacher = {'model': runs['teacher'].model, 'num_classes': info.num_classes}
   for name, run in plan:
-    if name == 'teacher' or not (run.distill.lp_weight or run.distill.kd_weight):
+    if name == 'teacher' or not objectives.active(run.distill):
       continue
     if run.teacher.model != teacher['model']:
       raise ValueError(
@@ -194,13 +194,15 @@ def compare(
 def run(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> Any:
-  """Runs a config: a comparison when it has `runs`, else one training run.
+  """Runs a config: a comparison when it has `runs`, a study when it has `grid`, else one run.
 
   `allow_config_change` lets a workdir's run continue with a config that differs from the one it
   was started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
   """
   if 'runs' in config:
     return compare(config, workdir, allow_config_change=allow_config_change)
+  if 'grid' in config:
+    return study.run(config, workdir, allow_config_change=allow_config_change)
   return train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
 
 

@@ -21,7 +21,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from lpe import checkpoint, data, evaluate, losses, metrics_io, models, parallel
+from lpe import checkpoint, data, evaluate, metrics_io, models, objectives, parallel
 from lpe import config as config_lib
 
 Batch = tuple[jax.Array, jax.Array]
@@ -39,9 +39,43 @@ class Preempted(SystemExit):
 
 
 class TrainState(train_state.TrainState):
-  """The student's state: params and optimizer state (from flax) plus BatchNorm statistics."""
+  """The student's state: params, BatchNorm statistics and optimizer state, plus `aux_params`.
+
+  `aux_params` are the trainable parameters of distillation terms (FitNet's regressor): optimised
+  with the student, checkpointed with it for resume, but not part of the exported student.
+  """
 
   batch_stats: Any = None
+  aux_params: Any = None
+
+  @classmethod
+  def create(cls, *, apply_fn, params, tx, aux_params=None, **kwargs):
+    aux_params = aux_params or {}
+    opt_state = tx.init({'student': params, 'aux': aux_params})
+    return cls(
+      step=0,
+      apply_fn=apply_fn,
+      params=params,
+      tx=tx,
+      opt_state=opt_state,
+      aux_params=aux_params,
+      **kwargs,
+    )
+
+  def apply_gradients(self, *, grads, aux_grads=None, **kwargs):
+    """One optimizer update of the student's params and `aux_params` together."""
+    both = {'student': self.params, 'aux': self.aux_params}
+    if aux_grads is None:
+      aux_grads = jax.tree.map(jnp.zeros_like, self.aux_params)
+    updates, opt_state = self.tx.update({'student': grads, 'aux': aux_grads}, self.opt_state, both)
+    new = optax.apply_updates(both, updates)
+    return self.replace(
+      step=self.step + 1,
+      params=new['student'],
+      aux_params=new['aux'],
+      opt_state=opt_state,
+      **kwargs,
+    )
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -69,12 +103,26 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
 
 
 def create_train_state(model, config, rng: jax.Array, image_shape, steps_per_epoch) -> TrainState:
-  """A fresh train state for `model` on images of `image_shape`."""
-  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  """A fresh train state for `model` on images of `image_shape`.
+
+  When the config's objective has trainable parts (FitNet's regressor), they are created from the
+  shapes of the student's and the configured teacher's features (no teacher weights needed).
+  """
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  student_rng, aux_rng = jax.random.split(rng)
+  variables = model.init(student_rng, x, train=False)
+  aux_params = {}
+  if config.distill.fitnet_weight:
+    teacher = models.build(config.teacher.model, data.dataset_info(config.dataset).num_classes)
+    features = lambda m: jax.eval_shape(lambda: m.apply(m.init(aux_rng, x), x))[1]
+    aux_params = objectives.init_aux_params(
+      config.distill, aux_rng, features(model), features(teacher)
+    )
   return TrainState.create(
     apply_fn=model.apply,
     params=variables['params'],
     batch_stats=variables.get('batch_stats', {}),
+    aux_params=aux_params,
     tx=make_optimizer(config, steps_per_epoch),
   )
 
@@ -127,7 +175,7 @@ def train_step(
   skip_nonfinite: bool = False,
   axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on CE + lp_weight * LP + kd_weight * KD for the student.
+  """One optimizer step of the student on CE plus the weighted terms of `distill`.
 
   Args:
     state: The student's state.
@@ -136,7 +184,7 @@ def train_step(
     labels: int32 `[n]`.
     student, teacher: The Flax modules (teacher None when not distilling).
     info: The dataset's normalisation constants.
-    distill: Static hyper-parameters: lp_weight, k, sigma2, feature, kd_weight, kd_temperature.
+    distill: Static hyper-parameters of the objective (`config.distill`; see lpe.objectives).
     augment: 'none' or 'cifar'.
     seed: Base seed; the augmentation rng is `fold_in(key(seed), step)`, so a resumed run draws
       the same augmentations.
@@ -158,39 +206,33 @@ def train_step(
     t_logits, t_features = teacher.apply(teacher_variables, x, train=False)
     t_logits, t_features = jax.lax.stop_gradient((t_logits, t_features))
 
-  def loss_fn(params):
+  def loss_fn(params, aux_params):
     mutable = ['batch_stats'] if state.batch_stats else False
     out = student.apply(_variables(params, state.batch_stats), x, train=True, mutable=mutable)
     (logits, features), new_vars = out if mutable else (out, {})
     logits = logits.astype(jnp.float32)
-    terms = {'ce': optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()}
-    if distill['lp_weight']:
-      terms['lp'] = losses.locality_preserving_loss(
-        features[distill['feature']],
-        t_features[distill['feature']],
-        k=distill['k'],
-        sigma2=distill['sigma2'],
-        axis_name=axis_name,
-      ).mean()
-    if distill['kd_weight']:
-      terms['kd'] = losses.kd_loss(logits, t_logits, temperature=distill['kd_temperature']).mean()
-    loss = (
-      terms['ce']
-      + distill['lp_weight'] * terms.get('lp', 0.0)
-      + distill['kd_weight'] * terms.get('kd', 0.0)
-    )
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    terms = {}
+    if teacher is not None:
+      terms = objectives.distillation_terms(
+        distill, logits, features, t_logits, t_features, aux_params, axis_name=axis_name
+      )
+    loss = objectives.total_loss(distill, ce, terms)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, (terms, accuracy, new_vars.get('batch_stats', state.batch_stats))
+    return loss, (dict(terms, ce=ce), accuracy, new_vars.get('batch_stats', state.batch_stats))
 
-  (loss, (terms, accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    state.params
-  )
+  (loss, (terms, accuracy, batch_stats)), (grads, aux_grads) = jax.value_and_grad(
+    loss_fn, argnums=(0, 1), has_aux=True
+  )(state.params, state.aux_params)
   metrics = dict(terms, loss=loss, accuracy=accuracy)
   if axis_name:
-    # Every term is a mean over this device's rows, so the mean over devices is the global mean
-    # (the LP gradient already holds every device's share through the gather's transpose).
-    grads, metrics, batch_stats = jax.lax.pmean((grads, metrics, batch_stats), axis_name)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    # Every term is a mean over this device's rows (or a global relational value), so the mean
+    # over devices is the global value; the gathered terms' gradients already hold every
+    # device's share through the gather's transpose.
+    grads, aux_grads, metrics, batch_stats = jax.lax.pmean(
+      (grads, aux_grads, metrics, batch_stats), axis_name
+    )
+  new_state = state.apply_gradients(grads=grads, aux_grads=aux_grads, batch_stats=batch_stats)
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['param_norm'] = optax.tree.norm(new_state.params)
   finite = jnp.isfinite(jnp.stack([metrics[k] for k in ('loss', 'grad_norm', 'param_norm')])).all()
@@ -199,6 +241,7 @@ def train_step(
     new_state = new_state.replace(
       params=keep(new_state.params, state.params),
       opt_state=keep(new_state.opt_state, state.opt_state),
+      aux_params=keep(new_state.aux_params, state.aux_params),
       batch_stats=keep(new_state.batch_stats, state.batch_stats),
     )
   metrics['finite'] = finite.astype(jnp.float32)
@@ -215,7 +258,7 @@ def load_teacher(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtyp
   path = config.teacher.checkpoint
   if not path:
     raise ValueError(
-      'Distillation is on (distill.lp_weight or distill.kd_weight > 0) but '
+      'Distillation is on (a config.distill weight is > 0) but '
       'config.teacher.checkpoint'
       " is empty; set it to a teacher run's workdir or its model.msgpack."
     )
@@ -269,8 +312,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       'statistics are always over the global batch.'
     )
   d = config.distill
-  if d.lp_weight < 0 or d.kd_weight < 0:
-    raise ValueError('config.distill.lp_weight and kd_weight must be >= 0.')
+  for method in objectives.METHODS:
+    if d[f'{method}_weight'] < 0:
+      raise ValueError(f'config.distill.{method}_weight must be >= 0, got {d[method + "_weight"]}.')
   per_device = config.batch_size // num_devices
   if d.lp_weight and not 1 <= d.k < per_device:
     raise ValueError(
@@ -282,6 +326,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(f'config.distill.sigma2 must be positive or None, got {d.sigma2}.')
   if d.kd_weight and d.kd_temperature <= 0:
     raise ValueError(f'config.distill.kd_temperature must be positive, got {d.kd_temperature}.')
+  if config.conv_impl not in ('xla', 'im2col'):
+    raise ValueError(f'config.conv_impl={config.conv_impl!r} is unknown; use xla or im2col.')
   if config.augment not in ('none', 'cifar'):
     raise ValueError(f'config.augment={config.augment!r} is unknown; use none or cifar.')
 
@@ -483,9 +529,13 @@ def train_and_evaluate(
 
   info = data.dataset_info(config.dataset)
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  distilling = bool(config.distill.lp_weight or config.distill.kd_weight)
+  distilling = bool(objectives.active(config.distill))
+  # A configured teacher is also loaded without distillation, for the evaluation diagnostics
+  # (agreement, neighbourhood preservation, CKA); only distilling steps run it.
   teacher, teacher_vars, teacher_meta = (
-    load_teacher(config, info, dtype) if distilling else (None, None, None)
+    load_teacher(config, info, dtype)
+    if distilling or config.teacher.checkpoint
+    else (None, None, None)
   )
   train_data = data.load_split(config.dataset, config.train_split, config.data_dir or None)
   test_data = data.load_split(config.dataset, config.test_split, config.data_dir or None)
@@ -496,10 +546,19 @@ def train_and_evaluate(
 
   place = _Placement(config.parallelism)
   sync_bn = config.parallelism == 'pmap' and config.sync_batch_stats
+  conv = {} if config.conv_impl == 'xla' else {'conv_impl': config.conv_impl}
   student = models.build(
-    config.model, info.num_classes, dtype=dtype, bn_axis_name=parallel.AXIS if sync_bn else None
+    config.model,
+    info.num_classes,
+    dtype=dtype,
+    bn_axis_name=parallel.AXIS if sync_bn else None,
+    **conv,
   )
   eval_model = student.clone(bn_axis_name=None)
+  if teacher is not None:
+    x = jnp.zeros((1, *info.image_shape))
+    features = lambda m: jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), x), x))[1]
+    objectives.check_features(config.distill, features(student), features(teacher))
   state = create_train_state(
     student, config, jax.random.key(config.seed), info.image_shape, steps_per_epoch
   )
@@ -524,7 +583,7 @@ def train_and_evaluate(
     functools.partial(
       train_step,
       student=student,
-      teacher=teacher,
+      teacher=teacher if distilling else None,
       info=info,
       distill=dict(config.distill),
       augment=config.augment,
@@ -532,8 +591,11 @@ def train_and_evaluate(
       skip_nonfinite=config.skip_nonfinite_batches,
     )
   )
+  eval_teacher = None
   if teacher_vars is not None:
-    teacher_vars = place.state(jax.device_put(teacher_vars, place.replicated))
+    teacher_vars = jax.device_put(teacher_vars, place.replicated)
+    eval_teacher = (teacher, teacher_vars)
+    teacher_vars = place.state(teacher_vars) if distilling else None
   rows = parallel.process_rows(config.batch_size)
   writer = metrics_io.MetricsWriter(workdir)
   name = config.name or os.path.basename(os.path.normpath(workdir))
@@ -547,7 +609,14 @@ def train_and_evaluate(
       info=info,
       batch_size=config.eval_batch_size,
       sharding=place.sharded,
+      teacher=eval_teacher,
+      k=config.distill.k,
+      feature=config.distill.feature,
     )
+
+  def evaluation_fields(evaluation: dict[str, float]) -> dict[str, float]:
+    keys = ('accuracy', 'loss', 'agreement', 'neighbourhood_preservation', 'cka')
+    return {f'test_{k}': evaluation[k] for k in keys if k in evaluation}
 
   step = int(state.step)
   if _epoch_record_missing(workdir, step, steps_per_epoch):
@@ -558,8 +627,7 @@ def train_and_evaluate(
       {
         'epoch': step // steps_per_epoch,
         'step': step,
-        'test_accuracy': evaluation['accuracy'],
-        'test_loss': evaluation['loss'],
+        **evaluation_fields(evaluation),
         'epoch_time_s': 0.0,
         'recovered': True,
       }
@@ -607,15 +675,15 @@ def train_and_evaluate(
         finite, n = check(pending, step, last_saved=manager.latest_step())
         pending, epoch_skipped = [], epoch_skipped + n
         epoch_metrics.extend(finite)
+      train_time = time.time() - t0
       checkpoint.save_state(manager, step, place.canonical(state))
       evaluation = evaluate_state(place.canonical(state))
       record = {
         'epoch': epoch + 1,
         'step': step,
         **{f'train_{k}': v for k, v in metrics_io.mean_metrics(epoch_metrics).items()},
-        'test_accuracy': evaluation['accuracy'],
-        'test_loss': evaluation['loss'],
-        'epoch_time_s': time.time() - t0,
+        **evaluation_fields(evaluation),
+        'epoch_time_s': train_time,
       }
       if config.skip_nonfinite_batches:
         record['skipped_batches'] = epoch_skipped
@@ -638,6 +706,8 @@ def train_and_evaluate(
     'dataset': config.dataset,
     'num_classes': info.num_classes,
     'params': count_params(state.params),
+    'extra_params': count_params(state.aux_params),
+    'objective': objectives.describe(config.distill),
     'num_epochs': config.num_epochs,
     'test_accuracy': accuracies[-1],
     'best_test_accuracy': max(accuracies),

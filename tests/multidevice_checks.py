@@ -24,6 +24,9 @@ def _setup(model_name: str, image_shape, n: int):
   config.model = model_name
   config.optimizer, config.learning_rate, config.weight_decay = 'sgd', 0.1, 5e-4
   config.distill.lp_weight, config.distill.k, config.distill.kd_weight = 1.0, 3, 0.5
+  # Every term except FitNet (its regressor's batch normalisation is per device under pmap).
+  d = config.distill
+  d.at_weight, d.sp_weight, d.rkd_weight, d.pkt_weight = 10.0, 100.0, 1.0, 1000.0
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (n, *image_shape)).astype(np.uint8)
   labels = rng.integers(0, 10, n).astype(np.int32)
@@ -38,7 +41,7 @@ def _max_diff(a, b) -> float:
 
 
 def step_equivalence(model_name: str, image_shape, augment: str) -> dict:
-  """One LP+KD train step: single device vs pmap vs sharded jit over 8 devices."""
+  """One train step with LP, KD, AT, SP, RKD and PKT: 1 device vs pmap vs sharded jit on 8."""
   n = 32
   info, teacher, teacher_vars, config, images, labels = _setup(model_name, image_shape, n)
   results = {}

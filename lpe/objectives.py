@@ -1,0 +1,141 @@
+"""The student objective: CE plus any weighted combination of distillation terms.
+
+`config.distill` names a weight per method (0 turns it off) and the features each one reads:
+
+| weight | term | reads |
+|---|---|---|
+| `lp_weight` | locality-preserving loss (k, sigma2) | `feature` of both nets |
+| `kd_weight` | Hinton's KD at `kd_temperature` | logits |
+| `fitnet_weight` | FitNet hint MSE through a trainable regressor | `fitnet_feature` |
+| `at_weight` | attention transfer (p=2), summed over layers | `at_features` |
+| `sp_weight` | similarity-preserving | `sp_feature` |
+| `rkd_weight` | relational KD (distance 25, angle 50) | `rkd_feature` |
+| `pkt_weight` | probabilistic knowledge transfer | `pkt_feature` |
+
+Batch-relational terms (LP, SP, RKD, PKT) are taken over the global batch: under `pmap` their
+inputs are gathered over the device axis, so they do not depend on the device count.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lpe import losses
+
+METHODS = ('lp', 'kd', 'fitnet', 'at', 'sp', 'rkd', 'pkt')
+LABELS = {
+  'lp': 'LP',
+  'kd': 'KD',
+  'fitnet': 'FitNet',
+  'at': 'AT',
+  'sp': 'SP',
+  'rkd': 'RKD',
+  'pkt': 'PKT',
+}
+
+
+def active(distill: Mapping[str, Any]) -> tuple[str, ...]:
+  """The methods whose weight is non-zero, in `METHODS` order."""
+  return tuple(m for m in METHODS if distill.get(f'{m}_weight', 0.0))
+
+
+def feature_names(distill: Mapping[str, Any]) -> set[str]:
+  """The feature-dict keys the active terms read (from both nets)."""
+  names = set()
+  for method in active(distill):
+    if method == 'lp':
+      names.add(distill['feature'])
+    elif method == 'at':
+      names.update(distill['at_features'])
+    elif method != 'kd':
+      names.add(distill[f'{method}_feature'])
+  return names
+
+
+def check_features(distill: Mapping[str, Any], s_features: Mapping, t_features: Mapping) -> None:
+  """Raises a ValueError naming a configured feature that either net does not produce."""
+  for name in sorted(feature_names(distill)):
+    for who, features in (('student', s_features), ('teacher', t_features)):
+      if name not in features:
+        raise ValueError(
+          f'The {who} has no feature {name!r} (it has: {", ".join(sorted(features))}); set the '
+          'config.distill feature fields to names both models produce.'
+        )
+
+
+def describe(distill: Mapping[str, Any]) -> str:
+  """A short name for the objective, e.g. 'CE + 0.1 LP + 1 KD'."""
+  parts = ['CE'] + [f'{distill[m + "_weight"]:g} {LABELS[m]}' for m in active(distill)]
+  return ' + '.join(parts)
+
+
+def init_aux_params(
+  distill: Mapping[str, Any], rng: jax.Array, s_features: Mapping, t_features: Mapping
+) -> dict[str, Any]:
+  """Trainable parameters the terms need besides the student's (FitNet's regressor), or {}."""
+  if not distill.get('fitnet_weight'):
+    return {}
+  hint, target = s_features[distill['fitnet_feature']], t_features[distill['fitnet_feature']]
+  regressor = losses.FitNetRegressor(features=target.shape[-1])
+  return {'fitnet_regressor': regressor.init(rng, jnp.zeros((1, *hint.shape[1:])))['params']}
+
+
+def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
+  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def distillation_terms(
+  distill: Mapping[str, Any],
+  s_logits: jax.Array,
+  s_features: Mapping[str, jax.Array],
+  t_logits: jax.Array,
+  t_features: Mapping[str, jax.Array],
+  aux_params: Mapping[str, Any],
+  *,
+  axis_name: str | None = None,
+) -> dict[str, jax.Array]:
+  """The active distillation terms, each a scalar batch loss (unweighted).
+
+  Per-example terms are means over this device's rows (the caller averages over devices);
+  relational terms are computed on the gathered global batch, the same value on every device.
+  """
+  terms = {}
+  if distill.get('lp_weight'):
+    terms['lp'] = losses.locality_preserving_loss(
+      s_features[distill['feature']],
+      t_features[distill['feature']],
+      k=distill['k'],
+      sigma2=distill['sigma2'],
+      axis_name=axis_name,
+      block_size=distill.get('knn_block_size'),
+    ).mean()
+  if distill.get('kd_weight'):
+    terms['kd'] = losses.kd_loss(s_logits, t_logits, temperature=distill['kd_temperature']).mean()
+  if distill.get('fitnet_weight'):
+    name = distill['fitnet_feature']
+    target = t_features[name]
+    regressor = losses.FitNetRegressor(features=target.shape[-1])
+    hint = regressor.apply({'params': aux_params['fitnet_regressor']}, s_features[name])
+    terms['fitnet'] = losses.fitnet_loss(hint, target).mean()
+  if distill.get('at_weight'):
+    terms['at'] = sum(
+      losses.attention_transfer_loss(s_features[name], t_features[name]).mean()
+      for name in distill['at_features']
+    )
+  relational = {
+    'sp': losses.similarity_preserving_loss,
+    'rkd': losses.rkd_loss,
+    'pkt': losses.pkt_loss,
+  }
+  for method, fn in relational.items():
+    if distill.get(f'{method}_weight'):
+      name = distill[f'{method}_feature']
+      terms[method] = fn(_gather(s_features[name], axis_name), _gather(t_features[name], axis_name))
+  return terms
+
+
+def total_loss(distill: Mapping[str, Any], ce: jax.Array, terms: Mapping[str, jax.Array]):
+  """CE plus each term times its weight."""
+  return ce + sum(distill[f'{method}_weight'] * value for method, value in terms.items())
