@@ -24,6 +24,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from lpe import config as lpe_config  # noqa: E402
 from lpe import data, models, train  # noqa: E402
 
+# CRD's CIFAR-100 recipe: 240 epochs of ceil(50,000 / 64) = 782 steps.
+CRD_STEPS = 240 * 782
 PAIRS = {
   'fashion_mnist': ('cnn_teacher', 'cnn_student', data.dataset_info('fashion_mnist')),
   'cifar100': ('resnet32x4', 'resnet8x4', data.dataset_info('cifar100')),
@@ -125,6 +127,12 @@ def main() -> None:
       f'| {c16 / c:.2f} |',
       flush=True,
     )
+    if pair == 'cifar100' and batch == 64:
+      hours = c / 1e3 * CRD_STEPS / 3600
+      print(
+        f'\nProjected CRD recipe for resnet32x4 -> resnet8x4 (240 epochs x 782 steps of batch 64 '
+        f'= {CRD_STEPS:,} LP steps; input and evaluation not counted): {hours:.1f} hours.\n'
+      )
 
 
 if __name__ == '__main__':
