@@ -144,13 +144,32 @@ def _open_source(name: str, split: str, data_dir: str):
     raise DatasetUnavailableError(_missing_message(name, data_dir)) from error
 
 
-def _decode(source, chunk: int = 4096) -> Split:
+def _decode(source) -> Split:
+  # Record by record through the Sequence protocol: TFDS's `tfds.testing.mock_data` mocks
+  # `__getitem__` but breaks the batched `__getitems__`, and the decode runs once per cache.
   images, labels = [], []
-  for start in range(0, len(source), chunk):
-    records = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
-    images.extend(record['image'] for record in records)
-    labels.extend(record['label'] for record in records)
+  for index in range(len(source)):
+    record = source[index]
+    images.append(record['image'])
+    labels.append(record['label'])
   return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
+
+
+def _cache_path(source, name: str, split: str, data_dir: str) -> str | None:
+  """Where the decoded split is cached, or None when `source` is not read from `data_dir`.
+
+  A source read from elsewhere (under `tfds.testing.mock_data` it is random records described by
+  TFDS's bundled metadata) is never cached, so fake data can neither shadow nor be shadowed by
+  the real dataset.
+  """
+  info = getattr(source, 'dataset_info', None)
+  source_dir = os.path.realpath(str(getattr(info, 'data_dir', '')))
+  if not source_dir.startswith(os.path.realpath(data_dir) + os.sep):
+    return None
+  safe_split = split.replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pc')
+  return os.path.join(
+    data_dir, 'lpe_cache', f'{name}-{info.version}-{safe_split}-{len(source)}.npz'
+  )
 
 
 def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
@@ -162,7 +181,8 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
     data_dir: TFDS data directory; `None` means `default_data_dir()`.
 
   Returns:
-    The split, decoded; the decoded arrays are cached in `data_dir/lpe_cache/` after the first read.
+    The split, decoded; the decoded arrays are cached in `data_dir/lpe_cache/` after the first read
+    (only data read from `data_dir` itself: never the random records of `tfds.testing.mock_data`).
 
   Raises:
     DatasetUnavailableError: the dataset is not prepared and cannot be prepared here; the message
@@ -171,16 +191,14 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
   info = dataset_info(name)
   data_dir = data_dir or default_data_dir()
   source = _open_source(name, split, data_dir)
-  version = str(getattr(getattr(source, 'dataset_info', None), 'version', 'mock'))
-  safe_split = split.replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pc')
-  cache = os.path.join(data_dir, 'lpe_cache', f'{name}-{version}-{safe_split}-{len(source)}.npz')
-  if version != 'mock' and os.path.exists(cache):
+  cache = _cache_path(source, name, split, data_dir)
+  if cache and os.path.exists(cache):
     with np.load(cache) as arrays:
       return Split(arrays['images'], arrays['labels'])
   data = _decode(source)
   if data.images.shape[1:] != info.image_shape:
     raise ValueError(f'{name} images have shape {data.images.shape[1:]}, not {info.image_shape}.')
-  if version != 'mock':
+  if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = cache + '.tmp.npz'
     np.savez(tmp, images=data.images, labels=data.labels)

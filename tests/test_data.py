@@ -71,3 +71,22 @@ def test_preprocess_standardises():
   x = np.full((2, 28, 28, 1), 255, np.uint8)
   out = np.asarray(data.preprocess(x, info))
   np.testing.assert_allclose(out, (1.0 - info.mean[0]) / info.std[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['mnist', 'cifar10', 'cifar100'])
+def test_mocked_tfds_loads_both_splits(name, tmp_path):
+  import tensorflow_datasets as tfds
+
+  info = data.dataset_info(name)
+  with tfds.testing.mock_data(num_examples=16):
+    splits = [data.load_split(name, split, str(tmp_path)) for split in ('train', 'test')]
+  for split in splits:
+    assert split.images.shape == (16, *info.image_shape) and split.images.dtype == np.uint8
+    assert split.labels.shape == (16,) and split.labels.dtype == np.int32
+    assert 0 <= split.labels.min() and split.labels.max() < info.num_classes
+  assert not os.path.exists(tmp_path / 'lpe_cache')  # Fake records are never cached.
+
+
+def test_missing_cifar100_says_how_to_get_it(tmp_path):
+  with pytest.raises(data.DatasetUnavailableError, match='tfds build cifar100'):
+    data.load_split('cifar100', 'train', str(tmp_path))
