@@ -1,0 +1,28 @@
+"""The README's promises: its notebook example runs, and its commands are the CI's."""
+
+import os
+import re
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme() -> str:
+  with open(os.path.join(REPO, 'README.md')) as f:
+    return f.read()
+
+
+def test_readme_python_example_runs():
+  block = re.search(r'```python\n(.*?)```', _readme(), re.S).group(1)
+  namespace = {}
+  exec(compile(block, 'README.md', 'exec'), namespace)
+  assert namespace['per_example'].shape == (128,)
+  assert namespace['grads'].shape == (128, 32)
+  assert namespace['indices'].shape == (128, 5)
+
+
+def test_readme_leads_with_the_two_commands_and_ci_runs_the_second():
+  shell = re.search(r'```shell\n(.*?)```', _readme(), re.S).group(1).splitlines()
+  assert shell[0].startswith('bash scripts/setup.sh && ') and 'launch.py' in shell[0]
+  assert shell[1] == 'bash scripts/test.sh'
+  with open(os.path.join(REPO, '.ci', 'run')) as f:
+    assert 'exec bash scripts/test.sh' in f.read()
