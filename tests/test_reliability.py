@@ -327,7 +327,9 @@ def test_corrupt_latest_checkpoint_resume_finishes_bitwise_equal(
     config = ml_collections.ConfigDict(json.load(f))
   train.train_and_evaluate(config, workdir)
   out = capsys.readouterr().out
-  assert 'reads back other values than were saved' in out and 'from step 9 instead' in out
+  # Flipped bytes either fail decompression (unreadable) or decode to other values (checksum).
+  detected = ('reads back other values than were saved', 'is unreadable')
+  assert any(d in out for d in detected) and 'from step 9 instead' in out
   assert f'Resuming {workdir} from step 9.' in out
   assert _leaves_equal(_params(workdir), _params(reference))
   assert len(os.listdir(os.path.join(workdir, checkpoint.CORRUPT_DIR))) == 1
