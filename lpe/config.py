@@ -69,8 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Devices and hosts (see lpe/parallel.py).
   config.parallelism = 'jit'  # 'jit' (sharded jit over a mesh) or 'pmap'.
   config.sync_batch_stats = True  # pmap: BatchNorm statistics over all devices (cross-replica).
-  # Convolution implementation of the zoo's models: 'xla' (lax.conv, best on GPU/TPU) or
-  # 'im2col' (patches + one matmul, faster training on XLA:CPU); same parameters either way.
+  # Convolution implementation of the zoo's models; only 'xla' (lax.conv) so far. Reserved for a
+  # faster XLA:CPU path (issue 6) that keeps the same parameters.
   config.conv_impl = 'xla'
   config.half_precision = False  # bfloat16 forward passes; float32 params, optimizer and losses.
   config.distributed = ml_collections.ConfigDict()
