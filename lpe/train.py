@@ -649,7 +649,9 @@ def train_and_evaluate(
         step, offset = step + 1, offset + 1
         pending.append(place.metrics(metrics))
         log_now = step % config.log_every_steps == 0 or offset == steps_per_epoch
-        save_now = step % config.checkpoint_every_steps == 0 or stop.requested
+        # Read the flag once: a SIGTERM that lands later in this step is handled after the next.
+        stopping = stop.requested
+        save_now = step % config.checkpoint_every_steps == 0 or stopping
         if log_now or save_now:  # Every saved state has had its steps checked for NaN/Inf.
           finite, n = check(pending, step, last_saved=manager.latest_step())
           pending, skipped, epoch_skipped = [], skipped + n, epoch_skipped + n
@@ -665,7 +667,7 @@ def train_and_evaluate(
           window, skipped = [], 0
         if save_now:
           checkpoint.save_state(manager, step, place.canonical(state))
-        if stop.requested:
+        if stopping:
           manager.wait_until_finished()
           say(f'[{name}] SIGTERM: saved step {step}; run the same command to resume.')
           raise Preempted()

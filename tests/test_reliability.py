@@ -247,6 +247,32 @@ def test_preempt_in_process_then_resume_is_bitwise_equal(preempted, reference, t
     assert result['test_accuracy'] == json.load(f)['test_accuracy']
 
 
+def test_sigterm_while_a_step_is_logged_saves_the_step_it_announces(
+  fashion_data_dir, monkeypatch, tmp_path
+):
+  """A SIGTERM that lands after a step's save decision (here, while its progress line prints)
+  still ends with a checkpoint of exactly the step the message names (CI once saw none)."""
+  import builtins
+
+  original_print = builtins.print
+
+  def print_then_sigterm(*args, **kwargs):
+    original_print(*args, **kwargs)
+    if args and 'epoch 1/2 step 4/8' in str(args[0]):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(builtins, 'print', print_then_sigterm)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.Preempted):
+    train.train_and_evaluate(_config(fashion_data_dir), workdir)
+  monkeypatch.setattr(builtins, 'print', original_print)
+  assert 4 in _steps(workdir) or 5 in _steps(workdir), _steps(workdir)
+  assert (
+    max(_steps(workdir))
+    == checkpoint.checkpoint_manager(workdir, max_to_keep=3, for_training=False).latest_step()
+  )
+
+
 # --- Corrupt checkpoints -----------------------------------------------------------------------
 
 
