@@ -29,6 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.batch_size = 128  # Global batch, split over all devices.
   config.eval_batch_size = 1000
   config.steps_per_epoch_limit = 0  # >0 caps the steps of an epoch (smoke tests).
+  # Where the training split lives: 'device' (whole on every device; each step gathers its rows
+  # there), 'host' (NumPy; each batch is copied over) or 'auto' (device up to 2 GiB of images).
+  # Both give the same batches, bit for bit.
+  config.input = 'auto'
 
   config.optimizer = 'adam'  # 'adam' or 'sgd'.
   config.learning_rate = 1e-3
@@ -42,6 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.teacher = ml_collections.ConfigDict()
   config.teacher.model = ''
   config.teacher.checkpoint = ''
+  # Compute the teacher's outputs on the training split once, before training, instead of in
+  # every step; only without augmentation (issue 6; docs/performance.md).
+  config.teacher.cache_outputs = False
 
   # Student objective: CE + lp_weight * LP + kd_weight * KD (a weight of 0 turns a term off).
   config.distill = ml_collections.ConfigDict()
@@ -97,6 +104,7 @@ RESUME_SAFE_FIELDS = (
   'name',
   'data_dir',
   'eval_batch_size',
+  'input',
   'log_every_steps',
   'checkpoint_every_steps',
   'keep_checkpoints',

@@ -230,13 +230,27 @@ def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def train_index_batches(
+  num_examples: int, *, batch_size: int, seed: int, epoch: int, start_step: int = 0
+) -> Iterator[np.ndarray]:
+  """Yields the example indices (int32 `[batch_size]`) of each batch of `epoch`, from
+  `start_step` on: consecutive slices of `epoch_permutation`, the last partial batch dropped.
+
+  Both input paths of the trainer read these: the host path indexes the NumPy split, the
+  device-resident path gathers the same rows from the split held on the devices.
+  """
+  order = epoch_permutation(num_examples, seed=seed, epoch=epoch).astype(np.int32)
+  for step in range(start_step, steps_per_epoch(num_examples, batch_size)):
+    yield order[step * batch_size : (step + 1) * batch_size]
+
+
 def train_batches(
   data: Split, *, batch_size: int, seed: int, epoch: int, start_step: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields the `(images uint8, labels int32)` batches of `epoch`, from step `start_step` on."""
-  order = epoch_permutation(len(data), seed=seed, epoch=epoch)
-  for step in range(start_step, steps_per_epoch(len(data), batch_size)):
-    index = order[step * batch_size : (step + 1) * batch_size]
+  for index in train_index_batches(
+    len(data), batch_size=batch_size, seed=seed, epoch=epoch, start_step=start_step
+  ):
     yield data.images[index], data.labels[index]
 
 

@@ -165,6 +165,7 @@ def train_step(
   teacher_variables: Mapping[str, Any] | None,
   images: jax.Array,
   labels: jax.Array,
+  teacher_outputs: tuple[jax.Array, Mapping[str, jax.Array]] | None = None,
   *,
   student,
   teacher,
@@ -182,6 +183,8 @@ def train_step(
     teacher_variables: The teacher's variables (None when not distilling); never differentiated.
     images: uint8 `[n, H, W, C]`: the global batch, or this device's rows under `axis_name`.
     labels: int32 `[n]`.
+    teacher_outputs: The teacher's `(logits, features)` for these rows, cached ahead of training
+      (`teacher_outputs_cache`; only without augmentation), or None to run the teacher here.
     student, teacher: The Flax modules (teacher None when not distilling).
     info: The dataset's normalisation constants.
     distill: Static hyper-parameters of the objective (`config.distill`; see lpe.objectives).
@@ -203,8 +206,9 @@ def train_step(
     images = augment_cifar(rng, images, axis_name=axis_name)
   x = data.preprocess(images, info)
   if teacher is not None:
-    t_logits, t_features = teacher.apply(teacher_variables, x, train=False)
-    t_logits, t_features = jax.lax.stop_gradient((t_logits, t_features))
+    if teacher_outputs is None:
+      teacher_outputs = teacher.apply(teacher_variables, x, train=False)
+    t_logits, t_features = jax.lax.stop_gradient(teacher_outputs)
 
   def loss_fn(params, aux_params):
     mutable = ['batch_stats'] if state.batch_stats else False
@@ -246,6 +250,65 @@ def train_step(
     )
   metrics['finite'] = finite.astype(jnp.float32)
   return new_state, metrics
+
+
+# The largest split (images) the device-resident input path takes when `config.input` is 'auto',
+# and the largest teacher-output cache `config.teacher.cache_outputs` builds.
+DEVICE_INPUT_MAX_BYTES = 2 * 2**30
+TEACHER_CACHE_MAX_BYTES = 2 * 2**30
+
+
+def input_path(config: ml_collections.ConfigDict, split: data.Split) -> str:
+  """'device' or 'host': where `config.input` ('auto', 'device', 'host') puts the training split.
+
+  'auto' holds the split on the devices when its images take at most `DEVICE_INPUT_MAX_BYTES`
+  (MNIST, Fashion-MNIST and CIFAR all do): only the batch's indices cross to the devices each
+  step, and the gather, augmentation and the step run there. Both paths give the same batches.
+  """
+  if config.input in ('device', 'host'):
+    return config.input
+  return 'device' if split.images.nbytes <= DEVICE_INPUT_MAX_BYTES else 'host'
+
+
+def teacher_outputs_cache(
+  teacher,
+  teacher_variables: Mapping[str, Any],
+  split: data.Split,
+  *,
+  info: data.DatasetInfo,
+  distill: Mapping[str, Any],
+  batch_size: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """The teacher's `(logits [N, classes], {feature: [N, ...]})` for every example of `split`.
+
+  Only the features the active distillation terms read are kept. Valid only while the training
+  images are not augmented (the teacher then sees exactly these images every epoch).
+
+  Raises:
+    ValueError: the cache would exceed `TEACHER_CACHE_MAX_BYTES`; the message names its size.
+  """
+  names = sorted(objectives.feature_names(distill))
+  x = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
+  logits, features = jax.eval_shape(lambda x: teacher.apply(teacher_variables, x, train=False), x)
+  per_example = [logits] + [features[n] for n in names]
+  size = len(split) * sum(np.prod(a.shape[1:]) * np.dtype(a.dtype).itemsize for a in per_example)
+  if size > TEACHER_CACHE_MAX_BYTES:
+    raise ValueError(
+      f'config.teacher.cache_outputs would hold {size / 2**30:.1f} GiB of teacher outputs '
+      f'(logits and {", ".join(names) or "no features"} for {len(split)} examples), more than '
+      f'{TEACHER_CACHE_MAX_BYTES / 2**30:.0f} GiB; set config.teacher.cache_outputs=False.'
+    )
+
+  @jax.jit
+  def forward(variables, images):
+    logits, features = teacher.apply(variables, data.preprocess(images, info), train=False)
+    return logits, {n: features[n] for n in names}
+
+  chunks = []
+  for images, _, mask in data.eval_batches(split, batch_size=batch_size):
+    outputs = forward(teacher_variables, images)
+    chunks.append(jax.tree.map(lambda a, m=mask: np.asarray(a)[m], outputs))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
 
 
 def count_params(params: Any) -> int:
@@ -333,6 +396,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
   if config.augment not in ('none', 'cifar'):
     raise ValueError(f'config.augment={config.augment!r} is unknown; use none or cifar.')
+  if config.input not in ('auto', 'device', 'host'):
+    raise ValueError(f'config.input={config.input!r} is unknown; use auto, device or host.')
+  if config.teacher.cache_outputs and config.augment != 'none':
+    raise ValueError(
+      f'config.teacher.cache_outputs=True needs config.augment=none: with {config.augment!r} '
+      'augmentation the teacher sees new images every step, so its outputs cannot be cached; '
+      'turn one of them off.'
+    )
 
 
 def check_workdir_config(
@@ -413,6 +484,21 @@ class _Placement:
 
   def metrics(self, metrics):
     return parallel.first_replica(metrics) if self.mode == 'pmap' else metrics
+
+  def resident(self, tree):
+    """Host arrays (a whole split, cached teacher outputs) held whole on every device."""
+    if self.mode == 'pmap':
+      return parallel.replicate_for_pmap(tree)
+    place = lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
+    return jax.tree.map(place, tree)
+
+  def compile_take(self):
+    """`take(resident, index)`: the rows `index` (placed by `batch`) of each resident array,
+    gathered on the devices and placed like a batch."""
+    take = lambda tree, index: jax.tree.map(lambda x: x[index], tree)
+    if self.mode == 'pmap':
+      return jax.pmap(take, axis_name=parallel.AXIS)
+    return jax.jit(take, out_shardings=self.sharded)
 
 
 class _Stop:
@@ -542,6 +628,16 @@ def train_and_evaluate(
   )
   train_data = data.load_split(config.dataset, config.train_split, config.data_dir or None)
   test_data = data.load_split(config.dataset, config.test_split, config.data_dir or None)
+  teacher_cache = None
+  if distilling and config.teacher.cache_outputs:  # Before any write: it may refuse the size.
+    teacher_cache = teacher_outputs_cache(
+      teacher,
+      teacher_vars,
+      train_data,
+      info=info,
+      distill=config.distill,
+      batch_size=config.eval_batch_size,
+    )
   steps_per_epoch = data.steps_per_epoch(len(train_data), config.batch_size)
   if config.steps_per_epoch_limit:
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch_limit)
@@ -595,6 +691,26 @@ def train_and_evaluate(
     eval_teacher = (teacher, teacher_vars)
     teacher_vars = place.state(teacher_vars) if distilling else None
   rows = parallel.process_rows(config.batch_size)
+  # What the devices hold for the whole run: the split (device-resident input) and the teacher's
+  # outputs (config.teacher.cache_outputs); each step gathers its rows of them by index.
+  resident = {}
+  if input_path(config, train_data) == 'device':
+    resident.update(images=train_data.images, labels=train_data.labels)
+  if teacher_cache is not None:
+    resident['teacher'] = teacher_cache
+    teacher_vars = None  # The step reads the cache, never the teacher's variables.
+  resident = place.resident(resident) if resident else None
+  take = place.compile_take()
+
+  def batch(index):
+    """The step's inputs for the examples `index` (the global batch's indices)."""
+    gathered = take(resident, place.batch(index[rows])) if resident else {}
+    if 'images' in gathered:
+      images, labels = gathered['images'], gathered['labels']
+    else:
+      images, labels = place.batch((train_data.images[index[rows]], train_data.labels[index[rows]]))
+    return images, labels, gathered.get('teacher')
+
   writer = metrics_io.MetricsWriter(workdir)
   name = config.name or os.path.basename(os.path.normpath(workdir))
   say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
@@ -639,13 +755,17 @@ def train_and_evaluate(
       epoch, offset = divmod(step, steps_per_epoch)
       epoch_metrics, window, pending, t0, window_start = [], [], [], time.time(), step
       skipped = epoch_skipped = 0
-      batches = data.train_batches(
-        train_data, batch_size=config.batch_size, seed=config.seed, epoch=epoch, start_step=offset
+      indices = data.train_index_batches(
+        len(train_data),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        start_step=offset,
       )
-      for images, labels in batches:
+      for index in indices:
         if offset >= steps_per_epoch:
           break
-        state, metrics = step_fn(state, teacher_vars, *place.batch((images[rows], labels[rows])))
+        state, metrics = step_fn(state, teacher_vars, *batch(index))
         step, offset = step + 1, offset + 1
         pending.append(place.metrics(metrics))
         log_now = step % config.log_every_steps == 0 or offset == steps_per_epoch

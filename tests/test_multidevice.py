@@ -105,17 +105,27 @@ def _params(workdir):
 
 @pytest.mark.parametrize('mode', ['jit', 'pmap'])
 def test_device_count_does_not_change_the_run(fashion_data_dir, small_teacher, tmp_path, mode):
-  """Whole LP runs through launch.py on 1 and on 4 devices end with the same parameters."""
+  """Whole LP runs through launch.py on 1 and on 4 devices end with the same parameters; on 4
+  devices, the host input path gives bitwise the device-resident path's parameters, and cached
+  teacher outputs the same parameters to float tolerance."""
+  runs = {
+    '1': (1, []),
+    '4': (4, []),
+    '4_host': (4, ['--config.input=host']),
+    '4_cached': (4, ['--config.teacher.cache_outputs=True']),
+  }
   outs = {}
-  for devices in (1, 4):
-    workdir = tmp_path / f'{devices}'
+  for name, (devices, extra) in runs.items():
+    workdir = tmp_path / name
     args = _run_args(fashion_data_dir, workdir, small_teacher) + [f'--config.parallelism={mode}']
-    proc = _launch(args, devices)
+    proc = _launch([*args, *extra], devices)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    outs[devices] = _params(str(workdir))
-  for a, b in zip(_leaves(outs[1]), _leaves(outs[4]), strict=True):
+    outs[name] = _leaves(_params(str(workdir)))
+  for a, b, host, cached in zip(*outs.values(), strict=True):
     np.testing.assert_allclose(a, b, atol=2e-5)
+    np.testing.assert_array_equal(b, host)
+    np.testing.assert_allclose(b, cached, atol=2e-5)
 
 
 def _leaves(tree):

@@ -65,18 +65,18 @@ def _steps(workdir: str) -> list[int]:
 
 def _sigterm_at(monkeypatch, step: int) -> None:
   """Sends this process a real SIGTERM just before the batch of `step` (1-based) is trained."""
-  original = data.train_batches
+  original = data.train_index_batches
 
-  def batches(split, *, batch_size, seed, epoch, start_step=0):
-    for offset, batch in enumerate(
-      original(split, batch_size=batch_size, seed=seed, epoch=epoch, start_step=start_step),
+  def batches(num_examples, *, batch_size, seed, epoch, start_step=0):
+    for offset, index in enumerate(
+      original(num_examples, batch_size=batch_size, seed=seed, epoch=epoch, start_step=start_step),
       start_step,
     ):
       if epoch * STEPS_PER_EPOCH + offset + 1 == step:
         os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
+      yield index
 
-  monkeypatch.setattr(data, 'train_batches', batches)
+  monkeypatch.setattr(data, 'train_index_batches', batches)
 
 
 @pytest.fixture(scope='module')

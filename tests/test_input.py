@@ -1,0 +1,160 @@
+"""The training input paths and the teacher-output cache (issue 6, items 3 and 4).
+
+The device-resident path (the split held on the devices, each step gathering its rows there)
+must give exactly the batches, and so exactly the parameters, of the host path; cached teacher
+outputs must equal the teacher's per-step forward pass.
+"""
+
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from lpe import checkpoint, data, train
+
+
+def _params(workdir: str):
+  return jax.tree.leaves(checkpoint.load_variables(workdir)[0])
+
+
+def _run(config, workdir: str, **overrides) -> list[np.ndarray]:
+  config = config.copy_and_resolve_references()
+  config.update(overrides)
+  train.train_and_evaluate(config, workdir)
+  return _params(workdir)
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(fashion_data_dir, tmp_path_factory) -> str:
+  from configs import fashion_mnist_student
+
+  config = fashion_mnist_student.get_config()
+  config.data_dir, config.num_epochs, config.steps_per_epoch_limit = fashion_data_dir, 1, 3
+  config.batch_size, config.eval_batch_size = 64, 50
+  workdir = str(tmp_path_factory.mktemp('teacher') / 'run')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _distilling(small_config, teacher_dir):
+  config = small_config.copy_and_resolve_references()
+  config.teacher.model, config.teacher.checkpoint = 'cnn_student', teacher_dir
+  config.distill.lp_weight, config.distill.kd_weight, config.distill.k = 0.5, 0.5, 4
+  return config
+
+
+def test_index_batches_are_the_batches_of_train_batches(fashion_data_dir):
+  split = data.load_split('fashion_mnist', 'train', fashion_data_dir)
+  kwargs = dict(batch_size=48, seed=3, epoch=2, start_step=1)
+  indices = list(data.train_index_batches(len(split), **kwargs))
+  batches = list(data.train_batches(split, **kwargs))
+  assert len(indices) == len(batches) == len(split) // 48 - 1
+  for index, (images, labels) in zip(indices, batches, strict=True):
+    assert index.dtype == np.int32 and len(set(index.tolist())) == 48
+    np.testing.assert_array_equal(split.images[index], images)
+    np.testing.assert_array_equal(split.labels[index], labels)
+
+
+def test_auto_input_holds_small_splits_on_the_device(small_config, monkeypatch):
+  split = data.Split(np.zeros((10, 4, 4, 1), np.uint8), np.zeros(10, np.int32))
+  assert train.input_path(small_config, split) == 'device'  # The default is 'auto'.
+  monkeypatch.setattr(train, 'DEVICE_INPUT_MAX_BYTES', split.images.nbytes - 1)
+  assert train.input_path(small_config, split) == 'host'
+  small_config.input = 'device'
+  assert train.input_path(small_config, split) == 'device'
+
+
+@pytest.mark.parametrize('augment', ['none', 'cifar'])
+def test_device_resident_input_trains_bitwise_like_the_host_path(
+  small_config, teacher_dir, tmp_path, augment
+):
+  """A whole LP + KD run, without augmentation and with augmentation drawn in the step."""
+  config = _distilling(small_config, teacher_dir)
+  config.augment = augment
+  host = _run(config, str(tmp_path / 'host'), input='host')
+  device = _run(config, str(tmp_path / 'device'), input='device')
+  assert len(host) == len(device)
+  for a, b in zip(host, device, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_switching_input_path_on_resume_is_allowed_and_changes_nothing(
+  small_config, tmp_path, monkeypatch
+):
+  reference = _run(small_config, str(tmp_path / 'reference'), input='host')
+  workdir = str(tmp_path / 'switched')
+  original = data.train_index_batches
+
+  def preempt_at_step_5(num_examples, *, epoch, start_step=0, **kwargs):
+    for offset, index in enumerate(
+      original(num_examples, epoch=epoch, start_step=start_step, **kwargs), start_step
+    ):
+      if epoch == 0 and offset == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield index
+
+  with monkeypatch.context() as patch:
+    patch.setattr(data, 'train_index_batches', preempt_at_step_5)
+    with pytest.raises(train.Preempted):
+      _run(small_config, workdir, input='host')
+  # 'input' is resume-safe: no --allow_config_change needed.
+  resumed = _run(small_config, workdir, input='device')
+  for a, b in zip(reference, resumed, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_teacher_cache_holds_the_teachers_outputs(fashion_data_dir, teacher_dir):
+  from lpe import models
+
+  split = data.load_split('fashion_mnist', 'train', fashion_data_dir)
+  info = data.dataset_info('fashion_mnist')
+  teacher = models.build('cnn_student', 10)
+  variables, _ = checkpoint.load_variables(teacher_dir)
+  distill = {'lp_weight': 1.0, 'feature': 'embedding', 'at_weight': 1.0, 'at_features': ['stage1']}
+  logits, features = train.teacher_outputs_cache(
+    teacher, variables, split, info=info, distill=distill, batch_size=96
+  )
+  assert sorted(features) == ['embedding', 'stage1']
+  rows = np.array([0, 7, 300, len(split) - 1])
+  want_logits, want = teacher.apply(
+    variables, data.preprocess(split.images[rows], info), train=False
+  )
+  assert logits.shape == (len(split), 10)
+  np.testing.assert_allclose(logits[rows], want_logits, rtol=1e-5, atol=1e-5)
+  for name in ('embedding', 'stage1'):
+    assert features[name].shape == (len(split), *want[name].shape[1:])
+    np.testing.assert_allclose(features[name][rows], want[name], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_teacher_outputs_train_like_the_teacher_forward(small_config, teacher_dir, tmp_path):
+  config = _distilling(small_config, teacher_dir)
+  live = _run(config, str(tmp_path / 'live'))
+  config.teacher.cache_outputs = True
+  cached = _run(config, str(tmp_path / 'cached'))
+  moved = max(float(np.abs(a).max()) for a in live)
+  for a, b in zip(live, cached, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5 * max(moved, 1.0))
+
+
+def test_teacher_cache_refuses_augmentation_and_oversize_before_any_write(
+  small_config, teacher_dir, monkeypatch, tmp_path
+):
+  config = _distilling(small_config, teacher_dir)
+  config.teacher.cache_outputs = True
+  config.augment = 'cifar'
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match='cache_outputs=True needs config.augment=none'):
+    train.train_and_evaluate(config, str(workdir))
+  config.augment = 'none'
+  monkeypatch.setattr(train, 'TEACHER_CACHE_MAX_BYTES', 1000)
+  with pytest.raises(ValueError, match=r'would hold .* GiB of teacher outputs .* embedding'):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_unknown_input_path_is_refused(small_config):
+  small_config.input = 'gpu'
+  with pytest.raises(ValueError, match="config.input='gpu' is unknown; use auto, device or host"):
+    train.validate_config(small_config, 1)
