@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/step_overhead.py --quick     # Fashion-MNIST pair, ~2 minutes
   .venv/bin/python benchmarks/step_overhead.py             # + resnet32x4 -> resnet8x4 (slow on CPU)
+  .venv/bin/python benchmarks/step_overhead.py --pairs=cifar100 --batches=64 --repeats=3
 
 (a) the student-only train step (CE), (b) the teacher forward pass alone, (c) the full LP
 distillation step (teacher forward + student step + LP loss), (c') the LP step with the teacher
@@ -110,6 +111,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='Fashion-MNIST pair only.')
   parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--batches', default='64,128,256', help='Comma-separated batch sizes.')
+  parser.add_argument(
+    '--pairs', default='', help=f'Comma-separated subset of {", ".join(PAIRS)} (overrides --quick).'
+  )
   args = parser.parse_args()
   print(
     f'Device: {jax.devices()[0].device_kind} ({jax.default_backend()}), medians of '
@@ -120,9 +125,12 @@ def main() -> None:
     '| (c) bf16 teacher | bf16 / (c) | (c) cached teacher | cached / (c) |'
   )
   print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
-  plan = [('fashion_mnist', b) for b in (64, 128, 256)]
-  if not args.quick:
-    plan += [('cifar100', b) for b in (64, 128, 256)]
+  if args.pairs:
+    pairs = args.pairs.split(',')
+  else:
+    pairs = ['fashion_mnist'] if args.quick else list(PAIRS)
+  batches = [int(b) for b in args.batches.split(',')]
+  plan = [(pair, b) for pair in pairs for b in batches]
   for pair, batch in plan:
     t = measure(pair, batch, args.repeats)
     keys = ('a_student', 'b_teacher_forward', 'c_lp_step', 'c_lp_step_bf16_teacher')
