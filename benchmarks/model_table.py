@@ -129,10 +129,12 @@ Every model is `lpe.models.build(name, num_classes, **kwargs)`, a `flax.linen` m
 `module.apply(variables, images, train=bool)` on NHWC images (add `mutable=['batch_stats']` when
 `train=True`), returning `(logits, features)`. `features['embedding']` is the pooled pre-logit
 vector `[n, d]` fed to the final linear layer; the `stage*` entries are intermediate maps.
-Keyword arguments every model accepts: `dtype` (computation dtype; parameters stay float32) and
+Keyword arguments every model accepts: `dtype` (computation dtype; parameters stay float32),
 `bn_axis_name` (the mapped axis over which BatchNorm averages its batch statistics, for
-cross-device BN under `pmap`, or None). BatchNorm uses PyTorch's defaults (momentum 0.9 in Flax's
-convention, epsilon 1e-5).
+cross-device BN under `pmap`, or None) and `conv_impl` (`'xla'`, the default and the choice for
+GPU and TPU, or `'cpu'`, the same convolutions with a backward pass that trains faster on XLA:CPU;
+same parameters and results, see [performance_cpu_conv.md](performance_cpu_conv.md)). BatchNorm
+uses PyTorch's defaults (momentum 0.9 in Flax's convention, epsilon 1e-5).
 
 **Parameters** count the `params` collection (conv and dense weights and biases, BN scale and
 bias; not BN running statistics). **GFLOPs** are XLA's cost analysis of the compiled eval-mode

@@ -47,6 +47,7 @@ class FitNet(nn.Module):
     maxout: Maxout units with 2 pieces instead of ReLU.
     dtype: Computation dtype (parameters stay float32).
     bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
   """
 
   num_classes: int
@@ -54,6 +55,7 @@ class FitNet(nn.Module):
   maxout: bool = False
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
@@ -63,7 +65,9 @@ class FitNet(nn.Module):
     features = {}
     for g, widths in enumerate(self.groups, start=1):
       for j, width in enumerate(widths):
-        x = conv(width * pieces, 3, dtype=self.dtype, name=f'group{g}_conv{j}')(x)
+        x = conv(
+          width * pieces, 3, dtype=self.dtype, conv_impl=self.conv_impl, name=f'group{g}_conv{j}'
+        )(x)
         x = norm(name=f'group{g}_bn{j}')(x)
         x = maxout(x, pieces) if self.maxout else nn.relu(x)
       features[f'stage{g}'] = x
@@ -84,6 +88,7 @@ class MaxoutTeacher(nn.Module):
     dense_units: Units of the maxout fully connected layer (the embedding width).
     dtype: Computation dtype (parameters stay float32).
     bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
   """
 
   num_classes: int
@@ -91,6 +96,7 @@ class MaxoutTeacher(nn.Module):
   dense_units: int = 500
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
@@ -98,7 +104,9 @@ class MaxoutTeacher(nn.Module):
     x = x.astype(self.dtype)
     features = {}
     for i, units in enumerate(self.conv_units, start=1):
-      x = conv(units * _MAXOUT_CONV_PIECES, 3, dtype=self.dtype, name=f'conv{i}')(x)
+      x = conv(
+        units * _MAXOUT_CONV_PIECES, 3, dtype=self.dtype, conv_impl=self.conv_impl, name=f'conv{i}'
+      )(x)
       x = maxout(norm(name=f'bn{i}')(x), _MAXOUT_CONV_PIECES)
       features[f'stage{i}'] = x
       x = max_pool_2x2(x)

@@ -4,6 +4,10 @@ The CIFAR architectures are ports of PyTorch definitions (CRD/RepDistiller), so 
 pin down the PyTorch behaviours that Flax does not default to: explicit symmetric padding (so
 stride-2 convs give the same shapes and pixel alignment as PyTorch, which 'SAME' does not),
 BatchNorm momentum 0.9 / epsilon 1e-5, and average pooling that counts padded zeros.
+
+Every conv of the zoo takes a `conv_impl` (see `CONV_IMPLS` and `conv_general_dilated_fn`): the
+same `nn.Conv` module and parameters, with either lax's convolution as it is ('xla') or the same
+convolution with a backward pass arranged for XLA:CPU ('cpu'; docs/performance_cpu_conv.md).
 """
 
 import functools
@@ -11,7 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 ModuleDef = Any
 Dtype = Any
@@ -22,6 +28,108 @@ ModelOutput = tuple[jnp.ndarray, dict[str, jnp.ndarray]]
 # or normal(0, sqrt(2 / (k * k * out_channels))), which is the same distribution).
 CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
+# Values of the models' `conv_impl`: 'xla' runs `lax.conv_general_dilated` unchanged (the default;
+# right for GPU and TPU); 'cpu' runs the same forward and gradient convolutions, but lets the
+# weight gradient read the layer input from memory instead of recomputing it (a ResNet-20 training
+# step on XLA:CPU takes about a third less time, with bitwise the same results there; see
+# docs/performance_cpu_conv.md). Parameters, their names and the forward pass are the same.
+CONV_IMPLS = ('xla', 'cpu')
+
+
+def _opaque_identity(x: jnp.ndarray, token: jnp.ndarray) -> jnp.ndarray:
+  """Returns `x` through a conditional that XLA keeps, so its users read `x` from a buffer.
+
+  XLA fuses cheap elementwise producers (BatchNorm, ReLU, residual adds) into every consumer. A
+  conv's weight gradient first transposes its input into the layout the conv kernel wants; with
+  the producers fused in, each transpose recomputes BatchNorm and the residual chain with strided
+  reads, which took about a third of a ResNet-20 step on XLA:CPU. A conditional is a fusion
+  boundary. `optimization_barrier` is not one on XLA:CPU (it is expanded before fusion), and XLA
+  removes a conditional whose predicate it can fold or whose two branches are the same. Here the
+  predicate `(bits | 1) != 0` is always true, so the result is always `x` exactly, but XLA does not
+  fold it; `token` (any small array) supplies the bits.
+  """
+  bits = lax.bitcast_convert_type(token.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+  always = lax.bitwise_or(bits, jnp.int32(1)) != 0
+  return lax.cond(always, lambda a: a, lambda a: -a, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv_reading_input(conv_fn: Callable, lhs: jnp.ndarray, rhs: jnp.ndarray) -> jnp.ndarray:
+  return conv_fn(lhs, rhs)
+
+
+def _conv_reading_input_fwd(conv_fn, lhs, rhs):
+  return conv_fn(lhs, rhs), (lhs, rhs)
+
+
+def _conv_reading_input_bwd(conv_fn, residuals, g):
+  lhs, rhs = residuals
+  # The gradient convolutions are autodiff's own; only their input is made opaque.
+  _, vjp = jax.vjp(conv_fn, _opaque_identity(lhs, rhs), rhs)
+  return vjp(g)
+
+
+_conv_reading_input.defvjp(_conv_reading_input_fwd, _conv_reading_input_bwd)
+
+
+def conv_general_dilated_cpu(
+  lhs: jnp.ndarray,
+  rhs: jnp.ndarray,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+) -> jnp.ndarray:
+  """`lax.conv_general_dilated` whose weight gradient reads its input `lhs` from memory.
+
+  Same signature, forward value and gradient operations as lax's; only the backward pass differs,
+  by an identity that stops XLA from fusing the producers of `lhs` into the weight gradient's
+  transposes (see `_opaque_identity`). Forward-mode differentiation (`jax.jvp`) is not defined.
+  Meant for XLA:CPU: on an accelerator the added conditional may wait for its predicate on the
+  host at every conv of the backward pass (not measured here), so keep 'xla' there.
+
+  Args:
+    lhs: Input, laid out as `dimension_numbers` says (NHWC in the zoo).
+    rhs: Kernel (HWIO in the zoo).
+    window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision, preferred_element_type: As in
+      `lax.conv_general_dilated`.
+
+  Returns:
+    What `lax.conv_general_dilated(lhs, rhs, ...)` returns (the same computation).
+  """
+  conv_fn = functools.partial(
+    lax.conv_general_dilated,
+    window_strides=window_strides,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+  return _conv_reading_input(conv_fn, lhs, rhs)
+
+
+def conv_general_dilated_fn(conv_impl: str) -> Callable | None:
+  """Returns what `nn.Conv(conv_general_dilated=...)` takes for `conv_impl` (None: lax's own).
+
+  Args:
+    conv_impl: One of `CONV_IMPLS`.
+  """
+  if conv_impl == 'xla':
+    return None
+  if conv_impl == 'cpu':
+    return conv_general_dilated_cpu
+  raise ValueError(f'conv_impl={conv_impl!r} is unknown; use one of {", ".join(CONV_IMPLS)}.')
+
 
 def conv(
   features: int,
@@ -31,6 +139,7 @@ def conv(
   groups: int = 1,
   use_bias: bool = False,
   dtype: Dtype = jnp.float32,
+  conv_impl: str = 'xla',
   name: str | None = None,
 ) -> nn.Conv:
   """Returns a square conv with PyTorch's `padding=kernel_size // 2` on every side.
@@ -44,6 +153,7 @@ def conv(
     use_bias: Whether the conv has a bias (PyTorch's `bias=`); most convs here are followed by
       BatchNorm and have none.
     dtype: Computation dtype; the kernel itself stays float32.
+    conv_impl: One of `CONV_IMPLS`; changes the computation, never the parameters.
     name: Optional submodule name.
   """
   pad = kernel_size // 2
@@ -56,6 +166,7 @@ def conv(
     use_bias=use_bias,
     dtype=dtype,
     kernel_init=CONV_INIT,
+    conv_general_dilated=conv_general_dilated_fn(conv_impl),
     name=name,
   )
 

@@ -41,15 +41,24 @@ class InvertedResidual(nn.Module):
   expansion: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     hidden = x.shape[-1] * self.expansion
-    out = conv(hidden, 1, dtype=self.dtype, name='expand')(x)
+    out = conv(hidden, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='expand')(x)
     out = nn.relu(self.norm(name='expand_bn')(out))
-    out = conv(hidden, 3, self.strides, groups=hidden, dtype=self.dtype, name='depthwise')(out)
+    out = conv(
+      hidden,
+      3,
+      self.strides,
+      groups=hidden,
+      dtype=self.dtype,
+      conv_impl=self.conv_impl,
+      name='depthwise',
+    )(out)
     out = nn.relu(self.norm(name='depthwise_bn')(out))
-    out = conv(self.features, 1, dtype=self.dtype, name='project')(out)
+    out = conv(self.features, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='project')(out)
     out = self.norm(name='project_bn')(out)
     if self.strides == 1 and x.shape[-1] == self.features:
       out = out + x
@@ -65,6 +74,7 @@ class MobileNetV2(nn.Module):
     width_mult: Channel multiplier of the stem and the inverted-residual groups.
     dtype: Computation dtype (parameters stay float32).
     bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
   """
 
   num_classes: int
@@ -72,12 +82,15 @@ class MobileNetV2(nn.Module):
   width_mult: float = 0.5
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
     norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
     x = x.astype(self.dtype)
-    x = conv(int(32 * self.width_mult), 3, 2, dtype=self.dtype, name='conv1')(x)
+    x = conv(
+      int(32 * self.width_mult), 3, 2, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1'
+    )(x)
     x = nn.relu(norm(name='bn1')(x))
     features = {'stage0': x}
     for i, (t, c, n, s) in enumerate(_SETTING):
@@ -89,12 +102,13 @@ class MobileNetV2(nn.Module):
           t,
           norm,
           self.dtype,
+          conv_impl=self.conv_impl,
           name=f'group{i}_{j}',
         )(x)
       if i in _FEATURE_GROUPS:
         features[f'stage{_FEATURE_GROUPS.index(i) + 1}'] = x
     last_channels = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
-    x = conv(last_channels, 1, dtype=self.dtype, name='conv2')(x)
+    x = conv(last_channels, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(x)
     x = nn.relu(norm(name='bn2')(x))
     # RepDistiller's AvgPool2d(2, ceil_mode=True) covers the whole 2x2 map of a 32x32 input.
     x = global_avg_pool(x)

@@ -32,7 +32,8 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
   intermediate outputs that always holds `'embedding'`, the pooled pre-logit vector `[n, d]`.
 
   Keyword arguments (for example `dtype` for the computation dtype, `bn_axis_name` for
-  cross-device BatchNorm under `pmap`) are passed to the factory.
+  cross-device BatchNorm under `pmap`, `conv_impl` for how the convs compute, one of
+  `layers.CONV_IMPLS`) are passed to the factory.
   """
   if name not in _REGISTRY:
     raise ValueError(f'Unknown model {name!r}; valid names are: {", ".join(names())}.')

@@ -24,12 +24,15 @@ class BasicBlock(nn.Module):
   strides: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    out = conv(self.features, 3, self.strides, dtype=self.dtype, name='conv1')(x)
+    out = conv(
+      self.features, 3, self.strides, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1'
+    )(x)
     out = nn.relu(self.norm(name='bn1')(out))
-    out = conv(self.features, 3, dtype=self.dtype, name='conv2')(out)
+    out = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(out)
     out = self.norm(name='bn2')(out)
     return nn.relu(out + _shortcut(self, x, self.features))
 
@@ -41,14 +44,17 @@ class Bottleneck(nn.Module):
   strides: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    out = conv(self.features, 1, dtype=self.dtype, name='conv1')(x)
+    out = conv(self.features, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
     out = nn.relu(self.norm(name='bn1')(out))
-    out = conv(self.features, 3, self.strides, dtype=self.dtype, name='conv2')(out)
+    out = conv(
+      self.features, 3, self.strides, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2'
+    )(out)
     out = nn.relu(self.norm(name='bn2')(out))
-    out = conv(self.features * 4, 1, dtype=self.dtype, name='conv3')(out)
+    out = conv(self.features * 4, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv3')(out)
     out = self.norm(name='bn3')(out)
     return nn.relu(out + _shortcut(self, x, self.features * 4))
 
@@ -57,7 +63,14 @@ def _shortcut(block: BasicBlock | Bottleneck, x: jnp.ndarray, out_features: int)
   """Identity, or a strided 1x1 conv + BN when the block changes resolution or width."""
   if block.strides == 1 and x.shape[-1] == out_features:
     return x
-  x = conv(out_features, 1, block.strides, dtype=block.dtype, name='shortcut_conv')(x)
+  x = conv(
+    out_features,
+    1,
+    block.strides,
+    dtype=block.dtype,
+    conv_impl=block.conv_impl,
+    name='shortcut_conv',
+  )(x)
   return block.norm(name='shortcut_bn')(x)
 
 
@@ -72,6 +85,7 @@ class ResNet(nn.Module):
     block: 'basic' (two 3x3 convs) or 'bottleneck' (1x1-3x3-1x1, expansion 4).
     dtype: Computation dtype (parameters stay float32).
     bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
   """
 
   num_classes: int
@@ -80,19 +94,22 @@ class ResNet(nn.Module):
   block: Literal['basic', 'bottleneck'] = 'basic'
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
     norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
     x = x.astype(self.dtype)
-    x = conv(self.widths[0], 3, dtype=self.dtype, name='conv1')(x)
+    x = conv(self.widths[0], 3, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x))
     features = {'stage0': x}
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths[1:], strict=True)):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = block_cls(width, strides, norm, self.dtype, name=f'layer{i + 1}_{j}')(x)
+        x = block_cls(
+          width, strides, norm, self.dtype, conv_impl=self.conv_impl, name=f'layer{i + 1}_{j}'
+        )(x)
       features[f'stage{i + 1}'] = x
     x = global_avg_pool(x)
     features['embedding'] = x

@@ -38,17 +38,22 @@ class ShuffleV1Unit(nn.Module):
   groups: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     mid = self.features // 4
     g = 1 if x.shape[-1] == 24 else self.groups
-    out = conv(mid, 1, groups=g, dtype=self.dtype, name='conv1')(x)
+    out = conv(mid, 1, groups=g, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
     out = nn.relu(self.norm(name='bn1')(out))
     out = channel_shuffle(out, g)
-    out = conv(mid, 3, self.strides, groups=mid, dtype=self.dtype, name='conv2')(out)
+    out = conv(
+      mid, 3, self.strides, groups=mid, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2'
+    )(out)
     out = nn.relu(self.norm(name='bn2')(out))
-    out = conv(self.features, 1, groups=self.groups, dtype=self.dtype, name='conv3')(out)
+    out = conv(
+      self.features, 1, groups=self.groups, dtype=self.dtype, conv_impl=self.conv_impl, name='conv3'
+    )(out)
     out = self.norm(name='bn3')(out)
     if self.strides == 2:
       # PyTorch's AvgPool2d(3, 2, padding=1) counts the zero padding in the mean.
@@ -69,6 +74,7 @@ class ShuffleNetV1(nn.Module):
     groups: Groups of the pointwise convs.
     dtype: Computation dtype (parameters stay float32).
     bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
   """
 
   num_classes: int
@@ -77,12 +83,15 @@ class ShuffleNetV1(nn.Module):
   groups: int = 3
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
     norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
     x = x.astype(self.dtype)
-    x = nn.relu(norm(name='bn1')(conv(24, 1, dtype=self.dtype, name='conv1')(x)))
+    x = nn.relu(
+      norm(name='bn1')(conv(24, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x))
+    )
     features = {'stage0': x}
     for i, (width, size) in enumerate(zip(self.stage_widths, self.stage_sizes, strict=True)):
       for j in range(size):
@@ -94,6 +103,7 @@ class ShuffleNetV1(nn.Module):
           self.groups,
           norm,
           self.dtype,
+          conv_impl=self.conv_impl,
           name=f'layer{i + 1}_{j}',
         )(x)
       features[f'stage{i + 1}'] = x
@@ -108,16 +118,17 @@ class ShuffleV2Unit(nn.Module):
 
   norm: ModuleDef
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     c = x.shape[-1] // 2
     x1, x2 = x[..., :c], x[..., c:]
-    out = conv(c, 1, dtype=self.dtype, name='conv1')(x2)
+    out = conv(c, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x2)
     out = nn.relu(self.norm(name='bn1')(out))
-    out = conv(c, 3, groups=c, dtype=self.dtype, name='conv2')(out)
+    out = conv(c, 3, groups=c, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(out)
     out = self.norm(name='bn2')(out)
-    out = conv(c, 1, dtype=self.dtype, name='conv3')(out)
+    out = conv(c, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv3')(out)
     out = nn.relu(self.norm(name='bn3')(out))
     return channel_shuffle(jnp.concatenate([x1, out], axis=-1), 2)
 
@@ -128,19 +139,24 @@ class ShuffleV2Down(nn.Module):
   features: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     c_in, mid = x.shape[-1], self.features // 2
-    left = conv(c_in, 3, 2, groups=c_in, dtype=self.dtype, name='conv1')(x)
+    left = conv(c_in, 3, 2, groups=c_in, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(
+      x
+    )
     left = self.norm(name='bn1')(left)
-    left = conv(mid, 1, dtype=self.dtype, name='conv2')(left)
+    left = conv(mid, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(left)
     left = nn.relu(self.norm(name='bn2')(left))
-    right = conv(mid, 1, dtype=self.dtype, name='conv3')(x)
+    right = conv(mid, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv3')(x)
     right = nn.relu(self.norm(name='bn3')(right))
-    right = conv(mid, 3, 2, groups=mid, dtype=self.dtype, name='conv4')(right)
+    right = conv(mid, 3, 2, groups=mid, dtype=self.dtype, conv_impl=self.conv_impl, name='conv4')(
+      right
+    )
     right = self.norm(name='bn4')(right)
-    right = conv(mid, 1, dtype=self.dtype, name='conv5')(right)
+    right = conv(mid, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv5')(right)
     right = nn.relu(self.norm(name='bn5')(right))
     return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
 
@@ -155,6 +171,7 @@ class ShuffleNetV2(nn.Module):
     last_width: Channels of the final 1x1 conv (the embedding width).
     dtype: Computation dtype (parameters stay float32).
     bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
   """
 
   num_classes: int
@@ -163,19 +180,24 @@ class ShuffleNetV2(nn.Module):
   last_width: int = 1024
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
     norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
     x = x.astype(self.dtype)
-    x = nn.relu(norm(name='bn1')(conv(24, 1, dtype=self.dtype, name='conv1')(x)))
+    x = nn.relu(
+      norm(name='bn1')(conv(24, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x))
+    )
     features = {'stage0': x}
     for i, (width, size) in enumerate(zip(self.stage_widths, self.stage_sizes, strict=True)):
-      x = ShuffleV2Down(width, norm, self.dtype, name=f'layer{i + 1}_down')(x)
+      x = ShuffleV2Down(
+        width, norm, self.dtype, conv_impl=self.conv_impl, name=f'layer{i + 1}_down'
+      )(x)
       for j in range(size):
-        x = ShuffleV2Unit(norm, self.dtype, name=f'layer{i + 1}_{j}')(x)
+        x = ShuffleV2Unit(norm, self.dtype, conv_impl=self.conv_impl, name=f'layer{i + 1}_{j}')(x)
       features[f'stage{i + 1}'] = x
-    x = conv(self.last_width, 1, dtype=self.dtype, name='conv2')(x)
+    x = conv(self.last_width, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(x)
     x = nn.relu(norm(name='bn2')(x))
     x = global_avg_pool(x)
     features['embedding'] = x

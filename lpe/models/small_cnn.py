@@ -5,6 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lpe.models.layers import conv_general_dilated_fn
 from lpe.models.registry import register
 
 
@@ -16,6 +17,7 @@ class SmallCNN(nn.Module):
     widths: Channels of the two convolution stages.
     embedding_width: Width of the pre-logit embedding (`features['embedding']`).
     dtype: Computation dtype (parameters stay float32).
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
   """
 
   num_classes: int
@@ -23,14 +25,19 @@ class SmallCNN(nn.Module):
   embedding_width: int = 32
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None  # Unused (no BatchNorm); accepted like every lpe model.
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False):
     del train  # No dropout or BatchNorm: the same function in both modes.
     features = {}
     x = x.astype(self.dtype)
+    conv_fn = conv_general_dilated_fn(self.conv_impl)
     for i, width in enumerate(self.widths):
-      x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f'conv{i + 1}')(x)
+      # Flax's default init and 'SAME' padding, not layers.conv: the core models predate the zoo.
+      x = nn.Conv(
+        width, (3, 3), dtype=self.dtype, conv_general_dilated=conv_fn, name=f'conv{i + 1}'
+      )(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
       features[f'stage{i + 1}'] = x

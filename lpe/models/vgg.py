@@ -34,12 +34,14 @@ class VGG(nn.Module):
     blocks: Conv widths of each of the five blocks.
     dtype: Computation dtype (parameters stay float32).
     bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
   """
 
   num_classes: int
   blocks: tuple[tuple[int, ...], ...]
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
@@ -50,7 +52,14 @@ class VGG(nn.Module):
     features = {}
     for i, widths in enumerate(self.blocks):
       for j, width in enumerate(widths):
-        x = conv(width, 3, use_bias=True, dtype=self.dtype, name=f'block{i}_conv{j}')(x)
+        x = conv(
+          width,
+          3,
+          use_bias=True,
+          dtype=self.dtype,
+          conv_impl=self.conv_impl,
+          name=f'block{i}_conv{j}',
+        )(x)
         x = nn.relu(norm(name=f'block{i}_bn{j}')(x))
       features[f'stage{i}'] = x
       if i in pool_after:

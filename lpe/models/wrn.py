@@ -27,19 +27,27 @@ class WideBasicBlock(nn.Module):
   strides: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     activated = nn.relu(self.norm(name='bn1')(x))
-    out = conv(self.features, 3, self.strides, dtype=self.dtype, name='conv1')(activated)
+    out = conv(
+      self.features, 3, self.strides, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1'
+    )(activated)
     out = nn.relu(self.norm(name='bn2')(out))
-    out = conv(self.features, 3, dtype=self.dtype, name='conv2')(out)
+    out = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(out)
     if x.shape[-1] == self.features:
       shortcut = x
     else:
-      shortcut = conv(self.features, 1, self.strides, dtype=self.dtype, name='shortcut_conv')(
-        activated
-      )
+      shortcut = conv(
+        self.features,
+        1,
+        self.strides,
+        dtype=self.dtype,
+        conv_impl=self.conv_impl,
+        name='shortcut_conv',
+      )(activated)
     return shortcut + out
 
 
@@ -52,6 +60,7 @@ class WideResNet(nn.Module):
     widen_factor: Width multiplier k; the stages have 16k, 32k, 64k channels.
     dtype: Computation dtype (parameters stay float32).
     bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
   """
 
   num_classes: int
@@ -59,6 +68,7 @@ class WideResNet(nn.Module):
   widen_factor: int
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
@@ -67,13 +77,18 @@ class WideResNet(nn.Module):
     n = (self.depth - 4) // 6
     norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
     x = x.astype(self.dtype)
-    x = conv(16, 3, dtype=self.dtype, name='conv1')(x)
+    x = conv(16, 3, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
     features = {'stage0': x}
     for i, width in enumerate((16, 32, 64)):
       for j in range(n):
         strides = 2 if i > 0 and j == 0 else 1
         x = WideBasicBlock(
-          width * self.widen_factor, strides, norm, self.dtype, name=f'block{i + 1}_{j}'
+          width * self.widen_factor,
+          strides,
+          norm,
+          self.dtype,
+          conv_impl=self.conv_impl,
+          name=f'block{i + 1}_{j}',
         )(x)
       features[f'stage{i + 1}'] = x
     x = nn.relu(norm(name='bn1')(x))

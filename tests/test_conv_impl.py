@@ -1,0 +1,168 @@
+"""Tests of `conv_impl`: 'cpu' convs equal lax's ('xla') in value, gradient and parameters.
+
+'cpu' runs the same convolutions and changes only which buffer the weight gradient reads (see
+`layers.conv_general_dilated_cpu`), so values and gradients agree to float32 rounding (in practice
+exactly) and the parameter trees are the same, checkpoints included.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lpe.models import build
+from lpe.models.layers import CONV_IMPLS, conv, conv_general_dilated_fn
+
+# (input [n, h, w, c], features, kernel, stride, groups, bias): every conv shape the zoo uses,
+# on odd sizes; groups > 1 are ShuffleNet's grouped 1x1 and the depthwise 3x3 convs.
+CONV_CASES = [
+  ((2, 9, 7, 3), 5, 3, 1, 1, False),
+  ((2, 9, 7, 4), 6, 3, 2, 1, False),
+  ((3, 8, 5, 6), 4, 1, 1, 1, False),
+  ((2, 7, 9, 6), 8, 1, 2, 1, False),
+  ((2, 9, 7, 3), 5, 3, 1, 1, True),
+  ((2, 9, 7, 4), 6, 3, 2, 1, True),
+  ((2, 7, 7, 6), 9, 1, 1, 3, False),
+  ((2, 9, 7, 6), 6, 3, 1, 6, False),
+  ((2, 9, 7, 6), 6, 3, 2, 6, False),
+]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _normal(shape, seed=0):
+  # NumPy, not jax.random: each new jax.random shape costs a compile of seconds on a busy CPU.
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _random_variables(module, x, seed=1):
+  """Variables of `module` with random values (BatchNorm variances positive), without init."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+  leaves, treedef = jax.tree.flatten(shapes)
+  values = [0.5 + jnp.abs(_normal(a.shape, seed + i)) for i, a in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, values)
+
+
+def _value_and_grads(module, variables, x):
+  """Output, and the gradients of a fixed random projection of it w.r.t. variables and input."""
+  weights = _normal(jax.eval_shape(module.apply, variables, x).shape, seed=7)
+
+  def value_and_grads(v, x):
+    y, vjp = jax.vjp(module.apply, v, x)
+    return y, vjp(weights)
+
+  return jax.jit(value_and_grads)(variables, x)
+
+
+def _assert_trees_close(a, b, **tol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert u.shape == v.shape and u.dtype == v.dtype
+    np.testing.assert_allclose(u, v, **tol)
+
+
+@pytest.mark.parametrize('shape,features,kernel,stride,groups,bias', CONV_CASES)
+def test_cpu_conv_equals_lax_conv(shape, features, kernel, stride, groups, bias):
+  x = _normal(shape)
+  modules = {
+    impl: conv(features, kernel, stride, groups=groups, use_bias=bias, conv_impl=impl)
+    for impl in CONV_IMPLS
+  }
+  variables = _random_variables(modules['xla'], x)
+  assert jax.eval_shape(modules['cpu'].init, jax.random.key(0), x) == jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables
+  )
+  y_xla, g_xla = _value_and_grads(modules['xla'], variables, x)
+  y_cpu, g_cpu = _value_and_grads(modules['cpu'], variables, x)
+  np.testing.assert_allclose(y_cpu, y_xla, **TOL)
+  _assert_trees_close(g_cpu, g_xla, **TOL)
+
+
+def test_cpu_conv_initialises_like_lax_conv():
+  """Same module class and initialiser: the same key gives the same initial kernel."""
+  x = jnp.zeros((1, 5, 5, 3))
+  inits = [conv(4, 3, conv_impl=impl).init(jax.random.key(3), x) for impl in CONV_IMPLS]
+  _assert_trees_close(inits[1], inits[0], rtol=0, atol=0)
+
+
+def test_cpu_conv_equals_lax_conv_with_same_padding():
+  """The small CNNs pass `conv_general_dilated` to `nn.Conv` with its default 'SAME' padding."""
+  import flax.linen as nn
+
+  x = _normal((2, 7, 7, 2))
+  base = nn.Conv(3, (3, 3))
+  fast = nn.Conv(3, (3, 3), conv_general_dilated=conv_general_dilated_fn('cpu'))
+  variables = _random_variables(base, x)
+  y_xla, g_xla = _value_and_grads(base, variables, x)
+  y_cpu, g_cpu = _value_and_grads(fast, variables, x)
+  np.testing.assert_allclose(y_cpu, y_xla, **TOL)
+  _assert_trees_close(g_cpu, g_xla, **TOL)
+
+
+def test_cpu_conv_keeps_its_fusion_barrier():
+  """The speed-up rests on a conditional that XLA must not fold away; 'xla' has none."""
+  x = jnp.ones((2, 6, 6, 3))
+  texts = {}
+  for impl in CONV_IMPLS:
+    module = conv(4, 3, conv_impl=impl)
+    variables = _random_variables(module, x)
+    grad = jax.jit(jax.grad(lambda v, x, m=module: jnp.sum(m.apply(v, x) ** 2)))
+    texts[impl] = grad.lower(variables, x).compile().as_text()
+  assert 'conditional' in texts['cpu']
+  assert 'conditional' not in texts['xla']
+
+
+def test_unknown_conv_impl_is_refused():
+  with pytest.raises(ValueError, match="conv_impl='im2col' is unknown; use one of xla, cpu"):
+    conv_general_dilated_fn('im2col')
+  model = build('resnet8', 10, conv_impl='im2col')
+  with pytest.raises(ValueError, match='is unknown'):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+# Every kind of conv block of the zoo: basic/bottleneck ResNet, pre-activation WRN, VGG (bias),
+# depthwise MobileNetV2, grouped ShuffleNets, FitNet maxout, the maxout teacher, the small CNN.
+PARAM_TREE_MODELS = [
+  ('resnet8', {}, (32, 32, 3)),
+  ('ResNet50', {}, (32, 32, 3)),
+  ('wrn_16_1', {}, (32, 32, 3)),
+  ('vgg8', {}, (32, 32, 3)),
+  ('MobileNetV2', {}, (32, 32, 3)),
+  ('ShuffleV1', {}, (32, 32, 3)),
+  ('ShuffleV2', {}, (32, 32, 3)),
+  ('fitnet1', {'maxout': True}, (32, 32, 3)),
+  ('maxout_teacher', {}, (32, 32, 3)),
+  ('cnn_student', {}, (28, 28, 1)),
+]
+
+
+@pytest.mark.parametrize('name,kwargs,shape', PARAM_TREE_MODELS)
+def test_zoo_parameter_trees_do_not_depend_on_conv_impl(name, kwargs, shape):
+  x = jnp.zeros((1, *shape))
+  trees = {
+    impl: jax.eval_shape(build(name, 10, conv_impl=impl, **kwargs).init, jax.random.key(0), x)
+    for impl in CONV_IMPLS
+  }
+  assert trees['cpu'] == trees['xla']  # Names, shapes and dtypes of params and batch stats.
+
+
+@pytest.mark.parametrize('name,shape', [('resnet8', (32, 32, 3)), ('cnn_student', (28, 28, 1))])
+def test_zoo_model_same_logits_and_gradients(name, shape):
+  """Same variables in, same logits (eval and train mode) and same training gradients out."""
+  x = _normal((4, *shape))
+  labels = jnp.arange(4) % 10
+  models = {impl: build(name, 10, conv_impl=impl) for impl in CONV_IMPLS}
+  variables = jax.tree.map(lambda a: 0.3 * a, _random_variables(models['xla'], x))
+
+  def loss(params, model):
+    (logits, _), _ = model.apply(
+      {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+    )
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+
+  results = {}
+  for impl, model in models.items():
+    eval_logits, _ = jax.jit(lambda v, m=model: m.apply(v, x))(variables)
+    grads = jax.jit(jax.grad(loss), static_argnums=1)(variables['params'], model)
+    results[impl] = (eval_logits, grads)
+  np.testing.assert_allclose(results['cpu'][0], results['xla'][0], **TOL)
+  _assert_trees_close(results['cpu'][1], results['xla'][1], **TOL)
