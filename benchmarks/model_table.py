@@ -170,6 +170,8 @@ Choices made here (see `lpe/models/fitnets.py`):
 
 - Conv + BatchNorm + ReLU by default; `maxout=True` makes each conv produce 2x the channels, batch
   normalises them and takes the max over adjacent pairs (k = 2). No conv biases (BN has them).
+  The maxout students also have names of their own, `fitnet1_maxout` ... `fitnet4_maxout`, so a
+  config can choose them (`--config.model=fitnet4_maxout`).
 - 2x2 max pool (stride 2) after groups 1 and 2; a global average pool after group 3, which is the
   embedding (width = the last conv's) and makes the nets input-size agnostic (28x28 or 32x32).
 - The fully connected layer is the linear classifier on that embedding; softmax is in the loss.

@@ -102,6 +102,17 @@ def test_fitnet_count_and_widths(name, use_maxout):
   assert [features[f'stage{g}'].shape[1] for g in (1, 2, 3)] == [32, 16, 8]
 
 
+@pytest.mark.parametrize('number', [1, 2, 3, 4])
+def test_maxout_fitnets_are_selectable_by_name(number):
+  """`fitnetN_maxout` (what a config can name) is `fitnetN` built with `maxout=True`."""
+  by_name, _ = abstract_init_and_apply(f'fitnet{number}_maxout', 10, (1, 32, 32, 3))
+  by_kwarg, _ = abstract_init_and_apply(f'fitnet{number}', 10, (1, 32, 32, 3), maxout=True)
+  assert (
+    count_params(by_name) == count_params(by_kwarg) == FITNET_MODELS[f'fitnet{number}', True][0]
+  )
+  assert build(f'fitnet{number}_maxout', 10).maxout
+
+
 def test_maxout_teacher_is_about_nine_million_and_takes_mnist():
   variables, (logits, features) = abstract_init_and_apply('maxout_teacher', 10, (1, 32, 32, 3))
   assert count_params(variables) == 8_689_942

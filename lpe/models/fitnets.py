@@ -142,6 +142,19 @@ def fitnet4(num_classes: int, **kwargs) -> nn.Module:
   return FitNet(num_classes, groups=((32, 32, 32, 48, 48), (80,) * 6, (128,) * 6), **kwargs)
 
 
+def _with_maxout(factory):
+  def build(num_classes: int, **kwargs) -> nn.Module:
+    return factory(num_classes, maxout=True, **kwargs)
+
+  build.__doc__ = f'{factory.__doc__} Maxout units (2 pieces) instead of ReLU.'
+  return build
+
+
+# The paper's students as it trained them, selectable by name (`--config.model=fitnet4_maxout`).
+for _number, _factory in enumerate((fitnet1, fitnet2, fitnet3, fitnet4), start=1):
+  register(f'fitnet{_number}_maxout')(_with_maxout(_factory))
+
+
 @register('maxout_teacher')
 def maxout_teacher(num_classes: int, **kwargs) -> nn.Module:
   """FitNets' wide maxout teacher: 96-192-192 maxout convs, 500-unit maxout layer (~9M)."""
