@@ -40,7 +40,7 @@ def _split(name: str) -> data.Split:
 
 def _lp_step(info: data.DatasetInfo, batch: int):
   config = lpe_config.default_config()
-  student = models.build('cnn_student', info.num_classes)
+  student = models.build('cnn_student', info.num_classes, conv_impl=train.conv_impl(config))
   teacher = models.build('cnn_teacher', info.num_classes)
   state = train.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
   t_vars = teacher.init(jax.random.key(1), jnp.zeros((1, *info.image_shape)), train=False)

@@ -52,7 +52,8 @@ def variants(pair: str, batch: int) -> dict:
   labels = jnp.asarray(rng.integers(0, info.num_classes, batch).astype(np.int32))
   config = lpe_config.default_config()
   config.optimizer, config.learning_rate = 'sgd', 0.05
-  student = models.build(student_name, info.num_classes)
+  # The student's convs as the trainer builds them (config.conv_impl='auto').
+  student = models.build(student_name, info.num_classes, conv_impl=train.conv_impl(config))
   state = train.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
   teachers = {
     dtype: models.build(teacher_name, info.num_classes, dtype=dtype)

@@ -76,9 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Devices and hosts (see lpe/parallel.py).
   config.parallelism = 'jit'  # 'jit' (sharded jit over a mesh) or 'pmap'.
   config.sync_batch_stats = True  # pmap: BatchNorm statistics over all devices (cross-replica).
-  # Convolution implementation of the zoo's models; only 'xla' (lax.conv) so far. Reserved for a
-  # faster XLA:CPU path (issue 6) that keeps the same parameters.
-  config.conv_impl = 'xla'
+  # How the zoo's convs compute (same parameters either way; lpe.models.layers.CONV_IMPLS):
+  # 'xla' (lax's convolution), 'cpu' (the same convolutions with a backward pass that runs about
+  # a third faster on XLA:CPU; docs/performance_cpu_conv.md) or 'auto' ('cpu' on the CPU backend,
+  # 'xla' on GPU and TPU).
+  config.conv_impl = 'auto'
   config.half_precision = False  # bfloat16 forward passes; float32 params, optimizer and losses.
   config.distributed = ml_collections.ConfigDict()
   config.distributed.auto = False  # TPU pods / SLURM: let JAX detect the cluster.
@@ -105,6 +107,7 @@ RESUME_SAFE_FIELDS = (
   'data_dir',
   'eval_batch_size',
   'input',
+  'conv_impl',
   'log_every_steps',
   'checkpoint_every_steps',
   'keep_checkpoints',

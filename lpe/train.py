@@ -258,6 +258,15 @@ DEVICE_INPUT_MAX_BYTES = 2 * 2**30
 TEACHER_CACHE_MAX_BYTES = 2 * 2**30
 
 
+def conv_impl(config: ml_collections.ConfigDict) -> str:
+  """The `conv_impl` the student is built with: `config.conv_impl`, with 'auto' resolved to
+  'cpu' on the CPU backend and 'xla' elsewhere (the two give the same parameters and, on this
+  project's CPU, bitwise the same steps; docs/performance_cpu_conv.md)."""
+  if config.conv_impl != 'auto':
+    return config.conv_impl
+  return 'cpu' if jax.default_backend() == 'cpu' else 'xla'
+
+
 def input_path(config: ml_collections.ConfigDict, split: data.Split) -> str:
   """'device' or 'host': where `config.input` ('auto', 'device', 'host') puts the training split.
 
@@ -389,10 +398,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(f'config.distill.sigma2 must be positive or None, got {d.sigma2}.')
   if d.kd_weight and d.kd_temperature <= 0:
     raise ValueError(f'config.distill.kd_temperature must be positive, got {d.kd_temperature}.')
-  if config.conv_impl != 'xla':
+  if config.conv_impl not in ('auto', *models.layers.CONV_IMPLS):
     raise ValueError(
-      f'config.conv_impl={config.conv_impl!r} is not available yet (the im2col CPU path is not '
-      "merged); use 'xla'."
+      f'config.conv_impl={config.conv_impl!r} is unknown; use auto, '
+      f'{", ".join(models.layers.CONV_IMPLS)}.'
     )
   if config.augment not in ('none', 'cifar'):
     raise ValueError(f'config.augment={config.augment!r} is unknown; use none or cifar.')
@@ -646,7 +655,11 @@ def train_and_evaluate(
   place = _Placement(config.parallelism)
   sync_bn = config.parallelism == 'pmap' and config.sync_batch_stats
   student = models.build(
-    config.model, info.num_classes, dtype=dtype, bn_axis_name=parallel.AXIS if sync_bn else None
+    config.model,
+    info.num_classes,
+    dtype=dtype,
+    bn_axis_name=parallel.AXIS if sync_bn else None,
+    conv_impl=conv_impl(config),
   )
   eval_model = student.clone(bn_axis_name=None)
   if teacher is not None:

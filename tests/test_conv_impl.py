@@ -166,3 +166,34 @@ def test_zoo_model_same_logits_and_gradients(name, shape):
     results[impl] = (eval_logits, grads)
   np.testing.assert_allclose(results['cpu'][0], results['xla'][0], **TOL)
   _assert_trees_close(results['cpu'][1], results['xla'][1], **TOL)
+
+
+def test_config_conv_impl_auto_picks_cpu_on_the_cpu_backend_and_bad_values_are_refused(
+  small_config,
+):
+  from lpe import train
+
+  assert small_config.conv_impl == 'auto'
+  assert train.conv_impl(small_config) == ('cpu' if jax.default_backend() == 'cpu' else 'xla')
+  small_config.conv_impl = 'xla'
+  assert train.conv_impl(small_config) == 'xla'
+  small_config.conv_impl = 'im2col'
+  with pytest.raises(ValueError, match="config.conv_impl='im2col' is unknown; use auto, xla, cpu"):
+    train.validate_config(small_config, 1)
+
+
+def test_training_runs_with_either_conv_impl_end_alike(small_config, tmp_path):
+  """Whole runs (2 epochs of the small CNN) with 'xla' and with 'cpu' end with the same
+  parameters, and a run may resume with the other one."""
+  from lpe import checkpoint, train
+
+  small_config.steps_per_epoch_limit = 4
+  ends = {}
+  for impl in CONV_IMPLS:
+    small_config.conv_impl = impl
+    workdir = str(tmp_path / impl)
+    train.train_and_evaluate(small_config, workdir)
+    ends[impl] = checkpoint.load_variables(workdir)[0]
+  _assert_trees_close(ends['cpu'], ends['xla'], rtol=1e-5, atol=1e-5)
+  small_config.conv_impl = 'auto'
+  train.check_workdir_config(small_config, str(tmp_path / 'xla'))  # Resume-safe: no error.
