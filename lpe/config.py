@@ -50,8 +50,10 @@ def default_config() -> ml_collections.ConfigDict:
   # every step; only without augmentation (issue 6; docs/performance.md).
   config.teacher.cache_outputs = False
 
-  # Student objective: CE + lp_weight * LP + kd_weight * KD (a weight of 0 turns a term off).
+  # Student objective: ce_weight * CE + lp_weight * LP + kd_weight * KD + ... (a weight of 0
+  # turns a term off).
   config.distill = ml_collections.ConfigDict()
+  config.distill.ce_weight = 1.0
   config.distill.lp_weight = 0.0
   config.distill.k = 5
   config.distill.sigma2 = config_dict.placeholder(float)  # None: mean kNN distance in the batch.

@@ -1,6 +1,8 @@
 """The student objective: CE plus any weighted combination of distillation terms.
 
-`config.distill` names a weight per method (0 turns it off) and the features each one reads:
+`config.distill` names a weight per method (0 turns it off) and the features each one reads; the
+cross-entropy has its own weight, `ce_weight` (1 by default; CRD's KD baseline uses 0.1 CE + 0.9
+KD):
 
 | weight | term | reads |
 |---|---|---|
@@ -67,7 +69,9 @@ def check_features(distill: Mapping[str, Any], s_features: Mapping, t_features: 
 
 def describe(distill: Mapping[str, Any]) -> str:
   """A short name for the objective, e.g. 'CE + 0.1 LP + 1 KD'."""
-  parts = ['CE'] + [f'{distill[m + "_weight"]:g} {LABELS[m]}' for m in active(distill)]
+  ce_weight = distill.get('ce_weight', 1.0)
+  ce = 'CE' if ce_weight == 1 else f'{ce_weight:g} CE'
+  parts = [ce] + [f'{distill[m + "_weight"]:g} {LABELS[m]}' for m in active(distill)]
   return ' + '.join(parts)
 
 
@@ -137,5 +141,7 @@ def distillation_terms(
 
 
 def total_loss(distill: Mapping[str, Any], ce: jax.Array, terms: Mapping[str, jax.Array]):
-  """CE plus each term times its weight."""
-  return ce + sum(distill[f'{method}_weight'] * value for method, value in terms.items())
+  """`ce_weight` (default 1) times CE plus each term times its weight."""
+  return distill.get('ce_weight', 1.0) * ce + sum(
+    distill[f'{method}_weight'] * value for method, value in terms.items()
+  )

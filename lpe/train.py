@@ -384,6 +384,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       'statistics are always over the global batch.'
     )
   d = config.distill
+  if d.ce_weight < 0:
+    raise ValueError(f'config.distill.ce_weight must be >= 0, got {d.ce_weight}.')
   for method in objectives.METHODS:
     if d[f'{method}_weight'] < 0:
       raise ValueError(f'config.distill.{method}_weight must be >= 0, got {d[method + "_weight"]}.')

@@ -74,6 +74,14 @@ def test_off_terms_are_not_computed_and_need_no_params():
   assert objectives.describe(_distill(lp_weight=0.1, kd_weight=1.0)) == 'CE + 0.1 LP + 1 KD'
 
 
+def test_ce_weight_scales_the_cross_entropy_only():
+  """CRD's KD baseline: 0.1 CE + 0.9 KD."""
+  distill = _distill(kd_weight=0.9, ce_weight=0.1)
+  terms = {'kd': jnp.float32(2.0)}
+  np.testing.assert_allclose(objectives.total_loss(distill, jnp.float32(1.5), terms), 1.95)
+  assert objectives.describe(distill) == '0.1 CE + 0.9 KD'
+
+
 def test_fitnet_regressor_gets_gradients():
   s_logits, s = _features(0)
   t_logits, t = _features(1)

@@ -162,6 +162,12 @@ def test_bad_config_values_stop_before_work(small_config, tmp_path, field, value
   assert not os.path.exists(tmp_path / 'run')
 
 
+def test_negative_ce_weight_is_refused(small_config):
+  small_config.distill.ce_weight = -0.1
+  with pytest.raises(ValueError, match='config.distill.ce_weight must be >= 0, got -0.1'):
+    train.validate_config(small_config, 1)
+
+
 def test_k_not_below_batch_is_a_clear_error(small_config):
   small_config.distill.lp_weight = 0.1
   small_config.distill.k = small_config.batch_size
