@@ -133,7 +133,8 @@ Keyword arguments every model accepts: `dtype` (computation dtype; parameters st
 `bn_axis_name` (the mapped axis over which BatchNorm averages its batch statistics, for
 cross-device BN under `pmap`, or None) and `conv_impl` (`'xla'`, the default and the choice for
 GPU and TPU, or `'cpu'`, the same convolutions with a backward pass that trains faster on XLA:CPU;
-same parameters and results, see [performance_cpu_conv.md](performance_cpu_conv.md)). BatchNorm
+same parameters, results equal to float32 rounding (bitwise on jax 0.10.2 CPU here); see
+[performance_cpu_conv.md](performance_cpu_conv.md)). BatchNorm
 uses PyTorch's defaults (momentum 0.9 in Flax's convention, epsilon 1e-5).
 
 **Parameters** count the `params` collection (conv and dense weights and biases, BN scale and

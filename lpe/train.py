@@ -386,6 +386,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   d = config.distill
   if d.ce_weight < 0:
     raise ValueError(f'config.distill.ce_weight must be >= 0, got {d.ce_weight}.')
+  if d.ce_weight == 0 and not objectives.active(d):
+    raise ValueError(
+      'config.distill.ce_weight=0 with no distillation weight leaves no loss to train on; set '
+      'ce_weight > 0 or a distill.*_weight.'
+    )
   for method in objectives.METHODS:
     if d[f'{method}_weight'] < 0:
       raise ValueError(f'config.distill.{method}_weight must be >= 0, got {d[method + "_weight"]}.')
@@ -409,7 +414,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(f'config.augment={config.augment!r} is unknown; use none or cifar.')
   if config.input not in ('auto', 'device', 'host'):
     raise ValueError(f'config.input={config.input!r} is unknown; use auto, device or host.')
-  if config.teacher.cache_outputs and config.augment != 'none':
+  if config.teacher.cache_outputs and objectives.active(d) and config.augment != 'none':
     raise ValueError(
       f'config.teacher.cache_outputs=True needs config.augment=none: with {config.augment!r} '
       'augmentation the teacher sees new images every step, so its outputs cannot be cached; '
@@ -639,16 +644,6 @@ def train_and_evaluate(
   )
   train_data = data.load_split(config.dataset, config.train_split, config.data_dir or None)
   test_data = data.load_split(config.dataset, config.test_split, config.data_dir or None)
-  teacher_cache = None
-  if distilling and config.teacher.cache_outputs:  # Before any write: it may refuse the size.
-    teacher_cache = teacher_outputs_cache(
-      teacher,
-      teacher_vars,
-      train_data,
-      info=info,
-      distill=config.distill,
-      batch_size=config.eval_batch_size,
-    )
   steps_per_epoch = data.steps_per_epoch(len(train_data), config.batch_size)
   if config.steps_per_epoch_limit:
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch_limit)
@@ -668,6 +663,23 @@ def train_and_evaluate(
     x = jnp.zeros((1, *info.image_shape))
     features = lambda m: jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), x), x))[1]
     objectives.check_features(config.distill, features(student), features(teacher))
+  # What the devices hold for the whole run: the split (device-resident input) and the teacher's
+  # outputs (config.teacher.cache_outputs); each step gathers its rows of them by index. Made
+  # before any write, since the cache may refuse its size.
+  resident = {}
+  if input_path(config, train_data) == 'device':
+    resident.update(images=train_data.images, labels=train_data.labels)
+  if distilling and config.teacher.cache_outputs:
+    resident['teacher'] = teacher_outputs_cache(
+      teacher,
+      teacher_vars,
+      train_data,
+      info=info,
+      distill=config.distill,
+      batch_size=config.eval_batch_size,
+    )
+  resident = place.resident(resident) if resident else None
+  cached_teacher = resident is not None and 'teacher' in resident
   state = create_train_state(
     student, config, jax.random.key(config.seed), info.image_shape, steps_per_epoch
   )
@@ -704,17 +716,9 @@ def train_and_evaluate(
   if teacher_vars is not None:
     teacher_vars = jax.device_put(teacher_vars, place.replicated)
     eval_teacher = (teacher, teacher_vars)
-    teacher_vars = place.state(teacher_vars) if distilling else None
+    # With cached outputs the step never reads the teacher's variables.
+    teacher_vars = place.state(teacher_vars) if distilling and not cached_teacher else None
   rows = parallel.process_rows(config.batch_size)
-  # What the devices hold for the whole run: the split (device-resident input) and the teacher's
-  # outputs (config.teacher.cache_outputs); each step gathers its rows of them by index.
-  resident = {}
-  if input_path(config, train_data) == 'device':
-    resident.update(images=train_data.images, labels=train_data.labels)
-  if teacher_cache is not None:
-    resident['teacher'] = teacher_cache
-    teacher_vars = None  # The step reads the cache, never the teacher's variables.
-  resident = place.resident(resident) if resident else None
   take = place.compile_take()
 
   def batch(index):

@@ -184,7 +184,7 @@ def test_config_conv_impl_auto_picks_cpu_on_the_cpu_backend_and_bad_values_are_r
 
 def test_training_runs_with_either_conv_impl_end_alike(small_config, tmp_path):
   """Whole runs (2 epochs of the small CNN) with 'xla' and with 'cpu' end with the same
-  parameters, and a run may resume with the other one."""
+  parameters, and the workdir check lets a run continue with another conv_impl."""
   from lpe import checkpoint, train
 
   small_config.steps_per_epoch_limit = 4

@@ -5,14 +5,12 @@ must give exactly the batches, and so exactly the parameters, of the host path; 
 outputs must equal the teacher's per-step forward pass.
 """
 
-import os
-import signal
-
 import jax
 import numpy as np
 import pytest
 
 from lpe import checkpoint, data, train
+from tests import faults
 
 
 def _params(workdir: str):
@@ -85,18 +83,8 @@ def test_switching_input_path_on_resume_is_allowed_and_changes_nothing(
 ):
   reference = _run(small_config, str(tmp_path / 'reference'), input='host')
   workdir = str(tmp_path / 'switched')
-  original = data.train_index_batches
-
-  def preempt_at_step_5(num_examples, *, epoch, start_step=0, **kwargs):
-    for offset, index in enumerate(
-      original(num_examples, epoch=epoch, start_step=start_step, **kwargs), start_step
-    ):
-      if epoch == 0 and offset == 4:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield index
-
   with monkeypatch.context() as patch:
-    patch.setattr(data, 'train_index_batches', preempt_at_step_5)
+    faults.sigterm_before_step(patch, 5, steps_per_epoch=8)
     with pytest.raises(train.Preempted):
       _run(small_config, workdir, input='host')
   # 'input' is resume-safe: no --allow_config_change needed.
@@ -152,6 +140,17 @@ def test_teacher_cache_refuses_augmentation_and_oversize_before_any_write(
   with pytest.raises(ValueError, match=r'would hold .* GiB of teacher outputs .* embedding'):
     train.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
+
+
+def test_teacher_cache_with_a_feature_the_teacher_lacks_is_a_clear_error(
+  small_config, teacher_dir, tmp_path
+):
+  config = _distilling(small_config, teacher_dir)
+  config.teacher.cache_outputs = True
+  config.distill.feature = 'stage9'
+  with pytest.raises(ValueError, match="has no feature 'stage9'"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 def test_unknown_input_path_is_refused(small_config):

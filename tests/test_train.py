@@ -166,6 +166,9 @@ def test_negative_ce_weight_is_refused(small_config):
   small_config.distill.ce_weight = -0.1
   with pytest.raises(ValueError, match='config.distill.ce_weight must be >= 0, got -0.1'):
     train.validate_config(small_config, 1)
+  small_config.distill.ce_weight = 0.0
+  with pytest.raises(ValueError, match='ce_weight=0 with no distillation weight leaves no loss'):
+    train.validate_config(small_config, 1)
 
 
 def test_k_not_below_batch_is_a_clear_error(small_config):
