@@ -4,7 +4,7 @@
 
 The teacher is the committed assets/fashion_mnist_teacher.msgpack (made by
 configs/fashion_mnist_teacher.py); point config.teacher.checkpoint at your own teacher's workdir to
-use another. lambda = 0.1, k = 5, default sigma2, 3 epochs: about 3 minutes on 2 CPU cores.
+use another. lambda = 0.1, k = 5, default sigma2, 3 epochs: about a minute on 2 CPU cores.
 """
 
 from lpe.config import default_config

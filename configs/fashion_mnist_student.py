@@ -2,7 +2,7 @@
 
   .venv/bin/python launch.py --config=configs/fashion_mnist_student.py --workdir=runs/student
 
-An 8/16-channel CNN with a 32-wide embedding (26.7K parameters), 3 epochs: about 2 minutes on
+An 8/16-channel CNN with a 32-wide embedding (26.7K parameters), 3 epochs: about a minute on
 2 CPU cores.
 """
 
