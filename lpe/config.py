@@ -89,6 +89,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.distributed.coordinator_address = ''  # 'host:port' of process 0 ('' = single host).
   config.distributed.num_processes = 0
   config.distributed.process_id = -1
+  # On several processes: False, every process reads the whole training split and feeds its rows
+  # of each global batch (the batches, and so the run, do not depend on the process count); True,
+  # each reads only its 1/P share (`data.shard_rows`, as TFDS even splits) and shuffles it alone,
+  # so memory and reading scale with the hosts but the batches depend on their number.
+  config.distributed.per_process_data = False
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 200
@@ -115,7 +120,11 @@ RESUME_SAFE_FIELDS = (
   'keep_checkpoints',
   'skip_nonfinite_batches',
   'teacher.checkpoint',
-  'distributed',
+  # The cluster layout (not distributed.per_process_data, which changes the batches).
+  'distributed.auto',
+  'distributed.coordinator_address',
+  'distributed.num_processes',
+  'distributed.process_id',
 )
 
 

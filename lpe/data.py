@@ -144,15 +144,26 @@ def _open_source(name: str, split: str, data_dir: str):
     raise DatasetUnavailableError(_missing_message(name, data_dir)) from error
 
 
-def _decode(source) -> Split:
+def _decode(source, rows: range) -> Split:
   # Record by record through the Sequence protocol: TFDS's `tfds.testing.mock_data` mocks
   # `__getitem__` but breaks the batched `__getitems__`, and the decode runs once per cache.
   images, labels = [], []
-  for index in range(len(source)):
+  for index in rows:
     record = source[index]
     images.append(record['image'])
     labels.append(record['label'])
   return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
+
+
+def shard_rows(num_examples: int, shard: tuple[int, int] | None) -> range:
+  """The rows of shard `(index, count)` of a split of `num_examples`: `count` contiguous, even
+  parts (sizes differ by at most one), as `tfds.even_splits`; all rows when `shard` is None."""
+  if shard is None:
+    return range(num_examples)
+  index, count = shard
+  if not 0 <= index < count:
+    raise ValueError(f'Shard {index} of {count} does not exist.')
+  return range(index * num_examples // count, (index + 1) * num_examples // count)
 
 
 def _cache_path(source, name: str, split: str, data_dir: str) -> str | None:
@@ -172,13 +183,17 @@ def _cache_path(source, name: str, split: str, data_dir: str) -> str | None:
   )
 
 
-def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
+def load_split(
+  name: str, split: str, data_dir: str | None = None, *, shard: tuple[int, int] | None = None
+) -> Split:
   """Loads a whole TFDS split into memory, preparing offline Fashion-MNIST when needed.
 
   Args:
     name: A dataset in `DATASETS`.
     split: A TFDS split expression, e.g. `'train'`, `'test'` or `'train[:90%]'`.
     data_dir: TFDS data directory; `None` means `default_data_dir()`.
+    shard: `(index, count)` reads only that part of the split (`shard_rows`), e.g. this process's
+      share on several hosts; None reads it all.
 
   Returns:
     The split, decoded; the decoded arrays are cached in `data_dir/lpe_cache/` after the first read
@@ -192,10 +207,12 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
   data_dir = data_dir or default_data_dir()
   source = _open_source(name, split, data_dir)
   cache = _cache_path(source, name, split, data_dir)
+  if cache and shard is not None:
+    cache = cache.replace('.npz', f'-shard{shard[0]}of{shard[1]}.npz')
   if cache and os.path.exists(cache):
     with np.load(cache) as arrays:
       return Split(arrays['images'], arrays['labels'])
-  data = _decode(source)
+  data = _decode(source, shard_rows(len(source), shard))
   if data.images.shape[1:] != info.image_shape:
     raise ValueError(f'{name} images have shape {data.images.shape[1:]}, not {info.image_shape}.')
   if cache:

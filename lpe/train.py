@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from lpe import checkpoint, data, evaluate, metrics_io, models, objectives, parallel
 from lpe import config as config_lib
@@ -267,15 +268,24 @@ def conv_impl(config: ml_collections.ConfigDict) -> str:
   return 'cpu' if jax.default_backend() == 'cpu' else 'xla'
 
 
+def _per_process_data(config: ml_collections.ConfigDict) -> bool:
+  """Whether each process holds only its share of the training split."""
+  return config.distributed.per_process_data and jax.process_count() > 1
+
+
 def input_path(config: ml_collections.ConfigDict, split: data.Split) -> str:
   """'device' or 'host': where `config.input` ('auto', 'device', 'host') puts the training split.
 
   'auto' holds the split on the devices when its images take at most `DEVICE_INPUT_MAX_BYTES`
   (MNIST, Fashion-MNIST and CIFAR all do): only the batch's indices cross to the devices each
   step, and the gather, augmentation and the step run there. Both paths give the same batches.
+  Under sharded jit with per-process data the split differs between processes, which a
+  mesh-replicated array cannot hold, so 'auto' is 'host' there.
   """
   if config.input in ('device', 'host'):
     return config.input
+  if _per_process_data(config) and config.parallelism == 'jit':
+    return 'host'
   return 'device' if split.images.nbytes <= DEVICE_INPUT_MAX_BYTES else 'host'
 
 
@@ -414,6 +424,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(f'config.augment={config.augment!r} is unknown; use none or cifar.')
   if config.input not in ('auto', 'device', 'host'):
     raise ValueError(f'config.input={config.input!r} is unknown; use auto, device or host.')
+  if _per_process_data(config) and config.parallelism == 'jit':
+    for what, on in (
+      ('input=device', config.input == 'device'),
+      ('teacher.cache_outputs', config.teacher.cache_outputs and objectives.active(d)),
+    ):
+      if on:
+        raise ValueError(
+          f'config.{what} holds per-process data on the devices, which sharded jit cannot do '
+          'with config.distributed.per_process_data=True on several processes; use '
+          'parallelism=pmap, or turn one of them off.'
+        )
   if config.teacher.cache_outputs and objectives.active(d) and config.augment != 'none':
     raise ValueError(
       f'config.teacher.cache_outputs=True needs config.augment=none: with {config.augment!r} '
@@ -642,9 +663,21 @@ def train_and_evaluate(
     if distilling or config.teacher.checkpoint
     else (None, None, None)
   )
-  train_data = data.load_split(config.dataset, config.train_split, config.data_dir or None)
+  per_process = _per_process_data(config)
+  train_data = data.load_split(
+    config.dataset,
+    config.train_split,
+    config.data_dir or None,
+    shard=(jax.process_index(), jax.process_count()) if per_process else None,
+  )
   test_data = data.load_split(config.dataset, config.test_split, config.data_dir or None)
-  steps_per_epoch = data.steps_per_epoch(len(train_data), config.batch_size)
+  # The batch each process draws its index batches for: its share of the global batch when it
+  # holds only its share of the data, else the whole global batch (of which it feeds its rows).
+  index_batch = config.batch_size // jax.process_count() if per_process else config.batch_size
+  steps_per_epoch = data.steps_per_epoch(len(train_data), index_batch)
+  if per_process:  # Shares differ by at most one example: every process takes the fewest steps.
+    steps = multihost_utils.process_allgather(np.int32(steps_per_epoch))
+    steps_per_epoch = int(np.min(steps))
   if config.steps_per_epoch_limit:
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch_limit)
   total_steps = steps_per_epoch * config.num_epochs
@@ -718,7 +751,7 @@ def train_and_evaluate(
     eval_teacher = (teacher, teacher_vars)
     # With cached outputs the step never reads the teacher's variables.
     teacher_vars = place.state(teacher_vars) if distilling and not cached_teacher else None
-  rows = parallel.process_rows(config.batch_size)
+  rows = slice(None) if per_process else parallel.process_rows(config.batch_size)
   take = place.compile_take()
 
   def batch(index):
@@ -776,7 +809,7 @@ def train_and_evaluate(
       skipped = epoch_skipped = 0
       indices = data.train_index_batches(
         len(train_data),
-        batch_size=config.batch_size,
+        batch_size=index_batch,
         seed=config.seed,
         epoch=epoch,
         start_step=offset,

@@ -22,6 +22,22 @@ def test_load_split_prepares_offline_and_caches(fashion_data_dir):
   np.testing.assert_array_equal(again.labels, train.labels)
 
 
+@pytest.mark.parametrize('count', [2, 3])
+def test_a_process_share_is_its_even_part_of_the_split(fashion_data_dir, count):
+  whole = data.load_split('fashion_mnist', 'train', fashion_data_dir)
+  shares = [
+    data.load_split('fashion_mnist', 'train', fashion_data_dir, shard=(i, count))
+    for i in range(count)
+  ]
+  assert {len(s) for s in shares} <= {TRAIN_SIZE // count, TRAIN_SIZE // count + 1}
+  np.testing.assert_array_equal(np.concatenate([s.images for s in shares]), whole.images)
+  np.testing.assert_array_equal(np.concatenate([s.labels for s in shares]), whole.labels)
+  again = data.load_split('fashion_mnist', 'train', fashion_data_dir, shard=(count - 1, count))
+  np.testing.assert_array_equal(again.images, shares[-1].images)  # Its own cache file.
+  with pytest.raises(ValueError, match='Shard 3 of 3 does not exist'):
+    data.shard_rows(10, (3, 3))
+
+
 def test_missing_dataset_says_how_to_get_it(tmp_path):
   with pytest.raises(data.DatasetUnavailableError, match='tfds build mnist'):
     data.load_split('mnist', 'train', str(tmp_path))

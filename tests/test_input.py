@@ -157,3 +157,18 @@ def test_unknown_input_path_is_refused(small_config):
   small_config.input = 'gpu'
   with pytest.raises(ValueError, match="config.input='gpu' is unknown; use auto, device or host"):
     train.validate_config(small_config, 1)
+
+
+def test_per_process_data_under_jit_refuses_device_held_data(small_config, monkeypatch):
+  """On several processes each with its own share, sharded jit cannot hold the split (or the
+  teacher cache) on the devices; 'auto' falls back to the host path."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  small_config.distributed.per_process_data = True
+  split = data.Split(np.zeros((10, 4, 4, 1), np.uint8), np.zeros(10, np.int32))
+  assert train.input_path(small_config, split) == 'host'
+  small_config.input = 'device'
+  with pytest.raises(ValueError, match='config.input=device holds per-process data'):
+    train.validate_config(small_config, 2)
+  small_config.parallelism = 'pmap'
+  train.validate_config(small_config, 2)
+  assert train.input_path(small_config, split) == 'device'

@@ -5,6 +5,7 @@ Each check runs in its own process, since the device count is fixed when jax is 
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -165,3 +166,40 @@ def test_distributed_two_processes_match_one_process(fashion_data_dir, small_tea
   assert proc.returncode == 0, out
   for a, b in zip(_leaves(_params(str(workdir))), _leaves(_params(str(single))), strict=True):
     np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+@pytest.mark.parametrize('mode', ['jit', 'pmap'])
+def test_distributed_per_process_data_reads_each_share_and_trains(
+  fashion_data_dir, small_teacher, tmp_path, mode
+):
+  """2 CPU processes x 2 devices, each reading only its half of the training split (under pmap
+  with the device-resident input and the teacher cache; under jit through the host path)."""
+  port = _free_port()
+  workdir = tmp_path / 'shares'
+  # A copy of the data without the decoded-split cache, whose files show what each process read.
+  data_dir = tmp_path / 'data'
+  shutil.copytree(fashion_data_dir, data_dir, ignore=shutil.ignore_patterns('lpe_cache'))
+  procs = [
+    _launch(
+      _run_args(str(data_dir), workdir, small_teacher)
+      + [
+        f'--config.parallelism={mode}',
+        '--config.distributed.per_process_data=True',
+        f'--config.teacher.cache_outputs={mode == "pmap"}',
+        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+        '--config.distributed.num_processes=2',
+        f'--config.distributed.process_id={pid}',
+      ],
+      2,
+    )
+    for pid in (0, 1)
+  ]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs, strict=True):
+    assert p.returncode == 0, out
+  assert '[lp] epoch 1/1 test accuracy' in outs[0]
+  assert all(np.isfinite(leaf).all() for leaf in _leaves(_params(str(workdir))))
+  with open(workdir / 'config.json') as f:
+    assert json.load(f)['distributed']['per_process_data'] is True
+  train_files = [n for n in os.listdir(data_dir / 'lpe_cache') if '-train-' in n]
+  assert sorted(n.split('-')[-1] for n in train_files) == ['shard0of2.npz', 'shard1of2.npz']
