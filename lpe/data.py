@@ -11,6 +11,7 @@ Offline, Fashion-MNIST is prepared from the IDX files of Debian's `dataset-fashi
 import dataclasses
 import gzip
 import os
+import uuid
 from collections.abc import Iterator
 
 import jax
@@ -217,7 +218,8 @@ def load_split(
     raise ValueError(f'{name} images have shape {data.images.shape[1:]}, not {info.image_shape}.')
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = cache + '.tmp.npz'
+    # A name of its own: several processes (hosts sharing a data_dir) may write the same cache.
+    tmp = f'{cache}.{uuid.uuid4().hex}.tmp.npz'
     np.savez(tmp, images=data.images, labels=data.labels)
     os.replace(tmp, cache)  # Atomic: a killed run never leaves a half-written cache.
   return data

@@ -1,6 +1,7 @@
 """Tests of the input pipeline: offline preparation, caching, deterministic batches, evaluation."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -36,6 +37,28 @@ def test_a_process_share_is_its_even_part_of_the_split(fashion_data_dir, count):
   np.testing.assert_array_equal(again.images, shares[-1].images)  # Its own cache file.
   with pytest.raises(ValueError, match='Shard 3 of 3 does not exist'):
     data.shard_rows(10, (3, 3))
+
+
+def test_two_writers_of_the_same_cache_do_not_collide(fashion_data_dir, tmp_path, monkeypatch):
+  """Processes sharing a data_dir may decode and cache the same split at once: here a second
+  load writes the cache while the first is between its write and its rename."""
+  data_dir = tmp_path / 'data'
+  shutil.copytree(fashion_data_dir, data_dir, ignore=shutil.ignore_patterns('lpe_cache'))
+  replace = os.replace
+  inner = []
+
+  def replace_after_another_writer(src, dst):
+    if str(src).endswith('.tmp.npz') and not inner:
+      inner.append(None)  # Only the first cache write lets another writer in.
+      inner[0] = data.load_split('fashion_mnist', 'test', str(data_dir))
+    replace(src, dst)
+
+  monkeypatch.setattr(data.os, 'replace', replace_after_another_writer)
+  outer = data.load_split('fashion_mnist', 'test', str(data_dir))
+  np.testing.assert_array_equal(outer.images, inner[0].images)
+  monkeypatch.undo()
+  again = data.load_split('fashion_mnist', 'test', str(data_dir))  # From the cache.
+  np.testing.assert_array_equal(again.labels, outer.labels)
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):

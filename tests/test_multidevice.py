@@ -136,27 +136,28 @@ def _leaves(tree):
   return jax.tree.leaves(tree)
 
 
-def test_distributed_two_processes_match_one_process(fashion_data_dir, small_teacher, tmp_path):
-  """2 CPU processes x 2 devices (gloo collectives) give the 1-process, 4-device result."""
+def _two_processes(args: list[str]) -> list[str]:
+  """Runs launch.py with `args` as 2 processes x 2 fake devices; returns their outputs."""
   port = _free_port()
-  workdir = tmp_path / 'two_hosts'
+  cluster = [
+    f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+    '--config.distributed.num_processes=2',
+  ]
   procs = [
-    _launch(
-      _run_args(fashion_data_dir, workdir, small_teacher)
-      + [
-        '--config.teacher.cache_outputs=False',
-        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-        '--config.distributed.num_processes=2',
-        f'--config.distributed.process_id={pid}',
-      ],
-      2,
-    )
-    for pid in (0, 1)
+    _launch([*args, *cluster, f'--config.distributed.process_id={pid}'], 2) for pid in (0, 1)
   ]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out
   assert '[lp] epoch 1/1 test accuracy' in outs[0]
+  return outs
+
+
+def test_distributed_two_processes_match_one_process(fashion_data_dir, small_teacher, tmp_path):
+  """2 CPU processes x 2 devices (gloo collectives) give the 1-process, 4-device result."""
+  workdir = tmp_path / 'two_hosts'
+  args = _run_args(fashion_data_dir, workdir, small_teacher)
+  outs = _two_processes([*args, '--config.teacher.cache_outputs=False'])
   assert '[lp]' not in outs[1]  # Only process 0 logs.
   single = tmp_path / 'one_host'
   proc = _launch(
@@ -174,30 +175,18 @@ def test_distributed_per_process_data_reads_each_share_and_trains(
 ):
   """2 CPU processes x 2 devices, each reading only its half of the training split (under pmap
   with the device-resident input and the teacher cache; under jit through the host path)."""
-  port = _free_port()
   workdir = tmp_path / 'shares'
   # A copy of the data without the decoded-split cache, whose files show what each process read.
   data_dir = tmp_path / 'data'
   shutil.copytree(fashion_data_dir, data_dir, ignore=shutil.ignore_patterns('lpe_cache'))
-  procs = [
-    _launch(
-      _run_args(str(data_dir), workdir, small_teacher)
-      + [
-        f'--config.parallelism={mode}',
-        '--config.distributed.per_process_data=True',
-        f'--config.teacher.cache_outputs={mode == "pmap"}',
-        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-        '--config.distributed.num_processes=2',
-        f'--config.distributed.process_id={pid}',
-      ],
-      2,
-    )
-    for pid in (0, 1)
-  ]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outs, strict=True):
-    assert p.returncode == 0, out
-  assert '[lp] epoch 1/1 test accuracy' in outs[0]
+  _two_processes(
+    _run_args(str(data_dir), workdir, small_teacher)
+    + [
+      f'--config.parallelism={mode}',
+      '--config.distributed.per_process_data=True',
+      f'--config.teacher.cache_outputs={mode == "pmap"}',
+    ]
+  )
   assert all(np.isfinite(leaf).all() for leaf in _leaves(_params(str(workdir))))
   with open(workdir / 'config.json') as f:
     assert json.load(f)['distributed']['per_process_data'] is True
