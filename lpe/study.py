@@ -21,21 +21,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from lpe import checkpoint, data, evaluate, metrics_io, models, train
+from lpe import checkpoint, data, evaluate, metrics_io, models, objectives, train
 
 # The page's row order (ConfigDict keys come back sorted).
 ORDER = ('kd', 'fitnet', 'at', 'sp', 'rkd', 'pkt', 'lp')
-LABELS = {
-  'student': 'student alone',
-  'kd': 'KD',
-  'fitnet': 'FitNet',
-  'at': 'AT',
-  'sp': 'SP',
-  'rkd': 'RKD',
-  'pkt': 'PKT',
-  'lp': 'LP',
-  'lp_kd': 'LP+KD',
-}
+LABELS = {'student': 'student alone', **objectives.LABELS, 'lp_kd': 'LP+KD'}
 
 
 def _run_config(base: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:

@@ -756,11 +756,12 @@ def train_and_evaluate(
 
   def batch(index):
     """The step's inputs for the examples `index` (the global batch's indices)."""
-    gathered = take(resident, place.batch(index[rows])) if resident else {}
+    local = index[rows]
+    gathered = take(resident, place.batch(local)) if resident else {}
     if 'images' in gathered:
       images, labels = gathered['images'], gathered['labels']
     else:
-      images, labels = place.batch((train_data.images[index[rows]], train_data.labels[index[rows]]))
+      images, labels = place.batch((train_data.images[local], train_data.labels[local]))
     return images, labels, gathered.get('teacher')
 
   writer = metrics_io.MetricsWriter(workdir)
