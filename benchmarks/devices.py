@@ -20,14 +20,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def measure(mode: str, steps: int, batch: int) -> dict:
   """Runs in the child process: times `steps` LP steps of the Fashion-MNIST pair."""
-  import functools
 
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from lpe import config as lpe_config
-  from lpe import data, models, train
+  from lpe import data, models, parallel, state, step
 
   info = data.dataset_info('fashion_mnist')
   config = lpe_config.default_config()
@@ -36,30 +35,20 @@ def measure(mode: str, steps: int, batch: int) -> dict:
   teacher = models.build('cnn_teacher', 10)
   teacher_vars = teacher.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
   student = models.build('cnn_student', 10)
-  place = train._Placement(mode)
-  state = train.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
-  state = place.state(jax.device_put(state, place.replicated))
+  place = parallel.Placement(mode)
+  train_state = state.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
+  train_state = place.state(jax.device_put(train_state, place.replicated))
   teacher_vars = place.state(jax.device_put(teacher_vars, place.replicated))
-  step = place.compile(
-    functools.partial(
-      train.train_step,
-      student=student,
-      teacher=teacher,
-      info=info,
-      distill=dict(config.distill),
-      augment='none',
-      seed=0,
-    )
-  )
+  step_fn = place.compile(step.make_train_step(config, student, teacher, info))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (batch, 28, 28, 1)).astype(np.uint8)
   labels = rng.integers(0, 10, batch).astype(np.int32)
   for _ in range(3):  # Compile and warm up.
-    state, metrics = step(state, teacher_vars, *place.batch((images, labels)))
+    train_state, metrics = step_fn(train_state, teacher_vars, *place.batch((images, labels)))
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = step(state, teacher_vars, *place.batch((images, labels)))
+    train_state, metrics = step_fn(train_state, teacher_vars, *place.batch((images, labels)))
   jax.block_until_ready(metrics)
   return {'steps_per_s': steps / (time.perf_counter() - start), 'devices': jax.device_count()}
 

@@ -14,7 +14,6 @@ Rows are interleaved and repeated; medians are reported. Nothing is asserted.
 """
 
 import argparse
-import functools
 import pathlib
 import statistics
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from lpe import config as lpe_config  # noqa: E402
-from lpe import data, models, train  # noqa: E402
+from lpe import data, models, parallel, state, step, train  # noqa: E402
 
 SPLITS = {'fashion_mnist': 60_000, 'cifar100': 50_000}
 
@@ -42,25 +41,16 @@ def _lp_step(info: data.DatasetInfo, batch: int):
   config = lpe_config.default_config()
   student = models.build('cnn_student', info.num_classes, conv_impl=train.conv_impl(config))
   teacher = models.build('cnn_teacher', info.num_classes)
-  state = train.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
+  config.distill.lp_weight = 0.1
+  train_state = state.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
   t_vars = teacher.init(jax.random.key(1), jnp.zeros((1, *info.image_shape)), train=False)
-  step = jax.jit(
-    functools.partial(
-      train.train_step,
-      student=student,
-      teacher=teacher,
-      info=info,
-      distill=dict(config.distill, lp_weight=0.1),
-      augment='none',
-      seed=0,
-    )
-  )
-  return lambda images, labels: step(state, t_vars, images, labels)
+  step_fn = jax.jit(step.make_train_step(config, student, teacher, info))
+  return lambda images, labels: step_fn(train_state, t_vars, images, labels)
 
 
 def timers(name: str, batch: int, with_step: bool) -> dict:
   split = _split(name)
-  place = train._Placement('jit')  # noqa: SLF001 - the trainer's own placement.
+  place = parallel.Placement('jit')
   resident = place.resident({'images': split.images, 'labels': split.labels})
   take = place.compile_take()
   indices = list(data.train_index_batches(len(split), batch_size=batch, seed=0, epoch=0))

@@ -13,7 +13,6 @@ alike. Nothing is asserted.
 """
 
 import argparse
-import functools
 import pathlib
 import statistics
 import sys
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from lpe import config as lpe_config  # noqa: E402
-from lpe import data, models, train  # noqa: E402
+from lpe import data, models, state, step, train  # noqa: E402
 
 # CRD's CIFAR-100 recipe: 240 epochs of ceil(50,000 / 64) = 782 steps.
 CRD_STEPS = 240 * 782
@@ -54,7 +53,7 @@ def variants(pair: str, batch: int) -> dict:
   config.optimizer, config.learning_rate = 'sgd', 0.05
   # The student's convs as the trainer builds them (config.conv_impl='auto').
   student = models.build(student_name, info.num_classes, conv_impl=train.conv_impl(config))
-  state = train.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
+  train_state = state.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
   teachers = {
     dtype: models.build(teacher_name, info.num_classes, dtype=dtype)
     for dtype in (jnp.float32, jnp.bfloat16)
@@ -63,19 +62,10 @@ def variants(pair: str, batch: int) -> dict:
     jax.random.key(1), jnp.zeros((1, *info.image_shape)), train=False
   )
 
-  def step(teacher, lp_weight):
-    distill = dict(config.distill, lp_weight=lp_weight)
-    return jax.jit(
-      functools.partial(
-        train.train_step,
-        student=student,
-        teacher=teacher,
-        info=info,
-        distill=distill,
-        augment='none',
-        seed=0,
-      )
-    )
+  def compiled_step(teacher, lp_weight):
+    run_config = config.copy_and_resolve_references()
+    run_config.distill.lp_weight = lp_weight
+    return jax.jit(step.make_train_step(run_config, student, teacher, info))
 
   forward = jax.jit(
     lambda v, x: teachers[jnp.float32].apply(v, data.preprocess(x, info), train=False)
@@ -84,14 +74,16 @@ def variants(pair: str, batch: int) -> dict:
   cached = jax.block_until_ready(forward(t_vars, images))
   # The steps do not donate their state, so the same inputs serve every repeat.
   return {
-    'a_student': _timer(step(None, 0.0), state, None, images, labels),
+    'a_student': _timer(compiled_step(None, 0.0), train_state, None, images, labels),
     'b_teacher_forward': _timer(forward, t_vars, images),
-    'c_lp_step': _timer(step(teachers[jnp.float32], 0.1), state, t_vars, images, labels),
+    'c_lp_step': _timer(
+      compiled_step(teachers[jnp.float32], 0.1), train_state, t_vars, images, labels
+    ),
     'c_lp_step_bf16_teacher': _timer(
-      step(teachers[jnp.bfloat16], 0.1), state, t_vars, images, labels
+      compiled_step(teachers[jnp.bfloat16], 0.1), train_state, t_vars, images, labels
     ),
     'c_lp_step_cached_teacher': _timer(
-      step(teachers[jnp.float32], 0.1), state, None, images, labels, cached
+      compiled_step(teachers[jnp.float32], 0.1), train_state, None, images, labels, cached
     ),
   }
 

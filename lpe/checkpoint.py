@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -117,13 +118,15 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state: Any) -> Any:
   return restored
 
 
-def restore_latest(manager: ocp.CheckpointManager, state: Any) -> Any | None:
+def restore_latest(
+  manager: ocp.CheckpointManager, state: Any, *, warn: Callable[[str], None] | None = None
+) -> Any | None:
   """Restores the newest good checkpoint into the structure and shardings of `state`, or None.
 
-  A checkpoint that cannot be read or fails its fingerprint is skipped with a warning, and once
-  an older good one is restored it is moved to `<workdir>/corrupt_checkpoints/` (kept for
-  inspection, out of orbax's way) so the run can save that step again. Nothing is moved or
-  deleted when no checkpoint is good.
+  A checkpoint that cannot be read or fails its fingerprint is skipped with a warning (logged,
+  and passed to `warn`), and once an older good one is restored it is moved to
+  `<workdir>/corrupt_checkpoints/` (kept for inspection, out of orbax's way) so the run can save
+  that step again. Nothing is moved or deleted when no checkpoint is good.
 
   Raises:
     ValueError: the checkpoints hold another architecture than `state`.
@@ -139,10 +142,10 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any) -> Any | None:
       continue
     for bad_step, error in bad:
       moved = _set_aside(manager, bad_step)
-      message = f'Warning: {error} It was moved to {moved}; resuming from step {step} instead.'
+      message = f'{error} It was moved to {moved}; resuming from step {step} instead.'
       logging.warning(message)
-      if jax.process_index() == 0:
-        print(message, flush=True)
+      if warn is not None:
+        warn(message)
     if bad:
       manager.reload()
     return restored

@@ -1,8 +1,9 @@
 """The defaults every experiment config starts from (`configs/*.py` override them).
 
 `default_config()` is also the schema: a run config may hold only its keys, with values of the
-same types (`check_keys_and_types`). `RESUME_SAFE_FIELDS` lists the fields a run may change when it
-resumes from its workdir without `--allow_config_change` (`changed_fields`).
+same types (`check_keys_and_types`); `validate` checks the values before any work.
+`RESUME_SAFE_FIELDS` lists the fields a run may change when it resumes from its workdir without
+`--allow_config_change` (`changed_fields`).
 """
 
 import difflib
@@ -11,6 +12,8 @@ from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+
+from lpe import augment, data, feed, models, objectives
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -214,3 +217,96 @@ def changed_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     for key in sorted(set(old) & set(new))
     if not safe(key) and old[key] != new[key]
   ]
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Stops before any work on config values that cannot run, naming the fix."""
+  check_keys_and_types(config)
+  data.dataset_info(config.dataset)
+  if config.model not in models.names():
+    models.build(config.model, 1)  # Raises the error that lists the valid names.
+  positive = ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps')
+  for key in (*positive, 'checkpoint_every_steps'):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ValueError(f'config.{key} must be a positive integer, got {config[key]!r}.')
+  if config.keep_checkpoints < 2:
+    raise ValueError(
+      f'config.keep_checkpoints={config.keep_checkpoints} leaves no checkpoint to fall back on '
+      'when the latest is damaged; keep at least 2.'
+    )
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % num_devices:
+      raise ValueError(
+        f'config.{key}={config[key]} does not divide over {num_devices} devices; use a multiple '
+        f'of {num_devices}.'
+      )
+  _validate_parallelism(config)
+  _validate_distill(config.distill, config.batch_size // num_devices, num_devices)
+  for key, values in (
+    ('conv_impl', ('auto', *models.layers.CONV_IMPLS)),
+    ('augment', augment.AUGMENTATIONS),
+    ('input', feed.INPUTS),
+  ):
+    if config[key] not in values:
+      raise ValueError(f'config.{key}={config[key]!r} is unknown; use {_one_of(values)}.')
+
+  _validate_teacher_cache(config)
+
+
+def _one_of(values) -> str:
+  """`'a, b or c'`."""
+  return f'{", ".join(values[:-1])} or {values[-1]}'
+
+
+def _validate_parallelism(config: ml_collections.ConfigDict) -> None:
+  if config.parallelism not in ('jit', 'pmap'):
+    raise ValueError(f'config.parallelism={config.parallelism!r} is unknown; use jit or pmap.')
+  if config.parallelism == 'jit' and not config.sync_batch_stats:
+    raise ValueError(
+      'config.sync_batch_stats=False needs config.parallelism=pmap: under sharded jit BatchNorm '
+      'statistics are always over the global batch.'
+    )
+
+
+def _validate_distill(d: ml_collections.ConfigDict, per_device: int, num_devices: int) -> None:
+  if d.ce_weight < 0:
+    raise ValueError(f'config.distill.ce_weight must be >= 0, got {d.ce_weight}.')
+  if d.ce_weight == 0 and not objectives.active(d):
+    raise ValueError(
+      'config.distill.ce_weight=0 with no distillation weight leaves no loss to train on; set '
+      'ce_weight > 0 or a distill.*_weight.'
+    )
+  for method in objectives.METHODS:
+    if d[f'{method}_weight'] < 0:
+      raise ValueError(f'config.distill.{method}_weight must be >= 0, got {d[method + "_weight"]}.')
+  if d.lp_weight and not 1 <= d.k < per_device:
+    raise ValueError(
+      f'config.distill.k={d.k} must be at least 1 and smaller than the per-device batch '
+      f'({per_device * num_devices} over {num_devices} devices = {per_device}); lower k or raise '
+      'batch_size.'
+    )
+  if d.sigma2 is not None and d.sigma2 <= 0:
+    raise ValueError(f'config.distill.sigma2 must be positive or None, got {d.sigma2}.')
+  if d.kd_weight and d.kd_temperature <= 0:
+    raise ValueError(f'config.distill.kd_temperature must be positive, got {d.kd_temperature}.')
+
+
+def _validate_teacher_cache(config: ml_collections.ConfigDict) -> None:
+  caching = config.teacher.cache_outputs and objectives.active(config.distill)
+  if feed.per_process_data(config) and config.parallelism == 'jit':
+    for what, on in (
+      ('input=device', config.input == 'device'),
+      ('teacher.cache_outputs', caching),
+    ):
+      if on:
+        raise ValueError(
+          f'config.{what} holds per-process data on the devices, which sharded jit cannot do '
+          'with config.distributed.per_process_data=True on several processes; use '
+          'parallelism=pmap, or turn one of them off.'
+        )
+  if caching and config.augment != 'none':
+    raise ValueError(
+      f'config.teacher.cache_outputs=True needs config.augment=none: with {config.augment!r} '
+      'augmentation the teacher sees new images every step, so its outputs cannot be cached; '
+      'turn one of them off.'
+    )

@@ -1,6 +1,7 @@
 """Evaluation over every example of a split, once each: accuracy, and with a teacher, how much of
 the teacher the student keeps (top-1 agreement, neighbourhood preservation, linear CKA)."""
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -119,3 +120,40 @@ def evaluate(
       np.concatenate(embeddings['teacher_embedding']),
     )
   return result
+
+
+# The evaluation results an epoch record keeps, as `test_<name>`.
+RECORDED = ('accuracy', 'loss', 'agreement', 'neighbourhood_preservation', 'cka')
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """A run's evaluation: `evaluator(variables)` is `evaluate` of the student with `variables` on
+  the test split, with the run's batch, placement, teacher diagnostics, k and feature."""
+
+  model: nn.Module
+  split: data.Split
+  info: data.DatasetInfo
+  batch_size: int
+  sharding: jax.sharding.Sharding | None = None
+  teacher: tuple[nn.Module, Any] | None = None
+  k: int = 5
+  feature: str = 'embedding'
+
+  def __call__(self, variables: dict[str, Any]) -> dict[str, float]:
+    return evaluate(
+      self.model,
+      variables,
+      self.split,
+      info=self.info,
+      batch_size=self.batch_size,
+      sharding=self.sharding,
+      teacher=self.teacher,
+      k=self.k,
+      feature=self.feature,
+    )
+
+
+def record_fields(evaluation: dict[str, float]) -> dict[str, float]:
+  """The `test_<name>` fields of an epoch record from an evaluation."""
+  return {f'test_{k}': evaluation[k] for k in RECORDED if k in evaluation}

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lpe import checkpoint, data, evaluate, models, objectives, study, train
+from lpe import checkpoint, data, evaluate, models, objectives, report, state, study, teacher, train
+from lpe import config as config_lib
+from lpe import workdir as workdir_lib
 
 
 def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None = None) -> dict:
@@ -46,13 +48,13 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
     step = steps[-1] if step is None else step
     if step not in steps:
       raise ValueError(f'{path} has no checkpoint at step {step}; it has steps {list(steps)}.')
-    state = jax.eval_shape(
-      lambda: train.create_train_state(model, config, jax.random.key(0), info.image_shape, 1)
+    abstract = jax.eval_shape(
+      lambda: state.create_train_state(model, config, jax.random.key(0), info.image_shape, 1)
     )
     # Checks the shapes against config.json's model first, so another architecture is a clear
     # error rather than an orbax shape error.
-    state = checkpoint.restore_step(manager, step, state)
-    variables = train.variables_of(state)
+    restored = checkpoint.restore_step(manager, step, abstract)
+    variables = state.variables_of(restored)
     dataset, data_dir = config.dataset, data_dir or config.data_dir or None
   else:
     variables, meta = checkpoint.load_variables(path)
@@ -68,21 +70,6 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
   test = data.load_split(dataset, 'test', data_dir)
   result = evaluate.evaluate(model, variables, test, info=info, batch_size=1000)
   return dict(result, model=config.model, dataset=dataset, step=step, source=os.path.abspath(path))
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-  lines = [
-    '| run | model | parameters | test accuracy (last epoch) | best epoch | train time |',
-    '|---|---|---:|---:|---:|---:|',
-  ]
-  for r in rows:
-    best = f'{100 * r["best_test_accuracy"]:.2f}%' if r.get('best_test_accuracy') else '-'
-    time_s = f'{r["train_time_s"]:.0f} s' if r.get('train_time_s') else '-'
-    lines.append(
-      f'| {r["name"]} | {r["model"]} | {r["params"]:,} | {100 * r["test_accuracy"]:.2f}% '
-      f'| {best} | {time_s} |'
-    )
-  return '\n'.join(lines)
 
 
 COMPARISON_KEYS = ('teacher_checkpoint', 'runs')
@@ -120,31 +107,25 @@ def _comparison_plan(
     plan.append((name, run))
   for name, run in plan:
     try:
-      train.validate_config(run, jax.device_count())
+      config_lib.validate(run, jax.device_count())
     except ValueError as error:
       raise ValueError(_in_run(str(error), name)) from error
-    train.check_workdir_config(
+    workdir_lib.check_config(
       run, os.path.join(workdir, name), allow_config_change=allow_config_change
     )
   if config.teacher_checkpoint:
-    teacher = checkpoint.load_variables(config.teacher_checkpoint)[1]
+    meta = checkpoint.load_variables(config.teacher_checkpoint)[1]
   else:
     info = data.dataset_info(runs['teacher'].dataset)
-    teacher = {'model': runs['teacher'].model, 'num_classes': info.num_classes}
+    meta = {'model': runs['teacher'].model, 'num_classes': info.num_classes}
   for name, run in plan:
     if name == 'teacher' or not objectives.active(run.distill):
       continue
-    if run.teacher.model != teacher['model']:
-      raise ValueError(
-        f'config.runs.{name}.teacher.model is {run.teacher.model!r} but its teacher '
-        f'{teacher_path} is a {teacher["model"]!r}; make them agree.'
-      )
     classes = data.dataset_info(run.dataset).num_classes
-    if teacher['num_classes'] != classes:
-      raise ValueError(
-        f'The teacher {teacher_path} has {teacher["num_classes"]} classes but config.runs.'
-        f'{name}.dataset {run.dataset!r} has {classes}; use a teacher trained on that dataset.'
-      )
+    try:
+      teacher.check_compatible(meta, run, classes, where=teacher_path)
+    except ValueError as error:
+      raise ValueError(_in_run(str(error), name)) from error
   return teacher_path, plan
 
 
@@ -183,9 +164,10 @@ def compare(
         run, os.path.join(workdir, name), allow_config_change=allow_config_change
       )
     )
-  table = _table(rows)
-  print('\n' + table, flush=True)
-  if jax.process_index() == 0:
+  table = report.results_table(rows)
+  reporter = report.Reporter('compare')
+  reporter.say('\n' + table)
+  if reporter.active:
     with open(os.path.join(workdir, 'summary.md'), 'w') as f:
       f.write(table + '\n')
   return rows

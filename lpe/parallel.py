@@ -10,7 +10,9 @@ Either way the LP neighbourhoods are taken over the global batch, so the loss do
 the device count.
 """
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -101,3 +103,62 @@ def first_replica(tree: Any) -> Any:
 def unreplicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Takes the first local copy of a pmap-replicated pytree, as a mesh-replicated pytree."""
   return jax.device_put(first_replica(tree), replicated(mesh))
+
+
+class Placement:
+  """Where the state, batches and resident arrays live for a data-parallel mode, `'jit'` or
+  `'pmap'`, over every device of every process.
+
+  The canonical state (checkpoints, evaluation, export) is always mesh-replicated; under pmap the
+  step works on a per-device copy (`state`, and `canonical` to come back).
+  """
+
+  def __init__(self, mode: str):
+    if mode not in ('jit', 'pmap'):
+      raise ValueError(f'config.parallelism={mode!r} is unknown; use jit or pmap.')
+    self.mode = mode
+    self.mesh = make_mesh()
+    self.replicated = replicated(self.mesh)
+    self.sharded = batch_sharded(self.mesh)
+
+  def compile(self, step: Callable) -> Callable:
+    """`step` compiled for this mode, donating its first argument (the state)."""
+    if self.mode == 'pmap':
+      step = functools.partial(step, axis_name=AXIS)
+      return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,))
+
+  def state(self, canonical: Any) -> Any:
+    """Canonical (mesh-replicated) state to the form the step takes."""
+    if self.mode == 'pmap':
+      return replicate_for_pmap(canonical)
+    return jax.device_put(canonical, self.replicated)
+
+  def canonical(self, state: Any) -> Any:
+    """The step's state back to the canonical, mesh-replicated form."""
+    return unreplicate(state, self.mesh) if self.mode == 'pmap' else state
+
+  def batch(self, local_rows: Any) -> Any:
+    """This process's rows of a global batch, placed for the step."""
+    if self.mode == 'pmap':
+      return per_device(local_rows)
+    return global_batch(local_rows, self.sharded)
+
+  def metrics(self, metrics: Any) -> Any:
+    """The step's metrics as one (global) value each."""
+    return first_replica(metrics) if self.mode == 'pmap' else metrics
+
+  def resident(self, tree: Any) -> Any:
+    """Host arrays (a whole split, cached teacher outputs) held whole on every device."""
+    if self.mode == 'pmap':
+      return replicate_for_pmap(tree)
+    place = lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
+    return jax.tree.map(place, tree)
+
+  def compile_take(self) -> Callable[[Any, Any], Any]:
+    """`take(resident, index)`: the rows `index` (placed by `batch`) of each resident array,
+    gathered on the devices and placed like a batch."""
+    take = lambda tree, index: jax.tree.map(lambda x: x[index], tree)
+    if self.mode == 'pmap':
+      return jax.pmap(take, axis_name=AXIS)
+    return jax.jit(take, out_shardings=self.sharded)

@@ -21,11 +21,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from lpe import checkpoint, data, evaluate, metrics_io, models, objectives, train
+from lpe import checkpoint, data, evaluate, metrics_io, models, report, train
 
 # The page's row order (ConfigDict keys come back sorted).
 ORDER = ('kd', 'fitnet', 'at', 'sp', 'rkd', 'pkt', 'lp')
-LABELS = {'student': 'student alone', **objectives.LABELS, 'lp_kd': 'LP+KD'}
 
 
 def _run_config(base: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
@@ -113,12 +112,6 @@ def final(config, workdir: str, best, *, allow_config_change: bool = False) -> d
   return dirs
 
 
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-  mean = scale * statistics.fmean(values)
-  std = scale * statistics.stdev(values) if len(values) > 1 else 0.0
-  return f'{mean:.{digits}f} ± {std:.{digits}f}'
-
-
 def summarise(dirs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
   """Per row: last/best test accuracies, neighbourhood preservation, extra params, epoch time."""
   out = {}
@@ -142,45 +135,6 @@ def summarise(dirs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
   return out
 
 
-def _plots(summary, teacher_accuracy: float, folder: str, stem: str) -> tuple[str, str]:
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  rows = list(summary)
-  bars = f'{stem}_accuracy.png'
-  fig, ax = plt.subplots(figsize=(8, 4))
-  means = [100 * np.mean(summary[r]['last']) for r in rows]
-  stds = [
-    100 * np.std(summary[r]['last'], ddof=1) if len(summary[r]['last']) > 1 else 0.0 for r in rows
-  ]
-  ax.bar([LABELS[r] for r in rows], means, yerr=stds, capsize=4, color='tab:blue')
-  ax.axhline(100 * teacher_accuracy, color='tab:red', linestyle='--', label='teacher')
-  low = min(m - s for m, s in zip(means, stds, strict=True))
-  ax.set_ylim(max(0.0, low - 2.0), max(100 * teacher_accuracy, max(means)) + 1.0)
-  ax.set_ylabel('test accuracy, last epoch (%)')
-  ax.set_title('mean ± std over seeds')
-  ax.legend()
-  plt.setp(ax.get_xticklabels(), rotation=30, ha='right')
-  fig.tight_layout()
-  fig.savefig(os.path.join(folder, bars), dpi=110)
-  plt.close(fig)
-
-  curves = f'{stem}_curves.png'
-  fig, ax = plt.subplots(figsize=(8, 4))
-  for r in rows:
-    curve = 100 * np.mean(np.asarray(summary[r]['curves']), axis=0)
-    ax.plot(np.arange(1, len(curve) + 1), curve, marker='o', label=LABELS[r])
-  ax.set_xlabel('epoch')
-  ax.set_ylabel('test accuracy (%), mean over seeds')
-  ax.legend(ncol=2, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(folder, curves), dpi=110)
-  plt.close(fig)
-  return bars, curves
-
-
 def _teacher_row(config) -> dict[str, Any]:
   variables, meta = checkpoint.load_variables(config.base.teacher.checkpoint)
   info = data.dataset_info(meta['dataset'])
@@ -193,73 +147,6 @@ def _teacher_row(config) -> dict[str, Any]:
   return {'accuracy': result['accuracy'], 'model': meta['model'], 'params': meta['params']}
 
 
-def write_page(config, workdir: str, best, summary) -> str:
-  """Writes the results page and its plots; returns the page's path."""
-  page = config.page
-  folder = os.path.dirname(os.path.abspath(page))
-  os.makedirs(folder, exist_ok=True)
-  teacher = _teacher_row(config)
-  stem = os.path.splitext(os.path.basename(page))[0]
-  bars, curves = _plots(summary, teacher['accuracy'], folder, stem)
-  with open(os.path.join(workdir, 'sweep.json')) as f:
-    sweep_rows = json.load(f)['rows']
-  base = config.base
-  lines = [
-    f'# {config.title}',
-    '',
-    f'Produced by `{config.command}` ({config.description}).',
-    '',
-    f'Teacher: `{teacher["model"]}` ({teacher["params"]:,} parameters), loaded from '
-    f'`{base.teacher.checkpoint}`. Student: `{base.model}` ({summary["student"]["params"]:,} '
-    f'parameters). Each student row is {config.final.epochs} epochs, {base.optimizer} at learning '
-    f'rate {base.learning_rate:g} ({base.lr_schedule}), batch {base.batch_size}, over '
-    f'{config.final.seeds} seeds (0..{config.final.seeds - 1}); accuracies are on the whole test '
-    'split, mean ± standard deviation over seeds. "kept" is the neighbourhood preservation: the '
-    f"mean fraction of each test image's {base.distill.k} nearest teacher neighbours that are "
-    f'among its {base.distill.k} nearest student neighbours, within test batches of '
-    f'{base.eval_batch_size}. Epoch time is the training time of one epoch on this machine.',
-    '',
-    '| method | objective | last epoch (%) | best epoch (%) | extra trainable params | kept '
-    '| linear CKA | epoch time (s) |',
-    '|---|---|---:|---:|---:|---:|---:|---:|',
-    f'| teacher | CE | {100 * teacher["accuracy"]:.2f} | - | - | 1 | 1 | - |',
-  ]
-  for row, s in summary.items():
-    lines.append(
-      f'| {LABELS[row]} | {s["objective"]} | {_mean_std(s["last"])} | {_mean_std(s["best"])} '
-      f'| {s["extra_params"]:,} | {_mean_std(s["kept"], 1.0, 3)} | {_mean_std(s["cka"], 1.0, 3)} '
-      f'| {statistics.fmean(s["epoch_time"]):.0f} |'
-    )
-  lines += [
-    '',
-    f'![test accuracy per method]({bars})',
-    '',
-    f'![test accuracy per epoch]({curves})',
-    '',
-    '## The sweep',
-    '',
-    f'Each weight (and k for LP) trained once (seed {config.sweep.seed}, {config.sweep.epochs} '
-    f'epoch(s)) on `{config.sweep.train_split}` and scored on `{config.sweep.val_split}` '
-    '(validation accuracy, %); the best per method (bold) is used above.',
-    '',
-    '| run | validation accuracy (%) |',
-    '|---|---:|',
-  ]
-  chosen = {b['run'] for b in best.values()}
-  for r in sweep_rows:
-    mark = '**' if r['run'] in chosen else ''
-    lines.append(f'| {mark}{r["run"]}{mark} | {mark}{100 * r["val_accuracy"]:.2f}{mark} |')
-  notes = config.notes_file
-  if notes and os.path.exists(notes):
-    with open(notes) as f:
-      lines += ['', f.read().strip()]
-  else:
-    lines += ['', f'(No notes: {notes or "config.notes_file"} does not exist.)']
-  with open(page, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  return page
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=False) -> str:
   """The whole study: sweep, final runs, page. Returns the page's path."""
   os.makedirs(workdir, exist_ok=True)
@@ -268,6 +155,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=
   summary = summarise(dirs)
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump({'best': best, 'summary': summary}, f, indent=2)
-  path = write_page(config, workdir, best, summary)
-  print(f'Wrote {path}.', flush=True)
+  with open(os.path.join(workdir, 'sweep.json')) as f:
+    sweep_rows = json.load(f)['rows']
+  path = report.write_study_page(config, best, summary, sweep_rows, _teacher_row(config))
+  report.Reporter('study').say(f'Wrote {path}.')
   return path

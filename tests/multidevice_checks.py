@@ -4,7 +4,6 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax is imp
 checks run in their own process and print one JSON object for the test to assert on.
 """
 
-import functools
 import json
 import sys
 
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpe import config as lpe_config
-from lpe import data, evaluate, models, parallel, train
+from lpe import data, evaluate, models, parallel, state, step
 
 
 def _setup(model_name: str, image_shape, n: int):
@@ -44,32 +43,25 @@ def step_equivalence(model_name: str, image_shape, augment: str) -> dict:
   """One train step with LP, KD, AT, SP, RKD and PKT: 1 device vs pmap vs sharded jit on 8."""
   n = 32
   info, teacher, teacher_vars, config, images, labels = _setup(model_name, image_shape, n)
+  config.augment = augment
   results = {}
   for mode in ('single', 'pmap', 'jit'):
     student = models.build(model_name, 10, bn_axis_name=parallel.AXIS if mode == 'pmap' else None)
-    state = train.create_train_state(student, config, jax.random.key(0), image_shape, 10)
-    step = functools.partial(
-      train.train_step,
-      student=student,
-      teacher=teacher,
-      info=info,
-      distill=dict(config.distill),
-      augment=augment,
-      seed=0,
-    )
+    start = state.create_train_state(student, config, jax.random.key(0), image_shape, 10)
+    step_fn = step.make_train_step(config, student, teacher, info)
     if mode == 'single':
       one = jax.devices()[0]
-      new_state, metrics = jax.jit(step)(
-        *jax.device_put((state, teacher_vars, images, labels), one)
+      new_state, metrics = jax.jit(step_fn)(
+        *jax.device_put((start, teacher_vars, images, labels), one)
       )
     else:
-      place = train._Placement(mode)
-      compiled = place.compile(step)
-      canonical = jax.device_put(state, place.replicated)
+      place = parallel.Placement(mode)
+      compiled = place.compile(step_fn)
+      canonical = jax.device_put(start, place.replicated)
       tv = place.state(jax.device_put(teacher_vars, place.replicated))
       new_state, metrics = compiled(place.state(canonical), tv, *place.batch((images, labels)))
       new_state, metrics = place.canonical(new_state), place.metrics(metrics)
-    results[mode] = (jax.device_get(train.variables_of(new_state)), jax.device_get(metrics))
+    results[mode] = (jax.device_get(state.variables_of(new_state)), jax.device_get(metrics))
   base_vars, base_metrics = results['single']
   out = {}
   for mode in ('pmap', 'jit'):
@@ -85,8 +77,8 @@ def step_equivalence(model_name: str, image_shape, augment: str) -> dict:
   out['single_loss'] = float(base_metrics['loss'])
   out['param_change'] = _max_diff(
     base_vars,
-    train.variables_of(
-      train.create_train_state(
+    state.variables_of(
+      state.create_train_state(
         models.build(model_name, 10), config, jax.random.key(0), image_shape, 10
       )
     ),

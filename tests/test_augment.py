@@ -5,7 +5,7 @@ import itertools
 import jax
 import numpy as np
 
-from lpe import train
+from lpe import augment
 
 # Every (dy, dx, flipped) a 32x32 crop of a 4-pixel zero-padded 32x32 image can take.
 CHOICES = list(itertools.product(range(9), range(9), (False, True)))
@@ -23,7 +23,7 @@ def _matches(image: np.ndarray, augmented: np.ndarray) -> list[tuple[int, int, b
 
 def test_each_output_is_a_padded_crop_possibly_flipped():
   images = np.random.default_rng(0).integers(1, 256, (64, 32, 32, 3)).astype(np.uint8)
-  out = np.asarray(jax.jit(train.augment_cifar)(jax.random.key(0), images))
+  out = np.asarray(jax.jit(augment.augment_cifar)(jax.random.key(0), images))
   assert out.shape == images.shape and out.dtype == images.dtype
   chosen = []
   for image, augmented in zip(images, out, strict=True):
@@ -37,13 +37,13 @@ def test_each_output_is_a_padded_crop_possibly_flipped():
 
 def test_offsets_reach_the_full_range():
   image = np.random.default_rng(1).integers(1, 256, (32, 32, 3)).astype(np.uint8)
-  out = np.asarray(train.augment_cifar(jax.random.key(2), np.repeat(image[None], 512, axis=0)))
+  out = np.asarray(augment.augment_cifar(jax.random.key(2), np.repeat(image[None], 512, axis=0)))
   chosen = [match[0] for match in _matches(image, out)]
   assert {dy for dy, _, _ in chosen} == set(range(9)) == {dx for _, dx, _ in chosen}
 
 
 def test_same_key_same_augmentation():
   images = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
-  a = train.augment_cifar(jax.random.key(5), images)
-  np.testing.assert_array_equal(a, train.augment_cifar(jax.random.key(5), images))
-  assert not np.array_equal(a, train.augment_cifar(jax.random.key(6), images))
+  a = augment.augment_cifar(jax.random.key(5), images)
+  np.testing.assert_array_equal(a, augment.augment_cifar(jax.random.key(5), images))
+  assert not np.array_equal(a, augment.augment_cifar(jax.random.key(6), images))

@@ -24,6 +24,7 @@ from absl import flags
 from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
+from lpe import config as config_lib
 from lpe import data, experiment, objectives, train
 
 # ml_collections loads config files with the deprecated importlib `load_module`.
@@ -94,7 +95,7 @@ def _teacher_config(model: str, dataset: str) -> str:
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_is_valid_and_documents_its_command(name):
   for run in _runs(_load(name)):
-    train.validate_config(run, 1)
+    config_lib.validate(run, 1)
   assert name in [config for config, _ in COMMAND.findall(_doc(name))], 'no launch command'
 
 

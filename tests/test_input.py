@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from lpe import checkpoint, data, train
+from lpe import checkpoint, data, feed, teacher, train
+from lpe import config as config_lib
 from tests import faults
 
 
@@ -57,11 +58,11 @@ def test_index_batches_are_the_batches_of_train_batches(fashion_data_dir):
 
 def test_auto_input_holds_small_splits_on_the_device(small_config, monkeypatch):
   split = data.Split(np.zeros((10, 4, 4, 1), np.uint8), np.zeros(10, np.int32))
-  assert train.input_path(small_config, split) == 'device'  # The default is 'auto'.
-  monkeypatch.setattr(train, 'DEVICE_INPUT_MAX_BYTES', split.images.nbytes - 1)
-  assert train.input_path(small_config, split) == 'host'
+  assert feed.input_path(small_config, split) == 'device'  # The default is 'auto'.
+  monkeypatch.setattr(feed, 'DEVICE_INPUT_MAX_BYTES', split.images.nbytes - 1)
+  assert feed.input_path(small_config, split) == 'host'
   small_config.input = 'device'
-  assert train.input_path(small_config, split) == 'device'
+  assert feed.input_path(small_config, split) == 'device'
 
 
 @pytest.mark.parametrize('augment', ['none', 'cifar'])
@@ -98,15 +99,15 @@ def test_teacher_cache_holds_the_teachers_outputs(fashion_data_dir, teacher_dir)
 
   split = data.load_split('fashion_mnist', 'train', fashion_data_dir)
   info = data.dataset_info('fashion_mnist')
-  teacher = models.build('cnn_student', 10)
+  teacher_module = models.build('cnn_student', 10)
   variables, _ = checkpoint.load_variables(teacher_dir)
   distill = {'lp_weight': 1.0, 'feature': 'embedding', 'at_weight': 1.0, 'at_features': ['stage1']}
-  logits, features = train.teacher_outputs_cache(
-    teacher, variables, split, info=info, distill=distill, batch_size=96
+  logits, features = teacher.outputs_cache(
+    teacher_module, variables, split, info=info, distill=distill, batch_size=96
   )
   assert sorted(features) == ['embedding', 'stage1']
   rows = np.array([0, 7, 300, len(split) - 1])
-  want_logits, want = teacher.apply(
+  want_logits, want = teacher_module.apply(
     variables, data.preprocess(split.images[rows], info), train=False
   )
   assert logits.shape == (len(split), 10)
@@ -136,7 +137,7 @@ def test_teacher_cache_refuses_augmentation_and_oversize_before_any_write(
   with pytest.raises(ValueError, match='cache_outputs=True needs config.augment=none'):
     train.train_and_evaluate(config, str(workdir))
   config.augment = 'none'
-  monkeypatch.setattr(train, 'TEACHER_CACHE_MAX_BYTES', 1000)
+  monkeypatch.setattr(teacher, 'CACHE_MAX_BYTES', 1000)
   with pytest.raises(ValueError, match=r'would hold .* GiB of teacher outputs .* embedding'):
     train.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
@@ -156,7 +157,7 @@ def test_teacher_cache_with_a_feature_the_teacher_lacks_is_a_clear_error(
 def test_unknown_input_path_is_refused(small_config):
   small_config.input = 'gpu'
   with pytest.raises(ValueError, match="config.input='gpu' is unknown; use auto, device or host"):
-    train.validate_config(small_config, 1)
+    config_lib.validate(small_config, 1)
 
 
 def test_per_process_data_under_jit_refuses_device_held_data(small_config, monkeypatch):
@@ -165,10 +166,10 @@ def test_per_process_data_under_jit_refuses_device_held_data(small_config, monke
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   small_config.distributed.per_process_data = True
   split = data.Split(np.zeros((10, 4, 4, 1), np.uint8), np.zeros(10, np.int32))
-  assert train.input_path(small_config, split) == 'host'
+  assert feed.input_path(small_config, split) == 'host'
   small_config.input = 'device'
   with pytest.raises(ValueError, match='config.input=device holds per-process data'):
-    train.validate_config(small_config, 2)
+    config_lib.validate(small_config, 2)
   small_config.parallelism = 'pmap'
-  train.validate_config(small_config, 2)
-  assert train.input_path(small_config, split) == 'device'
+  config_lib.validate(small_config, 2)
+  assert feed.input_path(small_config, split) == 'device'

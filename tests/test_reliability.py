@@ -22,8 +22,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lpe import checkpoint, data, experiment, metrics_io, models, train
+from lpe import checkpoint, data, experiment, metrics_io, models, state, step, train
 from lpe import config as config_lib
+from lpe import workdir as workdir_lib
 from tests import faults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -302,7 +303,7 @@ def _abstract_state(config, model: str = 'cnn_student'):
   info = data.dataset_info(config.dataset)
   student = models.build(model, info.num_classes)
   return jax.eval_shape(
-    lambda: train.create_train_state(student, config, jax.random.key(0), info.image_shape, 8)
+    lambda: state.create_train_state(student, config, jax.random.key(0), info.image_shape, 8)
   )
 
 
@@ -350,8 +351,8 @@ def test_all_checkpoints_corrupt_is_a_clear_error_and_nothing_is_moved(
 ):
   workdir = str(tmp_path / 'run')
   shutil.copytree(preempted, workdir)
-  for step in (8, 9, 11):
-    _truncate('')(os.path.join(workdir, 'checkpoints', str(step)))
+  for saved in (8, 9, 11):
+    _truncate('')(os.path.join(workdir, 'checkpoints', str(saved)))
   manager = checkpoint.checkpoint_manager(workdir, max_to_keep=3)
   with pytest.raises(checkpoint.CorruptCheckpointError, match='None of the 3 checkpoints'):
     checkpoint.restore_latest(manager, _abstract_state(_config(fashion_data_dir)))
@@ -462,29 +463,16 @@ def test_nan_step_with_skip_keeps_the_old_state_but_counts_the_step():
   info = data.dataset_info('fashion_mnist')
   config = config_lib.default_config()
   student = models.build('cnn_student', 10)
-  state = train.create_train_state(student, config, jax.random.key(0), info.image_shape, 10)
+  config.skip_nonfinite_batches = True
+  start = state.create_train_state(student, config, jax.random.key(0), info.image_shape, 10)
   images = np.full((8, 28, 28, 1), 7, np.uint8)
   labels = np.arange(8, dtype=np.int32)
-  step = jax.jit(
-    lambda s, x: train.train_step(
-      s,
-      None,
-      x,
-      labels,
-      student=student,
-      teacher=None,
-      info=info,
-      distill=dict(config.distill),
-      augment='none',
-      seed=0,
-      skip_nonfinite=True,
-    )
-  )
+  step_fn = jax.jit(step.make_train_step(config, student, None, info))
   with pytest.MonkeyPatch.context() as monkeypatch:
     monkeypatch.setattr(data, 'preprocess', lambda images, info: jnp.full(images.shape, jnp.nan))
-    new, metrics = step(state, images)
+    new, metrics = step_fn(start, None, images, labels)
   assert float(metrics['finite']) == 0.0 and int(new.step) == 1
-  assert _leaves_equal(new.params, state.params) and _leaves_equal(new.opt_state, state.opt_state)
+  assert _leaves_equal(new.params, start.params) and _leaves_equal(new.opt_state, start.opt_state)
 
 
 # --- Validation before any work ----------------------------------------------------------------
@@ -592,8 +580,8 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(preempted, tmp_p
   # Fields that do not change the parameters may change; others need the flag.
   safe = saved.copy_and_resolve_references()
   safe.log_every_steps, safe.keep_checkpoints, safe.name = 1, 5, 'renamed'
-  assert train.check_workdir_config(safe, workdir) == []
-  allowed = train.check_workdir_config(changed, workdir, allow_config_change=True)
+  assert workdir_lib.check_config(safe, workdir) == []
+  allowed = workdir_lib.check_config(changed, workdir, allow_config_change=True)
   assert allowed == ['learning_rate: 0.003 -> 0.1', 'num_epochs: 2 -> 5']
 
 
@@ -609,7 +597,10 @@ def test_comparison_checks_every_run_before_training_any(fashion_data_dir, tmp_p
   with pytest.raises(ValueError, match='config.runs.lp.distill.k=128 must be at least 1'):
     experiment.run(config, workdir)
   config.runs.lp.distill.k = 5
-  with pytest.raises(ValueError, match="config.runs.lp.teacher.model is 'cnn_teacher' but its"):
+  with pytest.raises(
+    ValueError,
+    match="holds a 'cnn_student' model, but config.runs.lp.teacher.model is 'cnn_teacher'",
+  ):
     config.runs.teacher.model = 'cnn_student'
     experiment.run(config, workdir)
   config.runs.teacher.model = 'cnn_teacher'

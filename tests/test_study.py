@@ -6,7 +6,7 @@ import os
 import ml_collections
 
 from configs import fashion_mnist_student, fashion_mnist_study
-from lpe import experiment, study, train
+from lpe import experiment, report, train
 
 
 def test_quick_study_writes_the_page(fashion_data_dir, tmp_path):
@@ -42,4 +42,4 @@ def test_quick_study_writes_the_page(fashion_data_dir, tmp_path):
   # Every final run trained with its own seed, two seeds per row.
   for row in ('student', 'lp', 'kd', 'lp_kd'):
     assert sorted(os.listdir(tmp_path / 'study' / 'final' / row)) == ['seed0', 'seed1']
-  assert study.LABELS['lp_kd'] == 'LP+KD'
+  assert report.LABELS['lp_kd'] == 'LP+KD'

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpe import checkpoint, data, experiment, models, train
+from lpe import augment, checkpoint, data, experiment, models, state, step, train
+from lpe import config as config_lib
 from tests.conftest import TEST_SIZE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,22 +36,9 @@ def _teacher_and_batch(n=16):
 
 def _step(config, teacher, teacher_vars, info, images, labels):
   student = models.build(config.model, 10)
-  state = train.create_train_state(student, config, jax.random.key(0), info.image_shape, 10)
-  step = jax.jit(
-    lambda s, tv, x, y: train.train_step(
-      s,
-      tv,
-      x,
-      y,
-      student=student,
-      teacher=teacher,
-      info=info,
-      distill=dict(config.distill),
-      augment='none',
-      seed=0,
-    )
-  )
-  return state, step(state, teacher_vars, images, labels)
+  train_state = state.create_train_state(student, config, jax.random.key(0), info.image_shape, 10)
+  step_fn = jax.jit(step.make_train_step(config, student, teacher, info))
+  return train_state, step_fn(train_state, teacher_vars, images, labels)
 
 
 def test_train_step_distills_only_the_student(small_config):
@@ -81,9 +69,9 @@ def test_lp_term_changes_the_gradient(small_config):
 
 def test_cifar_augmentation_keeps_shape_and_content():
   images = jnp.arange(2 * 32 * 32 * 3, dtype=jnp.int32).reshape(2, 32, 32, 3).astype(jnp.uint8)
-  out = train.augment_cifar(jax.random.key(0), images)
+  out = augment.augment_cifar(jax.random.key(0), images)
   assert out.shape == images.shape and out.dtype == images.dtype
-  assert not np.array_equal(out, train.augment_cifar(jax.random.key(1), images))
+  assert not np.array_equal(out, augment.augment_cifar(jax.random.key(1), images))
 
 
 def test_full_run_writes_outputs_and_learns(small_config, tmp_path):
@@ -157,25 +145,25 @@ def test_bad_config_values_stop_before_work(small_config, tmp_path, field, value
   small_config[field] = value
   devices = 8 if field == 'batch_size' else 1
   with pytest.raises(ValueError, match=message):
-    train.validate_config(small_config, devices)
-    train.make_optimizer(small_config, 10)
+    config_lib.validate(small_config, devices)
+    state.make_optimizer(small_config, 10)
   assert not os.path.exists(tmp_path / 'run')
 
 
 def test_negative_ce_weight_is_refused(small_config):
   small_config.distill.ce_weight = -0.1
   with pytest.raises(ValueError, match='config.distill.ce_weight must be >= 0, got -0.1'):
-    train.validate_config(small_config, 1)
+    config_lib.validate(small_config, 1)
   small_config.distill.ce_weight = 0.0
   with pytest.raises(ValueError, match='ce_weight=0 with no distillation weight leaves no loss'):
-    train.validate_config(small_config, 1)
+    config_lib.validate(small_config, 1)
 
 
 def test_k_not_below_batch_is_a_clear_error(small_config):
   small_config.distill.lp_weight = 0.1
   small_config.distill.k = small_config.batch_size
   with pytest.raises(ValueError, match='smaller than the per-device batch'):
-    train.validate_config(small_config, 1)
+    config_lib.validate(small_config, 1)
 
 
 def test_evaluate_saved_counts_each_test_example_once(small_config, tmp_path):

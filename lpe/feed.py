@@ -1,0 +1,117 @@
+"""Where each train step's inputs come from.
+
+A `Feed` turns the deterministic index batches of an epoch (`data.train_index_batches`, a pure
+function of `(seed, epoch)`) into the step's inputs `(images, labels, teacher_outputs)`, placed for
+the data-parallel mode: gathered on the devices from a split held there (`'device'` input), or
+copied from host memory (`'host'`), with this process's rows of every global batch and, when the
+teacher's outputs are cached, their rows too. Every path gives the same batches, bit for bit.
+"""
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lpe import data, parallel
+
+# The largest split (images) the device-resident input path takes when `config.input` is 'auto'.
+DEVICE_INPUT_MAX_BYTES = 2 * 2**30
+# Values of `config.input`.
+INPUTS = ('auto', 'device', 'host')
+
+StepInputs = tuple[jax.Array, jax.Array, Any]
+
+
+def per_process_data(config: ml_collections.ConfigDict) -> bool:
+  """Whether each process holds only its share of the training split."""
+  return config.distributed.per_process_data and jax.process_count() > 1
+
+
+def input_path(config: ml_collections.ConfigDict, split: data.Split) -> str:
+  """'device' or 'host': where `config.input` ('auto', 'device', 'host') puts the training split.
+
+  'auto' holds the split on the devices when its images take at most `DEVICE_INPUT_MAX_BYTES`
+  (MNIST, Fashion-MNIST and CIFAR all do): only the batch's indices cross to the devices each
+  step, and the gather, augmentation and the step run there. Both paths give the same batches.
+  Under sharded jit with per-process data the split differs between processes, which a
+  mesh-replicated array cannot hold, so 'auto' is 'host' there.
+  """
+  if config.input in ('device', 'host'):
+    return config.input
+  if per_process_data(config) and config.parallelism == 'jit':
+    return 'host'
+  return 'device' if split.images.nbytes <= DEVICE_INPUT_MAX_BYTES else 'host'
+
+
+class Feed:
+  """The inputs of every train step of a run, epoch by epoch."""
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    split: data.Split,
+    place: parallel.Placement,
+    teacher_outputs: Any = None,
+  ):
+    """Holds `split` (this process's share with per-process data) for `config`'s steps.
+
+    Args:
+      config: The run's config (batch_size, seed, input, steps_per_epoch_limit, distributed).
+      split: The training split as this process holds it.
+      place: The data-parallel placement of the step.
+      teacher_outputs: The teacher's `(logits, features)` for every example of `split`
+        (`lpe.teacher.outputs_cache`), held on the devices beside the split, or None.
+    """
+    self._split, self._place, self._seed = split, place, config.seed
+    per_process = per_process_data(config)
+    # The batch this process draws its index batches for: its share of the global batch when it
+    # holds only its share of the data, else the whole global batch (of which it feeds its rows).
+    self._index_batch = (
+      config.batch_size // jax.process_count() if per_process else config.batch_size
+    )
+    self._rows = slice(None) if per_process else parallel.process_rows(config.batch_size)
+    self.steps_per_epoch = _steps_per_epoch(config, len(split), self._index_batch, per_process)
+    resident = {}
+    if input_path(config, split) == 'device':
+      resident.update(images=split.images, labels=split.labels)
+    if teacher_outputs is not None:
+      resident['teacher'] = teacher_outputs
+    self._resident = place.resident(resident) if resident else None
+    self._take = place.compile_take()
+
+  def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepInputs]:
+    """The inputs of the steps of `epoch` from its step `start_step` on."""
+    indices = data.train_index_batches(
+      len(self._split),
+      batch_size=self._index_batch,
+      seed=self._seed,
+      epoch=epoch,
+      start_step=start_step,
+    )
+    for index in itertools.islice(indices, max(self.steps_per_epoch - start_step, 0)):
+      yield self._inputs(index)
+
+  def _inputs(self, index: np.ndarray) -> StepInputs:
+    """The step's inputs for the examples `index` (the global batch's indices)."""
+    local = index[self._rows]
+    gathered = self._take(self._resident, self._place.batch(local)) if self._resident else {}
+    if 'images' in gathered:
+      images, labels = gathered['images'], gathered['labels']
+    else:
+      images, labels = self._place.batch((self._split.images[local], self._split.labels[local]))
+    return images, labels, gathered.get('teacher')
+
+
+def _steps_per_epoch(
+  config: ml_collections.ConfigDict, num_examples: int, index_batch: int, per_process: bool
+) -> int:
+  steps = data.steps_per_epoch(num_examples, index_batch)
+  if per_process:  # Shares differ by at most one example: every process takes the fewest steps.
+    steps = int(np.min(multihost_utils.process_allgather(np.int32(steps))))
+  if config.steps_per_epoch_limit:
+    steps = min(steps, config.steps_per_epoch_limit)
+  return steps

@@ -1,0 +1,141 @@
+"""The distillation train step: CE plus the configured terms, differentiating only the student.
+
+`make_train_step(config, student, teacher, info)` is the one way to build the step; the trainer,
+the tests and the benchmarks all use it and compile it with `parallel.Placement.compile` (or
+`jax.jit` on one device).
+"""
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from lpe import augment, data, objectives
+from lpe.state import TrainState, make_variables
+
+Metrics = dict[str, jax.Array]
+
+
+def train_step(
+  state: TrainState,
+  teacher_variables: Mapping[str, Any] | None,
+  images: jax.Array,
+  labels: jax.Array,
+  teacher_outputs: tuple[jax.Array, Mapping[str, jax.Array]] | None = None,
+  *,
+  student: nn.Module,
+  teacher: nn.Module | None,
+  info: data.DatasetInfo,
+  distill: Mapping[str, Any],
+  augmentation: str,
+  seed: int,
+  skip_nonfinite: bool = False,
+  axis_name: str | None = None,
+) -> tuple[TrainState, Metrics]:
+  """One optimizer step of the student on CE plus the weighted terms of `distill`.
+
+  Args:
+    state: The student's state.
+    teacher_variables: The teacher's variables (None when not distilling, or when
+      `teacher_outputs` are given); never differentiated.
+    images: uint8 `[n, H, W, C]`: the global batch, or this device's rows under `axis_name`.
+    labels: int32 `[n]`.
+    teacher_outputs: The teacher's `(logits, features)` for these rows, cached ahead of training
+      (`lpe.teacher.outputs_cache`; only without augmentation), or None to run the teacher here.
+    student, teacher: The Flax modules (teacher None when not distilling).
+    info: The dataset's normalisation constants.
+    distill: Static hyper-parameters of the objective (`config.distill`; see lpe.objectives).
+    augmentation: One of `lpe.augment.AUGMENTATIONS`.
+    seed: Base seed; the augmentation rng is `fold_in(key(seed), step)`, so a resumed run draws
+      the same augmentations.
+    skip_nonfinite: When the loss, gradient norm or new parameter norm is not finite, keep the
+      old params, optimizer state and BatchNorm statistics (the step count still advances, so the
+      data order and augmentation stay those of the uninterrupted run).
+    axis_name: Under `pmap`, the device axis: the LP loss gathers over it and gradients, metrics
+      and BatchNorm statistics are averaged over it.
+
+  Returns:
+    The new state and scalar metrics: loss, ce, the active terms (lp, kd, ...), accuracy,
+    grad_norm, param_norm, and finite (1.0, or 0.0 when this step's loss or update is not
+    finite).
+  """
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  x = data.preprocess(augment.augment(augmentation, rng, images, axis_name=axis_name), info)
+  if teacher is not None and teacher_outputs is None:
+    teacher_outputs = teacher.apply(teacher_variables, x, train=False)
+  teacher_outputs = jax.lax.stop_gradient(teacher_outputs)
+
+  def loss_fn(params, aux_params):
+    mutable = ['batch_stats'] if state.batch_stats else False
+    out = student.apply(make_variables(params, state.batch_stats), x, train=True, mutable=mutable)
+    (logits, features), new_vars = out if mutable else (out, {})
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    terms = {}
+    if teacher is not None:
+      terms = objectives.distillation_terms(
+        distill, logits, features, *teacher_outputs, aux_params, axis_name=axis_name
+      )
+    loss = objectives.total_loss(distill, ce, terms)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, (dict(terms, ce=ce), accuracy, new_vars.get('batch_stats', state.batch_stats))
+
+  (loss, (terms, accuracy, batch_stats)), (grads, aux_grads) = jax.value_and_grad(
+    loss_fn, argnums=(0, 1), has_aux=True
+  )(state.params, state.aux_params)
+  metrics = dict(terms, loss=loss, accuracy=accuracy)
+  if axis_name:
+    # Every term is a mean over this device's rows (or a global relational value), so the mean
+    # over devices is the global value; the gathered terms' gradients already hold every
+    # device's share through the gather's transpose.
+    grads, aux_grads, metrics, batch_stats = jax.lax.pmean(
+      (grads, aux_grads, metrics, batch_stats), axis_name
+    )
+  new_state = state.apply_gradients(grads=grads, aux_grads=aux_grads, batch_stats=batch_stats)
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  metrics['param_norm'] = optax.tree.norm(new_state.params)
+  finite = jnp.isfinite(jnp.stack([metrics[k] for k in ('loss', 'grad_norm', 'param_norm')])).all()
+  if skip_nonfinite:
+    new_state = _keep_if(finite, new_state, state)
+  metrics['finite'] = finite.astype(jnp.float32)
+  return new_state, metrics
+
+
+def _keep_if(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+  """`new`, with the old params, optimizer state and statistics where `finite` is False."""
+  keep = functools.partial(jax.tree.map, lambda n, o: jnp.where(finite, n, o))
+  return new.replace(
+    params=keep(new.params, old.params),
+    opt_state=keep(new.opt_state, old.opt_state),
+    aux_params=keep(new.aux_params, old.aux_params),
+    batch_stats=keep(new.batch_stats, old.batch_stats),
+  )
+
+
+def make_train_step(
+  config: ml_collections.ConfigDict,
+  student: nn.Module,
+  teacher: nn.Module | None,
+  info: data.DatasetInfo,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+  """`train_step` with everything static bound from `config`, ready to compile.
+
+  The result takes `(state, teacher_variables, images, labels, teacher_outputs=None)`; the
+  teacher runs only when `config.distill` has an active term. Under `pmap` bind `axis_name` too
+  (`parallel.Placement.compile` does).
+  """
+  return functools.partial(
+    train_step,
+    student=student,
+    teacher=teacher if objectives.active(config.distill) else None,
+    info=info,
+    distill=dict(config.distill),
+    augmentation=config.augment,
+    seed=config.seed,
+    skip_nonfinite=config.skip_nonfinite_batches,
+  )

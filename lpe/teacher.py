@@ -1,0 +1,131 @@
+"""The frozen teacher: loading it, the one compatibility check, and its cached outputs.
+
+The teacher runs in inference mode from its exported variables (`model.msgpack`); it is never
+differentiated, updated or saved with the student.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lpe import checkpoint, data, models, objectives
+
+# The largest teacher-output cache `config.teacher.cache_outputs` builds.
+CACHE_MAX_BYTES = 2 * 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A loaded teacher: its module, exported variables, what `model.json` says, and its path."""
+
+  module: nn.Module
+  variables: Any
+  meta: dict[str, Any]
+  path: str
+
+
+def feature_shapes(module: nn.Module, image_shape: tuple[int, ...]) -> dict[str, Any]:
+  """The shapes of `module`'s named features for one image (no weights are needed)."""
+  x = jnp.zeros((1, *image_shape))
+  return jax.eval_shape(lambda: module.apply(module.init(jax.random.key(0), x), x))[1]
+
+
+def check_compatible(
+  meta: Mapping[str, Any], config: ml_collections.ConfigDict, num_classes: int, *, where: str
+) -> None:
+  """Raises a ValueError unless the teacher `meta` describes fits `config`.
+
+  Args:
+    meta: The teacher's description: its `model.json`, or a planned teacher run's `model` and
+      `num_classes`.
+    config: The distilling run's config (`teacher.model`, `dataset`).
+    num_classes: The classes of `config.dataset`.
+    where: The teacher's path, for the message.
+  """
+  if meta.get('model') != config.teacher.model:
+    raise ValueError(
+      f'The teacher {where} holds a {meta.get("model")!r} model, but config.teacher.model is '
+      f'{config.teacher.model!r}; make them agree.'
+    )
+  if meta.get('num_classes') != num_classes:
+    raise ValueError(
+      f'The teacher {where} has {meta.get("num_classes")} classes, but the dataset has '
+      f'{num_classes}; use a teacher trained on {config.dataset}.'
+    )
+
+
+def load(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtype=jnp.float32) -> Teacher:
+  """Builds `config.teacher.model` and loads `config.teacher.checkpoint`, checking they fit."""
+  path = config.teacher.checkpoint
+  if not path:
+    raise ValueError(
+      'Distillation is on (a config.distill weight is > 0) but config.teacher.checkpoint is '
+      "empty; set it to a teacher run's workdir or its model.msgpack."
+    )
+  variables, meta = checkpoint.load_variables(path)
+  check_compatible(meta, config, info.num_classes, where=path)
+  module = models.build(config.teacher.model, info.num_classes, dtype=dtype)
+  expected = jax.eval_shape(
+    functools.partial(module.init, train=False),
+    jax.random.key(0),
+    jnp.zeros((1, *info.image_shape)),
+  )
+  checkpoint.check_variables_match(variables, expected, what=f'Teacher checkpoint {path}')
+  return Teacher(module, jax.tree.map(jnp.asarray, variables), meta, path)
+
+
+def check_features(
+  distill: Mapping[str, Any], student: nn.Module, teacher: nn.Module, image_shape
+) -> None:
+  """Raises a ValueError naming a configured feature that the student or the teacher lacks."""
+  objectives.check_features(
+    distill, feature_shapes(student, image_shape), feature_shapes(teacher, image_shape)
+  )
+
+
+def outputs_cache(
+  teacher: nn.Module,
+  variables: Mapping[str, Any],
+  split: data.Split,
+  *,
+  info: data.DatasetInfo,
+  distill: Mapping[str, Any],
+  batch_size: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """The teacher's `(logits [N, classes], {feature: [N, ...]})` for every example of `split`.
+
+  Only the features the active distillation terms read are kept. Valid only while the training
+  images are not augmented (the teacher then sees exactly these images every epoch).
+
+  Raises:
+    ValueError: the cache would exceed `CACHE_MAX_BYTES`; the message names its size.
+  """
+  names = sorted(objectives.feature_names(distill))
+  x = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
+  logits, features = jax.eval_shape(lambda x: teacher.apply(variables, x, train=False), x)
+  per_example = [logits] + [features[n] for n in names]
+  size = len(split) * sum(np.prod(a.shape[1:]) * np.dtype(a.dtype).itemsize for a in per_example)
+  if size > CACHE_MAX_BYTES:
+    raise ValueError(
+      f'config.teacher.cache_outputs would hold {size / 2**30:.1f} GiB of teacher outputs '
+      f'(logits and {", ".join(names) or "no features"} for {len(split)} examples), more than '
+      f'{CACHE_MAX_BYTES / 2**30:.0f} GiB; set config.teacher.cache_outputs=False.'
+    )
+
+  @jax.jit
+  def forward(variables, images):
+    logits, features = teacher.apply(variables, data.preprocess(images, info), train=False)
+    return logits, {n: features[n] for n in names}
+
+  chunks = []
+  for images, _, mask in data.eval_batches(split, batch_size=batch_size):
+    outputs = forward(variables, images)
+    chunks.append(jax.tree.map(lambda a, m=mask: np.asarray(a)[m], outputs))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
