@@ -22,100 +22,82 @@ its dense layer), then the linear classifier. Dropout is left out. With 10 class
 dependent.
 
 Features: `stage{g}` is the output of conv group `g` (1-based, as the paper numbers groups) after
-its last activation and before its pool; `embedding` the pre-logit vector.
+its last activation and before its pool; `embedding` the classifier's input: for the FitNets the
+last group's output globally average-pooled, `[n, groups[-1][-1]]`; for the teacher the 500-unit
+maxout dense layer over the flattened map (not a pooled vector), `[n, 500]`.
 """
-
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpe.models.layers import ModelOutput, batch_norm, conv, global_avg_pool, max_pool_2x2, maxout
+from lpe.models.base import Model
+from lpe.models.layers import global_avg_pool, max_pool_2x2, maxout
 from lpe.models.registry import register
 
 _MAXOUT_CONV_PIECES = 2
 _MAXOUT_DENSE_PIECES = 5
 
 
-class FitNet(nn.Module):
+class FitNet(Model):
   """A FitNet: groups of 3x3 conv layers, pooled between groups, then a linear classifier.
+
+  `features['embedding']` is the last group's output (after its last ReLU or maxout) averaged
+  over space: `[n, groups[-1][-1]]`.
 
   Attributes:
     num_classes: Number of output classes.
     groups: Conv widths (units) of each group; groups but the last end in a 2x2 max pool, the
       last in a global average pool.
     maxout: Maxout units with 2 pieces instead of ReLU.
-    dtype: Computation dtype (parameters stay float32).
-    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
-    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    dtype, bn_axis_name, conv_impl: As in `base.Model`.
   """
 
-  num_classes: int
   groups: tuple[tuple[int, ...], ...]
   maxout: bool = False
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  conv_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
-    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
+  def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    conv, norm = self.layer_defs(train)
     pieces = _MAXOUT_CONV_PIECES if self.maxout else 1
-    x = x.astype(self.dtype)
     features = {}
     for g, widths in enumerate(self.groups, start=1):
       for j, width in enumerate(widths):
-        x = conv(
-          width * pieces, 3, dtype=self.dtype, conv_impl=self.conv_impl, name=f'group{g}_conv{j}'
-        )(x)
+        x = conv(width * pieces, 3, name=f'group{g}_conv{j}')(x)
         x = norm(name=f'group{g}_bn{j}')(x)
         x = maxout(x, pieces) if self.maxout else nn.relu(x)
       features[f'stage{g}'] = x
       if g < len(self.groups):
         x = max_pool_2x2(x)
-    x = global_avg_pool(x)
-    features['embedding'] = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    return logits, features
+    return global_avg_pool(x), features
 
 
-class MaxoutTeacher(nn.Module):
+class MaxoutTeacher(Model):
   """FitNets' wide CIFAR-10 maxout teacher: maxout convs 96-192-192, a 500-unit maxout layer.
+
+  `features['embedding']` is not a pooled map: it is the maxout dense layer (`dense_units`
+  units, each the max of 5 affine pieces) over the flattened map that the third conv layer's
+  max pool leaves, `[n, dense_units]`.
 
   Attributes:
     num_classes: Number of output classes.
     conv_units: Units of the three maxout conv layers.
     dense_units: Units of the maxout fully connected layer (the embedding width).
-    dtype: Computation dtype (parameters stay float32).
-    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
-    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    dtype, bn_axis_name, conv_impl: As in `base.Model`.
   """
 
-  num_classes: int
   conv_units: tuple[int, ...] = (96, 192, 192)
   dense_units: int = 500
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  conv_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
-    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
-    x = x.astype(self.dtype)
+  def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    conv, norm = self.layer_defs(train)
     features = {}
     for i, units in enumerate(self.conv_units, start=1):
-      x = conv(
-        units * _MAXOUT_CONV_PIECES, 3, dtype=self.dtype, conv_impl=self.conv_impl, name=f'conv{i}'
-      )(x)
+      x = conv(units * _MAXOUT_CONV_PIECES, 3, name=f'conv{i}')(x)
       x = maxout(norm(name=f'bn{i}')(x), _MAXOUT_CONV_PIECES)
       features[f'stage{i}'] = x
       x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.dense_units * _MAXOUT_DENSE_PIECES, dtype=self.dtype, name='dense')(x)
-    x = maxout(x, _MAXOUT_DENSE_PIECES)
-    features['embedding'] = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    return logits, features
+    return maxout(x, _MAXOUT_DENSE_PIECES), features
 
 
 @register('fitnet1')

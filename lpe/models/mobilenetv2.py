@@ -7,16 +7,15 @@ channels for widths <= 1; the classifier is a single linear layer.
 
 Features (RepDistiller's `is_feat=True` list): `stage0` the stem output, `stage1` to `stage4` the
 outputs of inverted-residual groups 1, 2, 4 and 6 (0-based; resolutions 16, 8, 4 and 2 for a 32x32
-input; these outputs are linear, there is no ReLU after a projection), `embedding` the pooled
-1280-vector after the last 1x1 conv + BN + ReLU.
+input; these outputs are linear, there is no ReLU after a projection), `embedding` the output of
+the last 1x1 conv + BN + ReLU globally average-pooled, `[n, 1280]`.
 """
-
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpe.models.layers import ModelOutput, ModuleDef, batch_norm, conv, global_avg_pool
+from lpe.models.base import Block, Model
+from lpe.models.layers import global_avg_pool
 from lpe.models.registry import register
 
 # (expansion t, channels c, repeats n, first stride s), before the width multiplier.
@@ -33,65 +32,54 @@ _SETTING = (
 _FEATURE_GROUPS = (1, 2, 4, 6)
 
 
-class InvertedResidual(nn.Module):
-  """1x1 expand + BN + ReLU, 3x3 depthwise (strided) + BN + ReLU, 1x1 project + BN."""
+class InvertedResidual(Block):
+  """1x1 expand + BN + ReLU, 3x3 depthwise (strided) + BN + ReLU, 1x1 project + BN.
+
+  Attributes:
+    features: Output channels of the linear 1x1 projection.
+    strides: Stride of the depthwise conv; the input is added back only at stride 1 and
+      unchanged width.
+    expansion: Hidden channels per input channel (the 1x1 expansion's factor).
+    conv, norm: As in `base.Block`.
+  """
 
   features: int
   strides: int
   expansion: int
-  norm: ModuleDef
-  dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     hidden = x.shape[-1] * self.expansion
-    out = conv(hidden, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='expand')(x)
+    out = self.conv(hidden, 1, name='expand')(x)
     out = nn.relu(self.norm(name='expand_bn')(out))
-    out = conv(
-      hidden,
-      3,
-      self.strides,
-      groups=hidden,
-      dtype=self.dtype,
-      conv_impl=self.conv_impl,
-      name='depthwise',
-    )(out)
+    out = self.conv(hidden, 3, self.strides, groups=hidden, name='depthwise')(out)
     out = nn.relu(self.norm(name='depthwise_bn')(out))
-    out = conv(self.features, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='project')(out)
+    out = self.conv(self.features, 1, name='project')(out)
     out = self.norm(name='project_bn')(out)
     if self.strides == 1 and x.shape[-1] == self.features:
       out = out + x
     return out
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Model):
   """RepDistiller's CIFAR MobileNetV2.
+
+  `features['embedding']` is the output of the last 1x1 conv + BN + ReLU (1280 channels for
+  `width_mult <= 1`) averaged over space: `[n, 1280]` for the registered net.
 
   Attributes:
     num_classes: Number of output classes.
     expansion: Expansion ratio T of every group but the first (which has 1).
     width_mult: Channel multiplier of the stem and the inverted-residual groups.
-    dtype: Computation dtype (parameters stay float32).
-    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
-    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    dtype, bn_axis_name, conv_impl: As in `base.Model`.
   """
 
-  num_classes: int
   expansion: int = 6
   width_mult: float = 0.5
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  conv_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
-    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
-    x = x.astype(self.dtype)
-    x = conv(
-      int(32 * self.width_mult), 3, 2, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1'
-    )(x)
-    x = nn.relu(norm(name='bn1')(x))
+  def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    conv, norm = self.layer_defs(train)
+    x = nn.relu(norm(name='bn1')(conv(int(32 * self.width_mult), 3, 2, name='conv1')(x)))
     features = {'stage0': x}
     for i, (t, c, n, s) in enumerate(_SETTING):
       t = t if t == 1 else self.expansion
@@ -100,21 +88,16 @@ class MobileNetV2(nn.Module):
           int(c * self.width_mult),
           s if j == 0 else 1,
           t,
-          norm,
-          self.dtype,
-          conv_impl=self.conv_impl,
+          conv=conv,
+          norm=norm,
           name=f'group{i}_{j}',
         )(x)
       if i in _FEATURE_GROUPS:
         features[f'stage{_FEATURE_GROUPS.index(i) + 1}'] = x
     last_channels = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
-    x = conv(last_channels, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(x)
-    x = nn.relu(norm(name='bn2')(x))
+    x = nn.relu(norm(name='bn2')(conv(last_channels, 1, name='conv2')(x)))
     # RepDistiller's AvgPool2d(2, ceil_mode=True) covers the whole 2x2 map of a 32x32 input.
-    x = global_avg_pool(x)
-    features['embedding'] = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    return logits, features
+    return global_avg_pool(x), features
 
 
 @register('MobileNetV2')

@@ -27,9 +27,13 @@ def names() -> list[str]:
 def build(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Returns the Flax module registered as `name`, with `num_classes` outputs.
 
-  Every module is called as `module.apply(variables, images, train=bool)` on NHWC images and
-  returns `(logits, features)`: `logits` is `[n, num_classes]`, `features` a dict of named
-  intermediate outputs that always holds `'embedding'`, the pooled pre-logit vector `[n, d]`.
+  Every module is a `base.Model`, called as `module.apply(variables, images, train=bool)` on
+  NHWC images; it returns `(logits, features)`: `logits` is `[n, num_classes]`, `features` a dict
+  of named intermediate outputs that always holds `'embedding'`, the pre-logit vector `[n, d]`
+  that the linear classifier reads. What that vector is depends on the model (each model's
+  docstring says): for the CIFAR zoo (ResNets, WRNs, VGGs, MobileNetV2, ShuffleNets) and the
+  FitNets it is the last feature map globally average-pooled; for `maxout_teacher` a maxout
+  dense layer, and for `cnn_*` a ReLU dense layer, over the flattened last map.
 
   Keyword arguments (for example `dtype` for the computation dtype, `bn_axis_name` for
   cross-device BatchNorm under `pmap`, `conv_impl` for how the convs compute, one of

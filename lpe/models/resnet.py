@@ -5,56 +5,60 @@ and no max-pool) share the same post-activation blocks and projection shortcuts 
 whenever the stride or the width changes), so one module covers both.
 
 Features: `stage0` is the stem output, `stage{i}` the output of residual stage `i` after its
-final ReLU (RepDistiller's `is_feat=True, preact=False` features), `embedding` the pooled vector.
+final ReLU (RepDistiller's `is_feat=True, preact=False` features), `embedding` the last stage's
+output globally average-pooled, `[n, widths[-1] * expansion]` (the classifier's input).
 """
 
-from typing import Any, Literal
+from typing import Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpe.models.layers import ModelOutput, ModuleDef, batch_norm, conv, global_avg_pool
+from lpe.models.base import Block, Model
+from lpe.models.layers import global_avg_pool
 from lpe.models.registry import register
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs with BN; the stride sits on the first conv."""
+class BasicBlock(Block):
+  """Two 3x3 convs with BN; the stride sits on the first conv.
+
+  Attributes:
+    features: Output channels.
+    strides: Stride of the first conv (and of the projection shortcut).
+    conv, norm: As in `base.Block`.
+  """
 
   features: int
   strides: int
-  norm: ModuleDef
-  dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    out = conv(
-      self.features, 3, self.strides, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1'
-    )(x)
+    out = self.conv(self.features, 3, self.strides, name='conv1')(x)
     out = nn.relu(self.norm(name='bn1')(out))
-    out = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(out)
+    out = self.conv(self.features, 3, name='conv2')(out)
     out = self.norm(name='bn2')(out)
     return nn.relu(out + _shortcut(self, x, self.features))
 
 
-class Bottleneck(nn.Module):
-  """1x1 reduce, 3x3 (strided), 1x1 expand by 4, each with BN."""
+class Bottleneck(Block):
+  """1x1 reduce, 3x3 (strided), 1x1 expand by 4, each with BN.
+
+  Attributes:
+    features: Width of the 1x1 reduction; the block outputs `4 * features` channels.
+    strides: Stride of the 3x3 conv (and of the projection shortcut).
+    conv, norm: As in `base.Block`.
+  """
 
   features: int
   strides: int
-  norm: ModuleDef
-  dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    out = conv(self.features, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
+    out = self.conv(self.features, 1, name='conv1')(x)
     out = nn.relu(self.norm(name='bn1')(out))
-    out = conv(
-      self.features, 3, self.strides, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2'
-    )(out)
+    out = self.conv(self.features, 3, self.strides, name='conv2')(out)
     out = nn.relu(self.norm(name='bn2')(out))
-    out = conv(self.features * 4, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv3')(out)
+    out = self.conv(self.features * 4, 1, name='conv3')(out)
     out = self.norm(name='bn3')(out)
     return nn.relu(out + _shortcut(self, x, self.features * 4))
 
@@ -63,19 +67,15 @@ def _shortcut(block: BasicBlock | Bottleneck, x: jnp.ndarray, out_features: int)
   """Identity, or a strided 1x1 conv + BN when the block changes resolution or width."""
   if block.strides == 1 and x.shape[-1] == out_features:
     return x
-  x = conv(
-    out_features,
-    1,
-    block.strides,
-    dtype=block.dtype,
-    conv_impl=block.conv_impl,
-    name='shortcut_conv',
-  )(x)
+  x = block.conv(out_features, 1, block.strides, name='shortcut_conv')(x)
   return block.norm(name='shortcut_bn')(x)
 
 
-class ResNet(nn.Module):
+class ResNet(Model):
   """A CIFAR ResNet: 3x3 stem conv + BN + ReLU, residual stages, global average pool, linear.
+
+  `features['embedding']` is the output of the last stage (after its final ReLU) averaged over
+  space, `[n, widths[-1]]` for basic blocks and `[n, 4 * widths[-1]]` for bottlenecks.
 
   Attributes:
     num_classes: Number of output classes.
@@ -83,38 +83,26 @@ class ResNet(nn.Module):
     widths: Stem width followed by the base width of each stage (the block output is
       `width * expansion`).
     block: 'basic' (two 3x3 convs) or 'bottleneck' (1x1-3x3-1x1, expansion 4).
-    dtype: Computation dtype (parameters stay float32).
-    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
-    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    dtype, bn_axis_name, conv_impl: As in `base.Model`.
   """
 
-  num_classes: int
+  classifier_name = 'fc'
+
   stage_sizes: tuple[int, ...]
   widths: tuple[int, ...]
   block: Literal['basic', 'bottleneck'] = 'basic'
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  conv_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
-    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
+  def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    conv, norm = self.layer_defs(train)
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
-    x = x.astype(self.dtype)
-    x = conv(self.widths[0], 3, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
-    x = nn.relu(norm(name='bn1')(x))
+    x = nn.relu(norm(name='bn1')(conv(self.widths[0], 3, name='conv1')(x)))
     features = {'stage0': x}
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths[1:], strict=True)):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = block_cls(
-          width, strides, norm, self.dtype, conv_impl=self.conv_impl, name=f'layer{i + 1}_{j}'
-        )(x)
+        x = block_cls(width, strides, conv=conv, norm=norm, name=f'layer{i + 1}_{j}')(x)
       features[f'stage{i + 1}'] = x
-    x = global_avg_pool(x)
-    features['embedding'] = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
-    return logits, features
+    return global_avg_pool(x), features
 
 
 def _cifar_resnet(depth: int, widths: tuple[int, ...], num_classes: int, **kwargs) -> ResNet:

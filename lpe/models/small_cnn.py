@@ -1,37 +1,34 @@
 """Small CNNs for 28x28 grey images (MNIST, Fashion-MNIST): the core teacher and student."""
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lpe.models.base import Model
 from lpe.models.layers import conv_general_dilated_fn
 from lpe.models.registry import register
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Model):
   """Two 3x3 conv + max-pool stages, a dense embedding layer and a linear classifier.
+
+  `features['embedding']` is not a pooled map: it is a ReLU dense layer of `embedding_width`
+  units over the flattened output of the second stage, `[n, embedding_width]`.
 
   Attributes:
     num_classes: Number of output classes.
     widths: Channels of the two convolution stages.
     embedding_width: Width of the pre-logit embedding (`features['embedding']`).
-    dtype: Computation dtype (parameters stay float32).
-    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    dtype, conv_impl: As in `base.Model`; `bn_axis_name` is accepted and unused (no BatchNorm).
   """
 
-  num_classes: int
+  classifier_name = 'head'
+
   widths: tuple[int, int] = (8, 16)
   embedding_width: int = 32
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None  # Unused (no BatchNorm); accepted like every lpe model.
-  conv_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False):
+  def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     del train  # No dropout or BatchNorm: the same function in both modes.
     features = {}
-    x = x.astype(self.dtype)
     conv_fn = conv_general_dilated_fn(self.conv_impl)
     for i, width in enumerate(self.widths):
       # Flax's default init and 'SAME' padding, not layers.conv: the core models predate the zoo.
@@ -43,9 +40,7 @@ class SmallCNN(nn.Module):
       features[f'stage{i + 1}'] = x
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.embedding_width, dtype=self.dtype, name='embed')(x))
-    features['embedding'] = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return logits, features
+    return x, features
 
 
 @register('cnn_teacher')

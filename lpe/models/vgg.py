@@ -6,15 +6,15 @@ blocks 0, 1 and 2 (after block 3 too, but only for 64x64 inputs); a global avera
 single 512 -> classes linear layer (the ImageNet VGG's fully connected layers are removed).
 
 Features: `stage{i}` is the output of block `i` after its ReLU and before its pool
-(RepDistiller's `preact=False` features), `embedding` the pooled 512-vector.
+(RepDistiller's `preact=False` features), `embedding` the last block's output globally
+average-pooled, `[n, 512]`.
 """
-
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpe.models.layers import ModelOutput, batch_norm, conv, global_avg_pool, max_pool_2x2
+from lpe.models.base import Model
+from lpe.models.layers import global_avg_pool, max_pool_2x2
 from lpe.models.registry import register
 
 _CONFIGS = {
@@ -26,48 +26,33 @@ _CONFIGS = {
 }
 
 
-class VGG(nn.Module):
+class VGG(Model):
   """CIFAR VGG-BN.
+
+  `features['embedding']` is the output of the fifth block (after its ReLU; it is never pooled
+  by a max pool) averaged over space: `[n, 512]`.
 
   Attributes:
     num_classes: Number of output classes.
     blocks: Conv widths of each of the five blocks.
-    dtype: Computation dtype (parameters stay float32).
-    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
-    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    dtype, bn_axis_name, conv_impl: As in `base.Model`.
   """
 
-  num_classes: int
   blocks: tuple[tuple[int, ...], ...]
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  conv_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
-    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
+  def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    conv, norm = self.layer_defs(train)
     # RepDistiller pools after block 3 only for 64x64 inputs (keeping a 4x4 map for block 4).
     pool_after = {0, 1, 2, 3} if x.shape[1] == 64 else {0, 1, 2}
-    x = x.astype(self.dtype)
     features = {}
     for i, widths in enumerate(self.blocks):
       for j, width in enumerate(widths):
-        x = conv(
-          width,
-          3,
-          use_bias=True,
-          dtype=self.dtype,
-          conv_impl=self.conv_impl,
-          name=f'block{i}_conv{j}',
-        )(x)
+        x = conv(width, 3, use_bias=True, name=f'block{i}_conv{j}')(x)
         x = nn.relu(norm(name=f'block{i}_bn{j}')(x))
       features[f'stage{i}'] = x
       if i in pool_after:
         x = max_pool_2x2(x)
-    x = global_avg_pool(x)
-    features['embedding'] = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    return logits, features
+    return global_avg_pool(x), features
 
 
 def _vgg(depth: int, num_classes: int, **kwargs) -> VGG:

@@ -7,95 +7,77 @@ shortcut; a block that keeps the width adds the raw input. Dropout is omitted (R
 
 Features: `stage0` is the stem conv output, `stage{i}` the raw output of residual stage `i` (the
 residual sum, before any BN-ReLU: the net is pre-activation, so this is what the next stage
-receives; RepDistiller's `preact=False` features), `embedding` the pooled vector after the final
-BN-ReLU.
+receives; RepDistiller's `preact=False` features), `embedding` the last stage's output after the
+final BN-ReLU, globally average-pooled, `[n, 64 * widen_factor]`.
 """
-
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpe.models.layers import ModelOutput, ModuleDef, batch_norm, conv, global_avg_pool
+from lpe.models.base import Block, Model
+from lpe.models.layers import global_avg_pool
 from lpe.models.registry import register
 
 
-class WideBasicBlock(nn.Module):
-  """BN-ReLU-conv3x3 (strided) then BN-ReLU-conv3x3, plus an identity or 1x1 shortcut."""
+class WideBasicBlock(Block):
+  """BN-ReLU-conv3x3 (strided) then BN-ReLU-conv3x3, plus an identity or 1x1 shortcut.
+
+  Attributes:
+    features: Output channels, `width * widen_factor` of the stage.
+    strides: Stride of the first conv and of the 1x1 shortcut, which reads the activated input.
+    conv, norm: As in `base.Block`.
+  """
 
   features: int
   strides: int
-  norm: ModuleDef
-  dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     activated = nn.relu(self.norm(name='bn1')(x))
-    out = conv(
-      self.features, 3, self.strides, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1'
-    )(activated)
+    out = self.conv(self.features, 3, self.strides, name='conv1')(activated)
     out = nn.relu(self.norm(name='bn2')(out))
-    out = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(out)
+    out = self.conv(self.features, 3, name='conv2')(out)
     if x.shape[-1] == self.features:
       shortcut = x
     else:
-      shortcut = conv(
-        self.features,
-        1,
-        self.strides,
-        dtype=self.dtype,
-        conv_impl=self.conv_impl,
-        name='shortcut_conv',
-      )(activated)
+      shortcut = self.conv(self.features, 1, self.strides, name='shortcut_conv')(activated)
     return shortcut + out
 
 
-class WideResNet(nn.Module):
+class WideResNet(Model):
   """WRN-depth-k for CIFAR: a 3x3 stem of 16, three stages of (depth - 4) / 6 blocks.
+
+  `features['embedding']` is the last stage's output after the final BN-ReLU, averaged over
+  space: `[n, 64 * widen_factor]`.
 
   Attributes:
     num_classes: Number of output classes.
     depth: Total depth, 6n + 4.
     widen_factor: Width multiplier k; the stages have 16k, 32k, 64k channels.
-    dtype: Computation dtype (parameters stay float32).
-    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
-    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    dtype, bn_axis_name, conv_impl: As in `base.Model`.
   """
 
-  num_classes: int
+  classifier_name = 'fc'
+
   depth: int
   widen_factor: int
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  conv_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
+  def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     if (self.depth - 4) % 6:
       raise ValueError(f'WideResNet depth must be 6n + 4, got {self.depth}.')
     n = (self.depth - 4) // 6
-    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
-    x = x.astype(self.dtype)
-    x = conv(16, 3, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
+    conv, norm = self.layer_defs(train)
+    x = conv(16, 3, name='conv1')(x)
     features = {'stage0': x}
     for i, width in enumerate((16, 32, 64)):
       for j in range(n):
         strides = 2 if i > 0 and j == 0 else 1
         x = WideBasicBlock(
-          width * self.widen_factor,
-          strides,
-          norm,
-          self.dtype,
-          conv_impl=self.conv_impl,
-          name=f'block{i + 1}_{j}',
+          width * self.widen_factor, strides, conv=conv, norm=norm, name=f'block{i + 1}_{j}'
         )(x)
       features[f'stage{i + 1}'] = x
     x = nn.relu(norm(name='bn1')(x))
-    x = global_avg_pool(x)
-    features['embedding'] = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
-    return logits, features
+    return global_avg_pool(x), features
 
 
 @register('wrn_16_1')
