@@ -345,7 +345,8 @@ def update_memory_bank(
     momentum: in `[0, 1]`; 0 (default) overwrites the rows.
     axis_name: inside `jax.pmap` / `jax.shard_map` over the batch with a replicated bank, the
       mapped axis name: ids and features are all-gathered, so every device applies every
-      device's rows identically (first row of the global batch wins).
+      device's rows identically (first row of the global batch wins); under `shard_map` the
+      result is typed as replicated (`out_specs=P()`).
 
   Returns:
     `[N, d_s]` updated bank.
@@ -371,7 +372,8 @@ def update_memory_bank(
   ids = jnp.asarray(example_ids, jnp.int32)
   features = jax.lax.stop_gradient(jnp.asarray(features, jnp.float32))
   if axis_name is not None:
-    gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+    # An invariant gather types the new bank as replicated, so shard_map accepts out_specs=P().
+    gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True, to='invarying')
     ids, features = gather(ids), gather(features)
   first_rows, _ = _first_rows(ids, ids)
   is_first = first_rows == jnp.arange(ids.shape[0])
