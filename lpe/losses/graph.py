@@ -26,8 +26,8 @@ import numpy as np
 
 from lpe.losses.locality import _check_rank2, _check_where, pairwise_sq_distances
 
-# Rows per block of `teacher_graph`: a `[block, block]` distance tile per step. On 2 CPU cores,
-# 60,000 x 256 teacher features took about the same time with 1024 and 2048.
+# Rows per block of `teacher_graph`: a `[block, block]` distance tile (4 MiB) per step. On 2 CPU
+# cores with 10,000 x 256 features, 1024 was no slower than 2048.
 GRAPH_BLOCK_SIZE = 1024
 # Columns per chunk in `_smallest`: the chunk minima shrink the input of the exact top-k 32-fold.
 _CHUNK = 32
@@ -147,7 +147,8 @@ def teacher_graph(
 
   Computed once, outside any training step, in `[block_size, block_size]` tiles of `D` (peak
   memory `O(N k + block_size^2)`); each tile is used for both of its row blocks, as `D` is
-  symmetric. On 2 CPU cores, 60,000 x 256 features with k=5 take about 30-40 s.
+  symmetric. 60,000 x 256 features with k=5 took 27 s of CPU time on 2 CPU cores (55 s wall
+  while other jobs shared them; `knn_graph` took about 1.6 times as long).
 
   Args:
     features: `[N, d]` float array of teacher embeddings of the whole split (NumPy or JAX).
