@@ -9,17 +9,29 @@ from lpe.losses.baselines import (
   rkd_loss,
   similarity_preserving_loss,
 )
+from lpe.losses.graph import (
+  NeighbourGraph,
+  graph_batch_locality_loss,
+  memory_bank_locality_loss,
+  teacher_graph,
+  update_memory_bank,
+)
 from lpe.losses.locality import knn_graph, locality_preserving_loss, pairwise_sq_distances
 
 __all__ = [
   'FitNetRegressor',
+  'NeighbourGraph',
   'attention_transfer_loss',
   'fitnet_loss',
+  'graph_batch_locality_loss',
   'kd_loss',
   'knn_graph',
   'locality_preserving_loss',
+  'memory_bank_locality_loss',
   'pairwise_sq_distances',
   'pkt_loss',
   'rkd_loss',
   'similarity_preserving_loss',
+  'teacher_graph',
+  'update_memory_bank',
 ]
