@@ -3,6 +3,7 @@
 # Importing a model module registers its architectures.
 from lpe.models import (  # noqa: F401
   fitnets,
+  imagenet,
   mobilenetv2,
   resnet,
   shufflenet,
