@@ -11,6 +11,7 @@ from lpe.models import (  # noqa: F401
   vgg,
   wrn,
 )
+from lpe.models.from_torch import from_torch
 from lpe.models.registry import build, names
 
-__all__ = ['build', 'names']
+__all__ = ['build', 'from_torch', 'names']
