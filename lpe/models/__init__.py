@@ -3,6 +3,7 @@
 # Importing a model module registers its architectures.
 from lpe.models import (  # noqa: F401
   fitnets,
+  imagenet,
   mobilenetv2,
   resnet,
   shufflenet,
@@ -10,6 +11,7 @@ from lpe.models import (  # noqa: F401
   vgg,
   wrn,
 )
+from lpe.models.from_torch import from_torch
 from lpe.models.registry import build, names
 
-__all__ = ['build', 'names']
+__all__ = ['build', 'from_torch', 'names']

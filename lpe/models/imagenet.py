@@ -1,0 +1,236 @@
+"""torchvision's ImageNet architectures: imagenet_resnet18/34/50 and imagenet_mobilenet_v2.
+
+The same layers, shapes and parameter counts as `torchvision.models.resnet18`, `resnet34`,
+`resnet50` and `mobilenet_v2` (11,689,512; 21,797,672; 25,557,032 and 3,504,872 parameters at
+1000 classes), so that `lpe.models.from_torch` can load torchvision's weights into them and
+a student can be trained against such a teacher. Inputs are NHWC images of any size from 32x32 up
+(224x224 for ImageNet); every net ends in a global average pool.
+
+ResNets: a 7x7 stride-2 conv (padding 3) + BN + ReLU stem, a 3x3 stride-2 max pool (padding 1),
+four stages of 64, 128, 256, 512 base channels (the first keeps the resolution, each later one
+halves it), a global average pool and a linear layer. The residual blocks are the CIFAR ResNets'
+(`lpe.models.resnet`): post-activation, projection shortcut (1x1 conv + BN) whenever the stride or
+the width changes, and the bottleneck's stride on its 3x3 conv (ResNet v1.5, as torchvision).
+
+MobileNetV2: width multiplier 1.0, ReLU6, a 3x3 stride-2 stem of 32, seventeen inverted-residual
+blocks in seven groups (the first group, expansion 1, has no expansion conv), a 1x1 conv to 1280,
+a global average pool, dropout 0.2 and a linear layer. Dropout acts only when `train=True` *and*
+a 'dropout' rng is passed to `apply` (`rngs={'dropout': key}`); lpe's trainer passes none, so
+it trains without dropout, and evaluation never drops.
+
+Features: ResNets: `stage0` the stem after the max pool (stride 4), `stage{i}` the output of stage
+`i` after its final ReLU (strides 4, 8, 16, 32). MobileNetV2: `stage0` the stem output (stride 2),
+`stage1` to `stage4` the output of the last block at strides 4, 8, 16 and 32 (groups 1, 2, 4, 6,
+0-based: 24, 32, 96 and 320 channels; projections are linear, so these have no ReLU; the same
+groups as the CIFAR MobileNetV2's features). `embedding` is the pooled vector before the
+classifier (512, 512, 2048 and 1280 wide).
+"""
+
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lpe.models.layers import ModelOutput, ModuleDef, batch_norm, conv, global_avg_pool
+from lpe.models.registry import register
+from lpe.models.resnet import BasicBlock, Bottleneck
+
+# MobileNetV2's (expansion t, channels c, repeats n, first stride s) per group, as torchvision.
+MOBILENET_V2_SETTING = (
+  (1, 16, 1, 1),
+  (6, 24, 2, 2),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
+# Groups (0-based) whose outputs are the MobileNetV2 features stage1..stage4: the last group at
+# each of the strides 4, 8, 16 and 32.
+_MOBILENET_FEATURE_GROUPS = (1, 2, 4, 6)
+
+
+class ImageNetResNet(nn.Module):
+  """torchvision's ResNet: 7x7/2 stem, 3x3/2 max pool, four residual stages, pool, linear.
+
+  Attributes:
+    num_classes: Number of output classes.
+    stage_sizes: Blocks in each of the four stages.
+    block: 'basic' (two 3x3 convs) or 'bottleneck' (1x1-3x3-1x1, expansion 4).
+    dtype: Computation dtype (parameters stay float32).
+    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+  """
+
+  num_classes: int
+  stage_sizes: tuple[int, ...]
+  block: Literal['basic', 'bottleneck'] = 'basic'
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
+    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
+    block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
+    x = x.astype(self.dtype)
+    x = conv(64, 7, 2, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
+    x = nn.relu(norm(name='bn1')(x))
+    # Padding with -inf, as PyTorch's MaxPool2d(3, 2, padding=1) does.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    features = {'stage0': x}
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        x = block_cls(
+          features=64 * 2**i,
+          strides=2 if i > 0 and j == 0 else 1,
+          norm=norm,
+          dtype=self.dtype,
+          conv_impl=self.conv_impl,
+          name=f'layer{i + 1}_{j}',
+        )(x)
+      features[f'stage{i + 1}'] = x
+    x = global_avg_pool(x)
+    features['embedding'] = x
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    return logits, features
+
+
+class ImageNetInvertedResidual(nn.Module):
+  """[1x1 expand + BN + ReLU6,] 3x3 depthwise (strided) + BN + ReLU6, 1x1 project + BN.
+
+  The expansion conv exists only when `expansion != 1`; the input is added back when the block
+  keeps the resolution and the width.
+  """
+
+  features: int
+  strides: int
+  expansion: int
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    hidden = x.shape[-1] * self.expansion
+    out = x
+    if self.expansion != 1:
+      out = conv(hidden, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='expand')(out)
+      out = nn.relu6(self.norm(name='expand_bn')(out))
+    out = conv(
+      hidden,
+      3,
+      self.strides,
+      groups=hidden,
+      dtype=self.dtype,
+      conv_impl=self.conv_impl,
+      name='depthwise',
+    )(out)
+    out = nn.relu6(self.norm(name='depthwise_bn')(out))
+    out = conv(self.features, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='project')(out)
+    out = self.norm(name='project_bn')(out)
+    if self.strides == 1 and x.shape[-1] == self.features:
+      out = out + x
+    return out
+
+
+class ImageNetMobileNetV2(nn.Module):
+  """torchvision's MobileNetV2 at width multiplier 1.0.
+
+  Attributes:
+    num_classes: Number of output classes.
+    dropout_rate: Dropout before the classifier; active only with `train=True` and a 'dropout'
+      rng passed to `apply`.
+    dtype: Computation dtype (parameters stay float32).
+    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
+    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+  """
+
+  num_classes: int
+  dropout_rate: float = 0.2
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
+    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
+    x = x.astype(self.dtype)
+    x = conv(32, 3, 2, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
+    x = nn.relu6(norm(name='bn1')(x))
+    features = {'stage0': x}
+    for i, (t, c, n, s) in enumerate(MOBILENET_V2_SETTING):
+      for j in range(n):
+        x = ImageNetInvertedResidual(
+          c,
+          s if j == 0 else 1,
+          t,
+          norm,
+          self.dtype,
+          conv_impl=self.conv_impl,
+          name=f'group{i}_{j}',
+        )(x)
+      if i in _MOBILENET_FEATURE_GROUPS:
+        features[f'stage{_MOBILENET_FEATURE_GROUPS.index(i) + 1}'] = x
+    x = conv(1280, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(x)
+    x = nn.relu6(norm(name='bn2')(x))
+    x = global_avg_pool(x)
+    features['embedding'] = x
+    # The trainer passes no 'dropout' rng; without one, training runs without dropout rather
+    # than failing.
+    drop = train and self.has_rng('dropout')
+    x = nn.Dropout(self.dropout_rate, deterministic=not drop)(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+    return logits, features
+
+
+@register('imagenet_resnet18')
+def imagenet_resnet18(
+  num_classes: int,
+  dtype: Any = jnp.float32,
+  bn_axis_name: str | None = None,
+  conv_impl: str = 'xla',
+) -> nn.Module:
+  """torchvision's `resnet18`: basic blocks 2-2-2-2; 11,689,512 parameters at 1000 classes."""
+  return ImageNetResNet(
+    num_classes, (2, 2, 2, 2), 'basic', dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl
+  )
+
+
+@register('imagenet_resnet34')
+def imagenet_resnet34(
+  num_classes: int,
+  dtype: Any = jnp.float32,
+  bn_axis_name: str | None = None,
+  conv_impl: str = 'xla',
+) -> nn.Module:
+  """torchvision's `resnet34`: basic blocks 3-4-6-3; 21,797,672 parameters at 1000 classes."""
+  return ImageNetResNet(
+    num_classes, (3, 4, 6, 3), 'basic', dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl
+  )
+
+
+@register('imagenet_resnet50')
+def imagenet_resnet50(
+  num_classes: int,
+  dtype: Any = jnp.float32,
+  bn_axis_name: str | None = None,
+  conv_impl: str = 'xla',
+) -> nn.Module:
+  """torchvision's `resnet50` (v1.5): bottlenecks 3-4-6-3; 25,557,032 parameters at 1000 classes."""
+  return ImageNetResNet(
+    num_classes, (3, 4, 6, 3), 'bottleneck', dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl
+  )
+
+
+@register('imagenet_mobilenet_v2')
+def imagenet_mobilenet_v2(
+  num_classes: int,
+  dtype: Any = jnp.float32,
+  bn_axis_name: str | None = None,
+  conv_impl: str = 'xla',
+) -> nn.Module:
+  """torchvision's `mobilenet_v2` (width 1.0): 3,504,872 parameters at 1000 classes."""
+  return ImageNetMobileNetV2(
+    num_classes, dtype=dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl
+  )

@@ -1,0 +1,244 @@
+"""Tests of `lpe.models.from_torch` and `lpe.torch_convert`.
+
+Without torch: the key mapping, the layouts and every error, on NumPy state_dicts. With torch
+2.13.0 (`pip install torch==2.13.0`): PyTorch twins of the source nets (tests/torch_twins.py)
+with random weights and random BatchNorm statistics, converted, must give the same logits and
+embedding in eval mode; a .pth file round-trips through `convert_pth` and `load_variables`.
+"""
+
+import argparse
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lpe import checkpoint, data, torch_convert, train
+from lpe.models import build, from_torch, names
+from lpe.models.from_torch import SOURCES, torch_keys
+
+TORCH_REASON = 'needs torch; install it with `pip install torch==2.13.0`'
+
+
+def numpy_state_dict(name: str, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random arrays under every PyTorch key of `name`, plus BN's `num_batches_tracked`."""
+  rng = np.random.default_rng(seed)
+  state = {}
+  for key, shape in torch_keys(name, num_classes).values():
+    state[key] = rng.normal(size=shape).astype(np.float32)
+    if key.endswith('running_var'):
+      state[key.replace('running_var', 'num_batches_tracked')] = np.array(7)
+  return state
+
+
+def test_every_source_is_a_registered_model():
+  assert set(SOURCES) <= set(names())
+
+
+def test_layouts_and_tree_match_model_init():
+  state = numpy_state_dict('resnet8', 10)
+  variables = from_torch('resnet8', state)
+  model = build('resnet8', 10)
+  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  shape_of = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), tree)
+  assert shape_of(variables) == shape_of(expected)
+  params, stats = variables['params'], variables['batch_stats']
+  np.testing.assert_array_equal(
+    params['layer2_0']['conv1']['kernel'], state['layer2.0.conv1.weight'].transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(
+    params['layer2_0']['shortcut_conv']['kernel'],
+    state['layer2.0.downsample.0.weight'].transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(params['fc']['kernel'], state['fc.weight'].T)
+  np.testing.assert_array_equal(params['fc']['bias'], state['fc.bias'])
+  np.testing.assert_array_equal(
+    params['layer3_0']['shortcut_bn']['scale'], state['layer3.0.downsample.1.weight']
+  )
+  np.testing.assert_array_equal(stats['bn1']['mean'], state['bn1.running_mean'])
+  np.testing.assert_array_equal(stats['layer1_0']['bn2']['var'], state['layer1.0.bn2.running_var'])
+
+
+def test_vgg_and_mobilenet_keys_follow_their_sequentials():
+  vgg = torch_keys('vgg13', 100)
+  assert vgg['params', 'block1_conv1', 'kernel'] == ('block1.3.weight', (128, 128, 3, 3))
+  assert vgg['params', 'block1_conv1', 'bias'] == ('block1.3.bias', (128,))
+  assert vgg['batch_stats', 'block1_bn1', 'mean'] == ('block1.4.running_mean', (128,))
+  mobilenet = torch_keys('imagenet_mobilenet_v2', 1000)
+  # Block 0 has no expansion conv, so its depthwise conv is conv.0; later blocks' is conv.1.
+  assert mobilenet['params', 'group0_0', 'depthwise', 'kernel'] == (
+    'features.1.conv.0.0.weight',
+    (32, 1, 3, 3),
+  )
+  assert mobilenet['params', 'group1_1', 'project_bn', 'scale'] == (
+    'features.3.conv.3.weight',
+    (24,),
+  )
+  assert mobilenet['params', 'conv2', 'kernel'] == ('features.18.0.weight', (1280, 320, 1, 1))
+  assert mobilenet['params', 'classifier', 'kernel'] == ('classifier.1.weight', (1000, 1280))
+
+
+def test_data_parallel_prefix_is_removed():
+  state = numpy_state_dict('wrn_16_1', 10)
+  plain = from_torch('wrn_16_1', state)
+  prefixed = from_torch('wrn_16_1', {f'module.{k}': v for k, v in state.items()})
+  jax.tree.map(np.testing.assert_array_equal, prefixed, plain)
+
+
+def test_missing_key_is_named():
+  state = numpy_state_dict('resnet8', 10)
+  del state['layer1.0.bn2.running_mean']
+  with pytest.raises(ValueError, match=r'missing layer1\.0\.bn2\.running_mean; unused none'):
+    from_torch('resnet8', state)
+
+
+def test_unused_key_is_named():
+  state = numpy_state_dict('resnet8', 10)
+  state['layer4.0.conv1.weight'] = np.zeros((1, 1, 1, 1))
+  with pytest.raises(ValueError, match=r'missing none; unused layer4\.0\.conv1\.weight'):
+    from_torch('resnet8', state)
+
+
+def test_wrong_depth_lists_missing_keys_with_a_count():
+  with pytest.raises(ValueError, match=r"lpe 'resnet20'.*missing .* and \d+ more; unused none"):
+    from_torch('resnet20', numpy_state_dict('resnet8', 10))
+
+
+def test_wrong_shape_is_named_with_both_shapes():
+  state = numpy_state_dict('resnet8', 10)
+  state['layer1.0.conv2.weight'] = np.zeros((16, 16, 5, 5), np.float32)
+  with pytest.raises(
+    ValueError,
+    match=r'layer1\.0\.conv2\.weight has shape \(16, 16, 5, 5\) where lpe needs '
+    r'\(16, 16, 3, 3\)',
+  ):
+    from_torch('resnet8', state)
+
+
+def test_unknown_model_missing_classifier_and_class_mismatch():
+  state = numpy_state_dict('resnet8', 10)
+  with pytest.raises(ValueError, match=r"model 'MobileNetV2'; from_torch converts: .*resnet8"):
+    from_torch('MobileNetV2', state)
+  with pytest.raises(ValueError, match=r"no 'classifier.weight'.*vgg8"):
+    from_torch('vgg8', state)
+  with pytest.raises(ValueError, match=r'classifies into 10 classes .* not num_classes=100'):
+    from_torch('resnet8', state, num_classes=100)
+
+
+def test_convert_pth_without_torch_says_how_to_install_it(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` now raises ImportError.
+  with pytest.raises(ImportError, match=r'pip install torch==2\.13\.0'):
+    torch_convert.convert_pth(
+      str(tmp_path / 'a.pth'),
+      'resnet8',
+      str(tmp_path / 'm.msgpack'),
+      num_classes=10,
+      dataset='cifar10',
+    )
+
+
+def test_convert_pth_checks_classes_against_the_dataset(tmp_path):
+  with pytest.raises(ValueError, match=r'num_classes=10 but cifar100 has 100 classes'):
+    torch_convert.convert_pth(
+      str(tmp_path / 'a.pth'),
+      'resnet8',
+      str(tmp_path / 'm.msgpack'),
+      num_classes=10,
+      dataset='cifar100',
+    )
+
+
+# With torch: (lpe name, twin factory, image side). Deep nets are included (resnet110, wrn_40_2)
+# because a converter error would compound over depth; ImageNet nets run on small images, one of
+# odd side (PyTorch floors odd sizes in its strided convs and pools; lpe must too).
+TWIN_CASES = {
+  'resnet56': (lambda twins: twins.repdistiller_resnet(56, [16, 16, 32, 64], 100), 32),
+  'resnet110': (lambda twins: twins.repdistiller_resnet(110, [16, 16, 32, 64], 100), 32),
+  'resnet32x4': (lambda twins: twins.repdistiller_resnet(32, [32, 64, 128, 256], 100), 32),
+  'ResNet50': (lambda twins: twins.repdistiller_resnet50(100), 32),
+  'wrn_40_2': (lambda twins: twins.WideResNet(40, 2, 100), 32),
+  'vgg13': (lambda twins: twins.VGG(13, 100), 32),
+  'imagenet_resnet18': (lambda twins: twins.torchvision_resnet(18, 1000), 65),
+  'imagenet_resnet34': (lambda twins: twins.torchvision_resnet(34, 1000), 64),
+  'imagenet_resnet50': (lambda twins: twins.torchvision_resnet(50, 1000), 64),
+  'imagenet_mobilenet_v2': (lambda twins: twins.MobileNetV2(1000), 64),
+}
+
+
+@pytest.fixture(scope='module')
+def twins():
+  pytest.importorskip('torch', reason=TORCH_REASON)
+  from tests import torch_twins
+
+  return torch_twins
+
+
+def assert_close_on_logit_scale(got, want):
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize('name', sorted(TWIN_CASES))
+def test_converted_twin_computes_the_same_logits_and_embedding(twins, name):
+  import torch
+
+  make, side = TWIN_CASES[name]
+  net = twins.randomize(make(twins), seed=0)
+  images = np.random.default_rng(1).normal(size=(2, 3, side, side)).astype(np.float32)
+  with torch.no_grad():
+    want_logits, want_embedding = (t.numpy() for t in net(torch.from_numpy(images)))
+  variables = from_torch(name, net.state_dict())
+  model = build(name, want_logits.shape[1])
+  # Compiled whole: faster on CPU than running the layers one by one.
+  logits, features = jax.jit(model.apply)(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
+  assert_close_on_logit_scale(np.asarray(features['embedding']), want_embedding)
+  assert_close_on_logit_scale(np.asarray(logits), want_logits)
+
+
+@pytest.mark.parametrize('layout', ['repdistiller', 'bare'])
+def test_convert_pth_writes_a_teacher_that_load_variables_reads(twins, tmp_path, layout):
+  import torch
+
+  net = twins.randomize(twins.repdistiller_resnet(8, [16, 16, 32, 64], 10), seed=3)
+  state = {f'module.{k}': v for k, v in net.state_dict().items()}
+  if layout == 'repdistiller':  # As train_teacher.py saves, including its argparse options.
+    saved = {'epoch': 240, 'model': state, 'accuracy': torch.tensor(93.1), 'optimizer': {}}
+    saved['opt'] = argparse.Namespace(model='resnet8', learning_rate=0.05)
+  else:
+    saved = state
+  pth = tmp_path / 'ckpt_epoch_240.pth'
+  torch.save(saved, pth)
+  output = tmp_path / 'teacher' / 'model.msgpack'
+  written = torch_convert.convert_pth(
+    str(pth), 'resnet8', str(output), num_classes=10, dataset='cifar10'
+  )
+  variables, meta = checkpoint.load_variables(str(output))
+  assert meta == written
+  assert {k: meta[k] for k in ('model', 'dataset', 'num_classes', 'test_accuracy', 'source')} == {
+    'model': 'resnet8',
+    'dataset': 'cifar10',
+    'num_classes': 10,
+    'test_accuracy': None,
+    'source': str(pth),
+  }
+  assert meta['params'] == sum(math.prod(v.shape) for v in jax.tree.leaves(variables['params']))
+  jax.tree.map(np.testing.assert_array_equal, variables, from_torch('resnet8', net.state_dict()))
+  # What a distillation run does with config.teacher.checkpoint (model, classes, shapes checked).
+  config = ml_collections.ConfigDict(
+    {'dataset': 'cifar10', 'teacher': {'model': 'resnet8', 'checkpoint': str(output)}}
+  )
+  _, loaded, _ = train.load_teacher(config, data.dataset_info('cifar10'))
+  jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+
+
+def test_convert_pth_rejects_a_pickled_model(twins, tmp_path):
+  import torch
+
+  pth = tmp_path / 'list.pth'
+  torch.save([torch.zeros(1)], pth)
+  with pytest.raises(ValueError, match=r'holds a list, not a state_dict'):
+    torch_convert.convert_pth(
+      str(pth), 'resnet8', str(tmp_path / 'm.msgpack'), num_classes=10, dataset='cifar10'
+    )
