@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lpe import checkpoint, data, models
-from lpe.train import count_params
+from lpe.state import count_params
 
 TORCH_REQUIREMENT = 'torch==2.13.0'
 # Where trainers keep the state_dict inside a saved dict: RepDistiller and torchvision's reference

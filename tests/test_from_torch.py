@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lpe import checkpoint, data, torch_convert, train
+from lpe import checkpoint, data, torch_convert
+from lpe import teacher as teacher_lib
 from lpe.models import build, from_torch, names
 from lpe.models.from_torch import SOURCES, torch_keys
 
@@ -229,7 +230,7 @@ def test_convert_pth_writes_a_teacher_that_load_variables_reads(twins, tmp_path,
   config = ml_collections.ConfigDict(
     {'dataset': 'cifar10', 'teacher': {'model': 'resnet8', 'checkpoint': str(output)}}
   )
-  _, loaded, _ = train.load_teacher(config, data.dataset_info('cifar10'))
+  loaded = teacher_lib.load(config, data.dataset_info('cifar10')).variables
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
 
 

@@ -63,8 +63,15 @@ class Model(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
     embedding, features = self.embed(x.astype(self.dtype), train)
     features['embedding'] = embedding
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name=self.classifier_name)(embedding)
+    x = self.before_classifier(embedding, train)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name=self.classifier_name)(x)
     return logits, features
+
+  def before_classifier(self, embedding: jnp.ndarray, train: bool) -> jnp.ndarray:
+    """What the classifier reads of the embedding: the embedding itself, unless a model puts
+    a parameter-free layer there (MobileNetV2's dropout)."""
+    del train
+    return embedding
 
   def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """The network up to the classifier (subclasses define it).

@@ -26,12 +26,13 @@ groups as the CIFAR MobileNetV2's features). `embedding` is the pooled vector be
 classifier (512, 512, 2048 and 1280 wide).
 """
 
-from typing import Any, Literal
+from typing import Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpe.models.layers import ModelOutput, ModuleDef, batch_norm, conv, global_avg_pool
+from lpe.models.base import Block, Model
+from lpe.models.layers import global_avg_pool
 from lpe.models.registry import register
 from lpe.models.resnet import BasicBlock, Bottleneck
 
@@ -50,187 +51,124 @@ MOBILENET_V2_SETTING = (
 _MOBILENET_FEATURE_GROUPS = (1, 2, 4, 6)
 
 
-class ImageNetResNet(nn.Module):
+class ImageNetResNet(Model):
   """torchvision's ResNet: 7x7/2 stem, 3x3/2 max pool, four residual stages, pool, linear.
+
+  `features['embedding']` is the last stage's output globally average-pooled, `[n, 512]` for
+  basic blocks and `[n, 2048]` for bottlenecks.
 
   Attributes:
     num_classes: Number of output classes.
     stage_sizes: Blocks in each of the four stages.
     block: 'basic' (two 3x3 convs) or 'bottleneck' (1x1-3x3-1x1, expansion 4).
-    dtype: Computation dtype (parameters stay float32).
-    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
-    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    dtype, bn_axis_name, conv_impl: As in `base.Model`.
   """
 
-  num_classes: int
+  classifier_name = 'fc'
+
   stage_sizes: tuple[int, ...]
   block: Literal['basic', 'bottleneck'] = 'basic'
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  conv_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
-    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
+  def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    conv, norm = self.layer_defs(train)
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
-    x = x.astype(self.dtype)
-    x = conv(64, 7, 2, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
-    x = nn.relu(norm(name='bn1')(x))
+    x = nn.relu(norm(name='bn1')(conv(64, 7, 2, name='conv1')(x)))
     # Padding with -inf, as PyTorch's MaxPool2d(3, 2, padding=1) does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features = {'stage0': x}
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
-        x = block_cls(
-          features=64 * 2**i,
-          strides=2 if i > 0 and j == 0 else 1,
-          norm=norm,
-          dtype=self.dtype,
-          conv_impl=self.conv_impl,
-          name=f'layer{i + 1}_{j}',
-        )(x)
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block_cls(64 * 2**i, strides, conv=conv, norm=norm, name=f'layer{i + 1}_{j}')(x)
       features[f'stage{i + 1}'] = x
-    x = global_avg_pool(x)
-    features['embedding'] = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
-    return logits, features
+    return global_avg_pool(x), features
 
 
-class ImageNetInvertedResidual(nn.Module):
+class ImageNetInvertedResidual(Block):
   """[1x1 expand + BN + ReLU6,] 3x3 depthwise (strided) + BN + ReLU6, 1x1 project + BN.
 
   The expansion conv exists only when `expansion != 1`; the input is added back when the block
   keeps the resolution and the width.
+
+  Attributes:
+    features: Output channels of the linear 1x1 projection.
+    strides: Stride of the depthwise conv.
+    expansion: Hidden channels per input channel.
+    conv, norm: As in `base.Block`.
   """
 
   features: int
   strides: int
   expansion: int
-  norm: ModuleDef
-  dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     hidden = x.shape[-1] * self.expansion
     out = x
     if self.expansion != 1:
-      out = conv(hidden, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='expand')(out)
-      out = nn.relu6(self.norm(name='expand_bn')(out))
-    out = conv(
-      hidden,
-      3,
-      self.strides,
-      groups=hidden,
-      dtype=self.dtype,
-      conv_impl=self.conv_impl,
-      name='depthwise',
-    )(out)
+      out = nn.relu6(self.norm(name='expand_bn')(self.conv(hidden, 1, name='expand')(out)))
+    out = self.conv(hidden, 3, self.strides, groups=hidden, name='depthwise')(out)
     out = nn.relu6(self.norm(name='depthwise_bn')(out))
-    out = conv(self.features, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='project')(out)
-    out = self.norm(name='project_bn')(out)
+    out = self.norm(name='project_bn')(self.conv(self.features, 1, name='project')(out))
     if self.strides == 1 and x.shape[-1] == self.features:
       out = out + x
     return out
 
 
-class ImageNetMobileNetV2(nn.Module):
+class ImageNetMobileNetV2(Model):
   """torchvision's MobileNetV2 at width multiplier 1.0.
+
+  `features['embedding']` is the output of the last 1x1 conv + BN + ReLU6 globally
+  average-pooled, `[n, 1280]` (before the dropout).
 
   Attributes:
     num_classes: Number of output classes.
     dropout_rate: Dropout before the classifier; active only with `train=True` and a 'dropout'
       rng passed to `apply`.
-    dtype: Computation dtype (parameters stay float32).
-    bn_axis_name: Axis name for cross-device BatchNorm statistics, or None.
-    conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    dtype, bn_axis_name, conv_impl: As in `base.Model`.
   """
 
-  num_classes: int
   dropout_rate: float = 0.2
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  conv_impl: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
-    norm = batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name)
-    x = x.astype(self.dtype)
-    x = conv(32, 3, 2, dtype=self.dtype, conv_impl=self.conv_impl, name='conv1')(x)
-    x = nn.relu6(norm(name='bn1')(x))
+  def embed(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    conv, norm = self.layer_defs(train)
+    x = nn.relu6(norm(name='bn1')(conv(32, 3, 2, name='conv1')(x)))
     features = {'stage0': x}
     for i, (t, c, n, s) in enumerate(MOBILENET_V2_SETTING):
       for j in range(n):
-        x = ImageNetInvertedResidual(
-          c,
-          s if j == 0 else 1,
-          t,
-          norm,
-          self.dtype,
-          conv_impl=self.conv_impl,
-          name=f'group{i}_{j}',
-        )(x)
+        stride = s if j == 0 else 1
+        x = ImageNetInvertedResidual(c, stride, t, conv=conv, norm=norm, name=f'group{i}_{j}')(x)
       if i in _MOBILENET_FEATURE_GROUPS:
         features[f'stage{_MOBILENET_FEATURE_GROUPS.index(i) + 1}'] = x
-    x = conv(1280, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='conv2')(x)
-    x = nn.relu6(norm(name='bn2')(x))
-    x = global_avg_pool(x)
-    features['embedding'] = x
+    x = nn.relu6(norm(name='bn2')(conv(1280, 1, name='conv2')(x)))
+    return global_avg_pool(x), features
+
+  def before_classifier(self, embedding: jnp.ndarray, train: bool) -> jnp.ndarray:
     # The trainer passes no 'dropout' rng; without one, training runs without dropout rather
     # than failing.
     drop = train and self.has_rng('dropout')
-    x = nn.Dropout(self.dropout_rate, deterministic=not drop)(x)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    return logits, features
+    return nn.Dropout(self.dropout_rate, deterministic=not drop)(embedding)
 
 
 @register('imagenet_resnet18')
-def imagenet_resnet18(
-  num_classes: int,
-  dtype: Any = jnp.float32,
-  bn_axis_name: str | None = None,
-  conv_impl: str = 'xla',
-) -> nn.Module:
+def imagenet_resnet18(num_classes: int, **kwargs) -> nn.Module:
   """torchvision's `resnet18`: basic blocks 2-2-2-2; 11,689,512 parameters at 1000 classes."""
-  return ImageNetResNet(
-    num_classes, (2, 2, 2, 2), 'basic', dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl
-  )
+  return ImageNetResNet(num_classes, (2, 2, 2, 2), 'basic', **kwargs)
 
 
 @register('imagenet_resnet34')
-def imagenet_resnet34(
-  num_classes: int,
-  dtype: Any = jnp.float32,
-  bn_axis_name: str | None = None,
-  conv_impl: str = 'xla',
-) -> nn.Module:
+def imagenet_resnet34(num_classes: int, **kwargs) -> nn.Module:
   """torchvision's `resnet34`: basic blocks 3-4-6-3; 21,797,672 parameters at 1000 classes."""
-  return ImageNetResNet(
-    num_classes, (3, 4, 6, 3), 'basic', dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl
-  )
+  return ImageNetResNet(num_classes, (3, 4, 6, 3), 'basic', **kwargs)
 
 
 @register('imagenet_resnet50')
-def imagenet_resnet50(
-  num_classes: int,
-  dtype: Any = jnp.float32,
-  bn_axis_name: str | None = None,
-  conv_impl: str = 'xla',
-) -> nn.Module:
+def imagenet_resnet50(num_classes: int, **kwargs) -> nn.Module:
   """torchvision's `resnet50` (v1.5): bottlenecks 3-4-6-3; 25,557,032 parameters at 1000 classes."""
-  return ImageNetResNet(
-    num_classes, (3, 4, 6, 3), 'bottleneck', dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl
-  )
+  return ImageNetResNet(num_classes, (3, 4, 6, 3), 'bottleneck', **kwargs)
 
 
 @register('imagenet_mobilenet_v2')
-def imagenet_mobilenet_v2(
-  num_classes: int,
-  dtype: Any = jnp.float32,
-  bn_axis_name: str | None = None,
-  conv_impl: str = 'xla',
-) -> nn.Module:
+def imagenet_mobilenet_v2(num_classes: int, **kwargs) -> nn.Module:
   """torchvision's `mobilenet_v2` (width 1.0): 3,504,872 parameters at 1000 classes."""
-  return ImageNetMobileNetV2(
-    num_classes, dtype=dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl
-  )
+  return ImageNetMobileNetV2(num_classes, **kwargs)
