@@ -45,39 +45,62 @@ def default_config() -> ml_collections.ConfigDict:
   config.lr_decay_epochs = (150, 180, 210)
   config.lr_decay_factor = 0.1
 
+  config.teacher = _teacher_defaults()
+  config.distill = _distill_defaults()
+  _device_defaults(config)
+
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 200
+  config.keep_checkpoints = 3  # At least 2, so a corrupt latest checkpoint has a fallback.
+  # A step with a non-finite loss, gradient or update stops the run (False) or is skipped (True):
+  # its update is not applied and the skipped batches are counted in metrics.jsonl.
+  config.skip_nonfinite_batches = False
+  return config
+
+
+def _teacher_defaults() -> ml_collections.ConfigDict:
+  """`config.teacher`: the frozen teacher."""
   # The frozen teacher: its architecture and its exported model (a run's workdir or .msgpack).
-  config.teacher = ml_collections.ConfigDict()
-  config.teacher.model = ''
-  config.teacher.checkpoint = ''
+  teacher = ml_collections.ConfigDict()
+  teacher.model = ''
+  teacher.checkpoint = ''
   # Compute the teacher's outputs on the training split once, before training, instead of in
   # every step; only without augmentation (issue 6; docs/performance.md).
-  config.teacher.cache_outputs = False
+  teacher.cache_outputs = False
+  return teacher
 
+
+def _distill_defaults() -> ml_collections.ConfigDict:
+  """`config.distill`: the student objective's weights and the features each term reads."""
   # Student objective: ce_weight * CE + lp_weight * LP + kd_weight * KD + ... (a weight of 0
   # turns a term off).
-  config.distill = ml_collections.ConfigDict()
-  config.distill.ce_weight = 1.0
-  config.distill.lp_weight = 0.0
-  config.distill.k = 5
-  config.distill.sigma2 = config_dict.placeholder(float)  # None: mean kNN distance in the batch.
-  config.distill.feature = 'embedding'  # A key of both models' feature dicts.
+  distill = ml_collections.ConfigDict()
+  distill.ce_weight = 1.0
+  distill.lp_weight = 0.0
+  distill.k = 5
+  distill.sigma2 = config_dict.placeholder(float)  # None: mean kNN distance in the batch.
+  distill.feature = 'embedding'  # A key of both models' feature dicts.
   # None: direct kNN up to 4096 rows, blockwise above; 0: always direct; n: blocks of n rows.
-  config.distill.knn_block_size = config_dict.placeholder(int)
-  config.distill.kd_weight = 0.0
-  config.distill.kd_temperature = 4.0
+  distill.knn_block_size = config_dict.placeholder(int)
+  distill.kd_weight = 0.0
+  distill.kd_temperature = 4.0
   # The baselines (lpe/objectives.py), each with the features it reads; names are keys of both
   # models' feature dicts (the stage names of the small CNNs; the zoo's nets have stage0..3).
-  config.distill.fitnet_weight = 0.0
-  config.distill.fitnet_feature = 'stage2'  # The hint layer; a trainable regressor maps widths.
-  config.distill.at_weight = 0.0
-  config.distill.at_features = ('stage1', 'stage2')
-  config.distill.sp_weight = 0.0
-  config.distill.sp_feature = 'stage2'
-  config.distill.rkd_weight = 0.0
-  config.distill.rkd_feature = 'embedding'
-  config.distill.pkt_weight = 0.0
-  config.distill.pkt_feature = 'embedding'
+  distill.fitnet_weight = 0.0
+  distill.fitnet_feature = 'stage2'  # The hint layer; a trainable regressor maps widths.
+  distill.at_weight = 0.0
+  distill.at_features = ('stage1', 'stage2')
+  distill.sp_weight = 0.0
+  distill.sp_feature = 'stage2'
+  distill.rkd_weight = 0.0
+  distill.rkd_feature = 'embedding'
+  distill.pkt_weight = 0.0
+  distill.pkt_feature = 'embedding'
+  return distill
 
+
+def _device_defaults(config: ml_collections.ConfigDict) -> None:
+  """Sets the devices, hosts and numerics fields of `config`."""
   # Devices and hosts (see lpe/parallel.py).
   config.parallelism = 'jit'  # 'jit' (sharded jit over a mesh) or 'pmap'.
   config.sync_batch_stats = True  # pmap: BatchNorm statistics over all devices (cross-replica).
@@ -97,14 +120,6 @@ def default_config() -> ml_collections.ConfigDict:
   # each reads only its 1/P share (`data.shard_rows`, as TFDS even splits) and shuffles it alone,
   # so memory and reading scale with the hosts but the batches depend on their number.
   config.distributed.per_process_data = False
-
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 200
-  config.keep_checkpoints = 3  # At least 2, so a corrupt latest checkpoint has a fallback.
-  # A step with a non-finite loss, gradient or update stops the run (False) or is skipped (True):
-  # its update is not applied and the skipped batches are counted in metrics.jsonl.
-  config.skip_nonfinite_batches = False
-  return config
 
 
 # Fields that do not change the trained parameters, so a run may resume with new values: where

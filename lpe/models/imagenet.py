@@ -31,24 +31,20 @@ from typing import Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpe.models.base import Block, Model
+from lpe.models import mobilenetv2
+from lpe.models.base import Model
 from lpe.models.layers import global_avg_pool
 from lpe.models.registry import register
 from lpe.models.resnet import BasicBlock, Bottleneck
 
-# MobileNetV2's (expansion t, channels c, repeats n, first stride s) per group, as torchvision.
-MOBILENET_V2_SETTING = (
-  (1, 16, 1, 1),
-  (6, 24, 2, 2),
-  (6, 32, 3, 2),
-  (6, 64, 4, 2),
-  (6, 96, 3, 1),
-  (6, 160, 3, 2),
-  (6, 320, 1, 1),
+# MobileNetV2's (expansion t, channels c, repeats n, first stride s) per group, as torchvision:
+# the CIFAR net's table with ImageNet's stride 2 in group 1 (the CIFAR net keeps 32x32 there).
+MOBILENET_V2_SETTING = tuple(
+  (t, c, n, 2 if i == 1 else s) for i, (t, c, n, s) in enumerate(mobilenetv2.SETTING)
 )
 # Groups (0-based) whose outputs are the MobileNetV2 features stage1..stage4: the last group at
-# each of the strides 4, 8, 16 and 32.
-_MOBILENET_FEATURE_GROUPS = (1, 2, 4, 6)
+# each of the strides 4, 8, 16 and 32 (the CIFAR net's feature groups).
+_MOBILENET_FEATURE_GROUPS = mobilenetv2.FEATURE_GROUPS
 
 
 class ImageNetResNet(Model):
@@ -84,37 +80,6 @@ class ImageNetResNet(Model):
     return global_avg_pool(x), features
 
 
-class ImageNetInvertedResidual(Block):
-  """[1x1 expand + BN + ReLU6,] 3x3 depthwise (strided) + BN + ReLU6, 1x1 project + BN.
-
-  The expansion conv exists only when `expansion != 1`; the input is added back when the block
-  keeps the resolution and the width.
-
-  Attributes:
-    features: Output channels of the linear 1x1 projection.
-    strides: Stride of the depthwise conv.
-    expansion: Hidden channels per input channel.
-    conv, norm: As in `base.Block`.
-  """
-
-  features: int
-  strides: int
-  expansion: int
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    hidden = x.shape[-1] * self.expansion
-    out = x
-    if self.expansion != 1:
-      out = nn.relu6(self.norm(name='expand_bn')(self.conv(hidden, 1, name='expand')(out)))
-    out = self.conv(hidden, 3, self.strides, groups=hidden, name='depthwise')(out)
-    out = nn.relu6(self.norm(name='depthwise_bn')(out))
-    out = self.norm(name='project_bn')(self.conv(self.features, 1, name='project')(out))
-    if self.strides == 1 and x.shape[-1] == self.features:
-      out = out + x
-    return out
-
-
 class ImageNetMobileNetV2(Model):
   """torchvision's MobileNetV2 at width multiplier 1.0.
 
@@ -137,7 +102,9 @@ class ImageNetMobileNetV2(Model):
     for i, (t, c, n, s) in enumerate(MOBILENET_V2_SETTING):
       for j in range(n):
         stride = s if j == 0 else 1
-        x = ImageNetInvertedResidual(c, stride, t, conv=conv, norm=norm, name=f'group{i}_{j}')(x)
+        x = mobilenetv2.InvertedResidual(
+          c, stride, t, relu6=True, expand_at_1=False, conv=conv, norm=norm, name=f'group{i}_{j}'
+        )(x)
       if i in _MOBILENET_FEATURE_GROUPS:
         features[f'stage{_MOBILENET_FEATURE_GROUPS.index(i) + 1}'] = x
     x = nn.relu6(norm(name='bn2')(conv(1280, 1, name='conv2')(x)))

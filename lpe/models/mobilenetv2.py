@@ -19,7 +19,7 @@ from lpe.models.layers import global_avg_pool
 from lpe.models.registry import register
 
 # (expansion t, channels c, repeats n, first stride s), before the width multiplier.
-_SETTING = (
+SETTING = (
   (1, 16, 1, 1),
   (6, 24, 2, 1),
   (6, 32, 3, 2),
@@ -29,33 +29,42 @@ _SETTING = (
   (6, 320, 1, 1),
 )
 # Groups (0-based) whose outputs RepDistiller exposes as features f1..f4.
-_FEATURE_GROUPS = (1, 2, 4, 6)
+FEATURE_GROUPS = (1, 2, 4, 6)
 
 
 class InvertedResidual(Block):
-  """1x1 expand + BN + ReLU, 3x3 depthwise (strided) + BN + ReLU, 1x1 project + BN.
+  """[1x1 expand + BN + act,] 3x3 depthwise (strided) + BN + act, 1x1 linear project + BN.
+
+  RepDistiller's CIFAR block (ReLU, the expansion conv even at expansion 1) by default;
+  torchvision's (`relu6=True, expand_at_1=False`) for the ImageNet MobileNetV2.
 
   Attributes:
     features: Output channels of the linear 1x1 projection.
     strides: Stride of the depthwise conv; the input is added back only at stride 1 and
       unchanged width.
     expansion: Hidden channels per input channel (the 1x1 expansion's factor).
+    relu6: ReLU6 (torchvision) instead of ReLU (RepDistiller) after the expansion and depthwise.
+    expand_at_1: Whether a block of expansion 1 still has its 1x1 expansion conv (RepDistiller's
+      does, torchvision's does not).
     conv, norm: As in `base.Block`.
   """
 
   features: int
   strides: int
   expansion: int
+  relu6: bool = False
+  expand_at_1: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    act = nn.relu6 if self.relu6 else nn.relu
     hidden = x.shape[-1] * self.expansion
-    out = self.conv(hidden, 1, name='expand')(x)
-    out = nn.relu(self.norm(name='expand_bn')(out))
+    out = x
+    if self.expansion != 1 or self.expand_at_1:
+      out = act(self.norm(name='expand_bn')(self.conv(hidden, 1, name='expand')(out)))
     out = self.conv(hidden, 3, self.strides, groups=hidden, name='depthwise')(out)
-    out = nn.relu(self.norm(name='depthwise_bn')(out))
-    out = self.conv(self.features, 1, name='project')(out)
-    out = self.norm(name='project_bn')(out)
+    out = act(self.norm(name='depthwise_bn')(out))
+    out = self.norm(name='project_bn')(self.conv(self.features, 1, name='project')(out))
     if self.strides == 1 and x.shape[-1] == self.features:
       out = out + x
     return out
@@ -81,7 +90,7 @@ class MobileNetV2(Model):
     conv, norm = self.layer_defs(train)
     x = nn.relu(norm(name='bn1')(conv(int(32 * self.width_mult), 3, 2, name='conv1')(x)))
     features = {'stage0': x}
-    for i, (t, c, n, s) in enumerate(_SETTING):
+    for i, (t, c, n, s) in enumerate(SETTING):
       t = t if t == 1 else self.expansion
       for j in range(n):
         x = InvertedResidual(
@@ -92,8 +101,8 @@ class MobileNetV2(Model):
           norm=norm,
           name=f'group{i}_{j}',
         )(x)
-      if i in _FEATURE_GROUPS:
-        features[f'stage{_FEATURE_GROUPS.index(i) + 1}'] = x
+      if i in FEATURE_GROUPS:
+        features[f'stage{FEATURE_GROUPS.index(i) + 1}'] = x
     last_channels = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
     x = nn.relu(norm(name='bn2')(conv(last_channels, 1, name='conv2')(x)))
     # RepDistiller's AvgPool2d(2, ceil_mode=True) covers the whole 2x2 map of a 32x32 input.
