@@ -8,13 +8,17 @@ mistake in the config, a missing dataset or teacher, or a non-finite loss stops 
 (exit status 1); `--verbosity=0` also logs the traceback.
 """
 
-import ast
-import json
+from lpe import xla_cpu
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+xla_cpu.configure()  # XLA:CPU flags for this processor; XLA reads them once, when JAX starts.
 
-from lpe import checkpoint, data, experiment, train
+import ast  # noqa: E402
+import json  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from lpe import checkpoint, data, experiment, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')

@@ -1,10 +1,14 @@
 """Shared fixtures: a tiny, learnable Fashion-MNIST prepared through the real offline path."""
 
-import gzip
-import os
+from lpe import xla_cpu
 
-import numpy as np
-import pytest
+xla_cpu.configure()  # Before any test imports JAX: the suite runs with the trainer's flags.
+
+import gzip  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 TRAIN_SIZE, TEST_SIZE = 512, 130  # The test split does not divide by typical batch sizes.
 
