@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lpe.models import build
-from lpe.models.layers import CONV_IMPLS, conv, conv_general_dilated_fn
+from lpe.models.layers import CONV_IMPLS, conv, conv_general_dilated_fn, max_pool_2x2
 
 # (input [n, h, w, c], features, kernel, stride, groups, bias): every conv shape the zoo uses,
 # on odd sizes; groups > 1 are ShuffleNet's grouped 1x1 and the depthwise 3x3 convs.
@@ -111,6 +111,22 @@ def test_cpu_conv_keeps_its_fusion_barrier():
   assert 'conditional' not in texts['xla']
 
 
+@pytest.mark.parametrize('shape', [(3, 8, 6, 4), (2, 7, 9, 3)])
+def test_cpu_max_pool_equals_lax_pool_bit_for_bit_ties_included(shape):
+  """'cpu' pools elementwise with a custom gradient; lax's gives each window's gradient to its
+  first maximum (row-major), and so must 'cpu', also where ReLU makes whole windows tie at 0."""
+  x = jax.nn.relu(jnp.round(_normal(shape)))  # Many ties: zeros and repeated small integers.
+  g = _normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3]), seed=3)
+  out = {}
+  for impl in CONV_IMPLS:
+    y, vjp = jax.vjp(lambda x, impl=impl: max_pool_2x2(x, impl), x)
+    out[impl] = (y, vjp(g)[0])
+  assert out['xla'][0].shape == g.shape
+  assert np.array_equal(out['cpu'][0], out['xla'][0])
+  assert np.array_equal(out['cpu'][1], out['xla'][1])
+  assert int(jnp.sum(out['cpu'][1] != 0)) == g.size  # One tap per window takes the gradient.
+
+
 def test_unknown_conv_impl_is_refused():
   with pytest.raises(ValueError, match="conv_impl='im2col' is unknown; use one of xla, cpu"):
     conv_general_dilated_fn('im2col')
@@ -145,7 +161,9 @@ def test_zoo_parameter_trees_do_not_depend_on_conv_impl(name, kwargs, shape):
   assert trees['cpu'] == trees['xla']  # Names, shapes and dtypes of params and batch stats.
 
 
-@pytest.mark.parametrize('name,shape', [('resnet8', (32, 32, 3)), ('cnn_student', (28, 28, 1))])
+@pytest.mark.parametrize(
+  'name,shape', [('resnet8', (32, 32, 3)), ('cnn_student', (28, 28, 1)), ('fitnet1', (28, 28, 1))]
+)
 def test_zoo_model_same_logits_and_gradients(name, shape):
   """Same variables in, same logits (eval and train mode) and same training gradients out."""
   x = _normal((4, *shape))

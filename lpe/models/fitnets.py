@@ -66,7 +66,7 @@ class FitNet(Model):
         x = maxout(x, pieces) if self.maxout else nn.relu(x)
       features[f'stage{g}'] = x
       if g < len(self.groups):
-        x = max_pool_2x2(x)
+        x = max_pool_2x2(x, self.conv_impl)
     return global_avg_pool(x), features
 
 
@@ -94,7 +94,7 @@ class MaxoutTeacher(Model):
       x = conv(units * _MAXOUT_CONV_PIECES, 3, name=f'conv{i}')(x)
       x = maxout(norm(name=f'bn{i}')(x), _MAXOUT_CONV_PIECES)
       features[f'stage{i}'] = x
-      x = max_pool_2x2(x)
+      x = max_pool_2x2(x, self.conv_impl)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.dense_units * _MAXOUT_DENSE_PIECES, dtype=self.dtype, name='dense')(x)
     return maxout(x, _MAXOUT_DENSE_PIECES), features

@@ -191,8 +191,64 @@ def batch_norm(train: bool, *, dtype: Dtype, axis_name: str | None) -> Callable[
   )
 
 
-def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
-  """2x2 max pooling with stride 2, flooring odd sizes like PyTorch's `MaxPool2d(2, 2)`."""
+def _pool_taps(x: jnp.ndarray) -> list[jnp.ndarray]:
+  """The four taps of every 2x2 window of `x` `[n, h, w, c]`, in row-major window order, each
+  `[n, h // 2, w // 2, c]` (an odd last row or column is dropped, as the pooling drops it)."""
+  n, h, w, c = x.shape
+  windows = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+  return [windows[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
+
+
+@jax.custom_vjp
+def _max_pool_2x2_cpu(x: jnp.ndarray) -> jnp.ndarray:
+  taps = _pool_taps(x)
+  return jnp.maximum(jnp.maximum(taps[0], taps[1]), jnp.maximum(taps[2], taps[3]))
+
+
+def _max_pool_2x2_cpu_fwd(x):
+  y = _max_pool_2x2_cpu(x)
+  return y, (x, y)
+
+
+def _max_pool_2x2_cpu_bwd(residuals, g):
+  x, y = residuals
+  grads, taken = [], jnp.zeros(y.shape, bool)
+  for tap in _pool_taps(x):  # The first maximum in window order takes the gradient, as in lax.
+    hit = (tap == y) & ~taken
+    taken = taken | hit
+    grads.append(jnp.where(hit, g, jnp.zeros_like(g)))
+  n, h, w, c = x.shape
+  rows = [jnp.stack(grads[:2], axis=3), jnp.stack(grads[2:], axis=3)]  # [n, h/2, w/2, 2, c]
+  dx = jnp.stack(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
+  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+_max_pool_2x2_cpu.defvjp(_max_pool_2x2_cpu_fwd, _max_pool_2x2_cpu_bwd)
+
+
+def max_pool_2x2(x: jnp.ndarray, conv_impl: str = 'xla') -> jnp.ndarray:
+  """2x2 max pooling with stride 2, flooring odd sizes like PyTorch's `MaxPool2d(2, 2)`.
+
+  `y[n, i, j, c] = max(x[n, 2i + a, 2j + b, c] for a, b in {0, 1})`. With `conv_impl='cpu'` the
+  same maximum and the same gradient (all of it to the first maximum of each window in row-major
+  order, as lax's `select_and_scatter_add` gives it) are computed elementwise on the four taps.
+  XLA:CPU expands lax's pooling gradient into a reduce-window over four index arrays and a
+  scatter, which took about a third of a FitNet-1 training step (docs/performance.md).
+
+  Args:
+    x: `[n, h, w, c]`.
+    conv_impl: One of `CONV_IMPLS`, as the model's convs ('xla': `flax.linen.max_pool`).
+
+  Returns:
+    `[n, h // 2, w // 2, c]`.
+
+  Example:
+    >>> max_pool_2x2(jnp.arange(16.0).reshape(1, 4, 4, 1), 'cpu')[0, :, :, 0]
+    Array([[ 5.,  7.], [13., 15.]], dtype=float32)
+  """
+  if conv_impl == 'cpu':
+    return _max_pool_2x2_cpu(x)
+  conv_general_dilated_fn(conv_impl)  # Rejects an unknown value.
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
 
 

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lpe.models.base import Model
-from lpe.models.layers import conv_general_dilated_fn
+from lpe.models.layers import conv_general_dilated_fn, max_pool_2x2
 from lpe.models.registry import register
 
 
@@ -36,7 +36,7 @@ class SmallCNN(Model):
         width, (3, 3), dtype=self.dtype, conv_general_dilated=conv_fn, name=f'conv{i + 1}'
       )(x)
       x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x, self.conv_impl)
       features[f'stage{i + 1}'] = x
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.embedding_width, dtype=self.dtype, name='embed')(x))

@@ -51,7 +51,7 @@ class VGG(Model):
         x = nn.relu(norm(name=f'block{i}_bn{j}')(x))
       features[f'stage{i}'] = x
       if i in pool_after:
-        x = max_pool_2x2(x)
+        x = max_pool_2x2(x, self.conv_impl)
     return global_avg_pool(x), features
 
 
