@@ -191,39 +191,34 @@ def batch_norm(train: bool, *, dtype: Dtype, axis_name: str | None) -> Callable[
   )
 
 
-def _pool_taps(x: jnp.ndarray) -> list[jnp.ndarray]:
-  """The four taps of every 2x2 window of `x` `[n, h, w, c]`, in row-major window order, each
-  `[n, h // 2, w // 2, c]` (an odd last row or column is dropped, as the pooling drops it)."""
+def _max_pool_2x2_even_fwd(x):
   n, h, w, c = x.shape
-  windows = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-  return [windows[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  taps = [windows[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]  # Row-major window order.
+  y = jnp.maximum(jnp.maximum(taps[0], taps[1]), jnp.maximum(taps[2], taps[3]))
+  # Which tap holds each window's first maximum: the one lax's gradient gives everything to.
+  first = jnp.where(taps[0] == y, 0, jnp.where(taps[1] == y, 1, jnp.where(taps[2] == y, 2, 3)))
+  # Read from memory in the backward pass: fused there, XLA would recompute it from four
+  # strided reads of the layer's input (and its BatchNorm) for every gradient element.
+  return y, _opaque_identity(first.astype(jnp.int8), y)
 
 
 @jax.custom_vjp
-def _max_pool_2x2_cpu(x: jnp.ndarray) -> jnp.ndarray:
-  taps = _pool_taps(x)
-  return jnp.maximum(jnp.maximum(taps[0], taps[1]), jnp.maximum(taps[2], taps[3]))
+def _max_pool_2x2_even(x: jnp.ndarray) -> jnp.ndarray:
+  return _max_pool_2x2_even_fwd(x)[0]
 
 
-def _max_pool_2x2_cpu_fwd(x):
-  y = _max_pool_2x2_cpu(x)
-  return y, (x, y)
+def _max_pool_2x2_even_bwd(first, g):
+  n, h2, w2, c = g.shape
+  # Broadcasts only, no concatenation: XLA emits one vectorised loop over the input's gradient.
+  shape = (1, 1, 2, 1, 2, 1)
+  tap = 2 * lax.broadcasted_iota(jnp.int8, shape, 2) + lax.broadcasted_iota(jnp.int8, shape, 4)
+  hit = first[:, :, None, :, None, :] == tap
+  dx = jnp.where(hit, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+  return (dx.reshape(n, 2 * h2, 2 * w2, c),)
 
 
-def _max_pool_2x2_cpu_bwd(residuals, g):
-  x, y = residuals
-  grads, taken = [], jnp.zeros(y.shape, bool)
-  for tap in _pool_taps(x):  # The first maximum in window order takes the gradient, as in lax.
-    hit = (tap == y) & ~taken
-    taken = taken | hit
-    grads.append(jnp.where(hit, g, jnp.zeros_like(g)))
-  n, h, w, c = x.shape
-  rows = [jnp.stack(grads[:2], axis=3), jnp.stack(grads[2:], axis=3)]  # [n, h/2, w/2, 2, c]
-  dx = jnp.stack(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
-  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
-
-
-_max_pool_2x2_cpu.defvjp(_max_pool_2x2_cpu_fwd, _max_pool_2x2_cpu_bwd)
+_max_pool_2x2_even.defvjp(_max_pool_2x2_even_fwd, _max_pool_2x2_even_bwd)
 
 
 def max_pool_2x2(x: jnp.ndarray, conv_impl: str = 'xla') -> jnp.ndarray:
@@ -231,7 +226,8 @@ def max_pool_2x2(x: jnp.ndarray, conv_impl: str = 'xla') -> jnp.ndarray:
 
   `y[n, i, j, c] = max(x[n, 2i + a, 2j + b, c] for a, b in {0, 1})`. With `conv_impl='cpu'` the
   same maximum and the same gradient (all of it to the first maximum of each window in row-major
-  order, as lax's `select_and_scatter_add` gives it) are computed elementwise on the four taps.
+  order, as lax's `select_and_scatter_add` gives it) are computed elementwise on the four taps,
+  the forward pass saving which tap that is (int8).
   XLA:CPU expands lax's pooling gradient into a reduce-window over four index arrays and a
   scatter, which took about a third of a FitNet-1 training step (docs/performance.md).
 
@@ -247,7 +243,8 @@ def max_pool_2x2(x: jnp.ndarray, conv_impl: str = 'xla') -> jnp.ndarray:
     Array([[ 5.,  7.], [13., 15.]], dtype=float32)
   """
   if conv_impl == 'cpu':
-    return _max_pool_2x2_cpu(x)
+    _, h, w, _ = x.shape
+    return _max_pool_2x2_even(x[:, : h // 2 * 2, : w // 2 * 2])  # The slice's gradient pads.
   conv_general_dilated_fn(conv_impl)  # Rejects an unknown value.
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
 
