@@ -143,12 +143,15 @@ class Side:
     self.proc = subprocess.Popen(
       cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
     )
-    self.params = {}
+    self.params, self.banner = {}, ''
     self.times, self.cpu = {row: [] for row in rows}, {row: [] for row in rows}
+
+  def wait_until_ready(self) -> None:
+    """Reads the worker's parameter counts until it says it has compiled every row."""
     while True:
       line = self.proc.stdout.readline()
       if not line:
-        raise RuntimeError(f'The {label} worker stopped before it was ready (see its stderr).')
+        raise RuntimeError(f'The {self.label} worker stopped before it was ready (its stderr).')
       if line.startswith('ready'):
         self.banner = line.strip()
         break
@@ -217,6 +220,8 @@ def main() -> None:
       sides.append(
         Side('PyTorch 1 thread', [*cmd, '--threads=1', *torch_rows], torch_env, torch_rows)
       )
+  for side in sides:  # They start (and compile) side by side.
+    side.wait_until_ready()
   for _ in range(args.rounds):
     for row in rows:
       for side in sides:
