@@ -108,7 +108,7 @@ def train_and_evaluate(
 def conv_impl(config: ml_collections.ConfigDict) -> str:
   """The `conv_impl` the student is built with: `config.conv_impl`, with 'auto' resolved to
   'cpu' on the CPU backend and 'xla' elsewhere (the two give the same parameters and, on this
-  project's CPU, bitwise the same steps; docs/performance_cpu_conv.md)."""
+  project's CPU, the same steps up to float32 rounding; docs/performance_cpu_conv.md)."""
   if config.conv_impl != 'auto':
     return config.conv_impl
   return 'cpu' if jax.default_backend() == 'cpu' else 'xla'

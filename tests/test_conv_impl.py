@@ -2,7 +2,8 @@
 
 'cpu' runs the same convolutions and changes only which buffer the weight gradient reads (see
 `layers.conv_general_dilated_cpu`), so values and gradients agree to float32 rounding (in practice
-exactly) and the parameter trees are the same, checkpoints included.
+exactly, except convs of one-channel inputs, whose forward 'cpu' computes as a sum of taps) and
+the parameter trees are the same, checkpoints included.
 """
 
 import jax
@@ -25,6 +26,8 @@ CONV_CASES = [
   ((2, 7, 7, 6), 9, 1, 1, 3, False),
   ((2, 9, 7, 6), 6, 3, 1, 6, False),
   ((2, 9, 7, 6), 6, 3, 2, 6, False),
+  ((2, 9, 7, 1), 5, 3, 1, 1, True),  # One input channel: 'cpu' sums the taps itself.
+  ((2, 9, 7, 1), 4, 3, 2, 1, False),
 ]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -204,18 +207,30 @@ def test_config_conv_impl_auto_picks_cpu_on_the_cpu_backend_and_bad_values_are_r
 
 
 def test_training_runs_with_either_conv_impl_end_alike(small_config, tmp_path):
-  """Whole runs (2 epochs of the small CNN) with 'xla' and with 'cpu' end with the same
-  parameters, and the workdir check lets a run continue with another conv_impl."""
+  """Whole runs (2 epochs of the small CNN) with 'xla' and with 'cpu' end with nearly the same
+  parameters, and the workdir check lets a run continue with another conv_impl.
+
+  Not bitwise: 'cpu' sums the one-channel first conv's taps itself, and the float32 rounding
+  of that sum grows over the steps (a ReLU or max-pool tie that flips changes a gradient), as it
+  does between two XLA:CPU settings (benchmarks/xla_cpu_numerics.py). All parameters together
+  must differ by under 1% of their norm (independent random vectors of one norm differ by
+  about 141% of it).
+  """
   from lpe import checkpoint, train
   from lpe import workdir as workdir_lib
 
   small_config.steps_per_epoch_limit = 4
+  # SGD: Adam divides by the gradient's running size, so for a parameter whose gradient is near
+  # zero it turns a rounding-sized difference into a step of size lr.
+  small_config.optimizer, small_config.learning_rate = 'sgd', 0.05
   ends = {}
   for impl in CONV_IMPLS:
     small_config.conv_impl = impl
     workdir = str(tmp_path / impl)
     train.train_and_evaluate(small_config, workdir)
     ends[impl] = checkpoint.load_variables(workdir)[0]
-  _assert_trees_close(ends['cpu'], ends['xla'], rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(ends['cpu']) == jax.tree.structure(ends['xla'])
+  flat = {k: np.concatenate([np.ravel(a) for a in jax.tree.leaves(v)]) for k, v in ends.items()}
+  assert np.linalg.norm(flat['cpu'] - flat['xla']) <= 1e-2 * np.linalg.norm(flat['xla'])
   small_config.conv_impl = 'auto'
   workdir_lib.check_config(small_config, str(tmp_path / 'xla'))  # Resume-safe: no error.

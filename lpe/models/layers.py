@@ -28,11 +28,13 @@ ModelOutput = tuple[jnp.ndarray, dict[str, jnp.ndarray]]
 # or normal(0, sqrt(2 / (k * k * out_channels))), which is the same distribution).
 CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
-# Values of the models' `conv_impl`: 'xla' runs `lax.conv_general_dilated` unchanged (the default;
-# right for GPU and TPU); 'cpu' runs the same forward and gradient convolutions, but lets the
-# weight gradient read the layer input from memory instead of recomputing it (a ResNet-20 training
-# step on XLA:CPU takes about a third less time, with bitwise the same results there; see
-# docs/performance_cpu_conv.md). Parameters, their names and the forward pass are the same.
+# Values of the models' `conv_impl`: 'xla' runs `lax.conv_general_dilated` and `nn.max_pool`
+# unchanged (the default; right for GPU and TPU); 'cpu' arranges them for XLA:CPU: the weight
+# gradient reads the layer input from memory instead of recomputing it (a ResNet-20 training step
+# takes about a third less time, bitwise the same results), 2x2 max pooling has an elementwise
+# gradient (bitwise the same), and a conv of a one-channel input (MNIST's first layer) sums its
+# taps (float32 rounding apart, the same); docs/performance_cpu_conv.md, docs/performance.md.
+# Parameters and their names are the same.
 CONV_IMPLS = ('xla', 'cpu')
 
 
@@ -53,20 +55,46 @@ def _opaque_identity(x: jnp.ndarray, token: jnp.ndarray) -> jnp.ndarray:
   return lax.cond(always, lambda a: a, lambda a: -a, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _conv_reading_input(conv_fn: Callable, lhs: jnp.ndarray, rhs: jnp.ndarray) -> jnp.ndarray:
-  return conv_fn(lhs, rhs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _conv_reading_input(
+  conv_fn: Callable, forward_fn: Callable, lhs: jnp.ndarray, rhs: jnp.ndarray
+) -> jnp.ndarray:
+  return forward_fn(lhs, rhs)
 
 
-def _conv_reading_input_fwd(conv_fn, lhs, rhs):
-  return conv_fn(lhs, rhs), (lhs, rhs)
+def _conv_reading_input_fwd(conv_fn, forward_fn, lhs, rhs):
+  return forward_fn(lhs, rhs), (lhs, rhs)
 
 
-def _conv_reading_input_bwd(conv_fn, residuals, g):
+def _conv_reading_input_bwd(conv_fn, forward_fn, residuals, g):
   lhs, rhs = residuals
   # The gradient convolutions are autodiff's own; only their input is made opaque.
   _, vjp = jax.vjp(conv_fn, _opaque_identity(lhs, rhs), rhs)
   return vjp(g)
+
+
+def _single_channel_conv(lhs, rhs, window_strides, padding) -> jnp.ndarray:
+  """A conv of a one-channel NHWC input with an HWIO kernel, as a sum of its shifted taps.
+
+  `y[n, i, j, o] = sum_(a, b) x_padded[n, s_h i + a, s_w j + b] * k[a, b, 0, o]`, in row-major tap
+  order: one elementwise loop. XLA:CPU gives such convs (MNIST's first layer) to Eigen, whose
+  kernel took about 20 times longer; the sum's order differs from Eigen's, so the result may
+  differ from lax's by float32 rounding.
+  """
+  n, h, w, _ = lhs.shape
+  kh, kw, _, _ = rhs.shape
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads((h, w), (kh, kw), window_strides, padding)
+  (top, bottom), (left, right) = padding
+  x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  sh, sw = window_strides
+  ho, wo = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+  y = None
+  for a in range(kh):
+    for b in range(kw):
+      tap = x[:, a : a + sh * (ho - 1) + 1 : sh, b : b + sw * (wo - 1) + 1 : sw] * rhs[a, b, 0]
+      y = tap if y is None else y + tap
+  return y
 
 
 _conv_reading_input.defvjp(_conv_reading_input_fwd, _conv_reading_input_bwd)
@@ -89,7 +117,9 @@ def conv_general_dilated_cpu(
 
   Same signature, forward value and gradient operations as lax's; only the backward pass differs,
   by an identity that stops XLA from fusing the producers of `lhs` into the weight gradient's
-  transposes (see `_opaque_identity`). Forward-mode differentiation (`jax.jvp`) is not defined.
+  transposes (see `_opaque_identity`). One exception: a dense NHWC conv of a one-channel input
+  computes its forward value as a sum of shifted taps (`_single_channel_conv`), equal to lax's up
+  to float32 rounding. Forward-mode differentiation (`jax.jvp`) is not defined.
   Meant for XLA:CPU: on an accelerator the added conditional may wait for its predicate on the
   host at every conv of the backward pass (not measured here), so keep 'xla' there.
 
@@ -101,7 +131,7 @@ def conv_general_dilated_cpu(
       `lax.conv_general_dilated`.
 
   Returns:
-    What `lax.conv_general_dilated(lhs, rhs, ...)` returns (the same computation).
+    What `lax.conv_general_dilated(lhs, rhs, ...)` returns.
   """
   conv_fn = functools.partial(
     lax.conv_general_dilated,
@@ -115,7 +145,20 @@ def conv_general_dilated_cpu(
     precision=precision,
     preferred_element_type=preferred_element_type,
   )
-  return _conv_reading_input(conv_fn, lhs, rhs)
+  forward_fn = conv_fn
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+  plain = all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+  if (
+    lhs.ndim == 4
+    and lhs.shape[-1] == 1
+    and plain
+    and feature_group_count == batch_group_count == 1
+    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+  ):
+    forward_fn = functools.partial(
+      _single_channel_conv, window_strides=tuple(window_strides), padding=padding
+    )
+  return _conv_reading_input(conv_fn, forward_fn, lhs, rhs)
 
 
 def conv_general_dilated_fn(conv_impl: str) -> Callable | None:
