@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from lpe.models import build
-from lpe.models.layers import CONV_IMPLS, conv, conv_general_dilated_fn, max_pool_2x2
+from lpe.models.layers import (
+  CONV_IMPLS,
+  AffineBatchNorm,
+  batch_norm,
+  conv,
+  conv_general_dilated_fn,
+  max_pool_2x2,
+)
 
 # (input [n, h, w, c], features, kernel, stride, groups, bias): every conv shape the zoo uses,
 # on odd sizes; groups > 1 are ShuffleNet's grouped 1x1 and the depthwise 3x3 convs.
@@ -128,6 +135,41 @@ def test_cpu_max_pool_equals_lax_pool_bit_for_bit_ties_included(shape):
   assert np.array_equal(out['cpu'][0], out['xla'][0])
   assert np.array_equal(out['cpu'][1], out['xla'][1])
   assert int(jnp.sum(out['cpu'][1] != 0)) == g.size  # One tap per window takes the gradient.
+
+
+@pytest.mark.parametrize('train,axis_name', [(True, None), (False, None), (True, 'devices')])
+def test_cpu_batch_norm_equals_flax_batch_norm(train, axis_name):
+  """Same variables at init; the same output, running averages and gradients up to rounding, on
+  activations whose mean is far from zero (where E[x^2] - E[x]^2 loses the most); with an
+  `axis_name`, statistics over two vmapped shards, as under pmap."""
+  x = 3.0 + 2.0 * _normal((2, 4, 5, 3, 6))  # [shards, n, h, w, c]
+  norms = {
+    impl: batch_norm(train, dtype=jnp.float32, axis_name=axis_name, conv_impl=impl)()
+    for impl in CONV_IMPLS
+  }
+  assert isinstance(norms['cpu'], AffineBatchNorm)
+  assert not isinstance(norms['xla'], AffineBatchNorm)
+  inits = {impl: m.init(jax.random.key(0), x[0]) for impl, m in norms.items()}
+  assert jax.tree.structure(inits['cpu']) == jax.tree.structure(inits['xla'])
+  for u, v in zip(jax.tree.leaves(inits['cpu']), jax.tree.leaves(inits['xla']), strict=True):
+    assert u.dtype == v.dtype and np.array_equal(u, v)
+  variables = jax.tree.map(lambda a: a + 0.1 * _normal(a.shape, 5), inits['xla'])
+  out = {}
+  for impl, module in norms.items():
+
+    def loss(params, x, module=module):
+      v = {**variables, 'params': params}
+      y, new = module.apply(v, x, mutable=['batch_stats']) if train else (module.apply(v, x), {})
+      return jnp.sum(jnp.sin(y)), (y, new)
+
+    grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    if axis_name:
+      grad_fn = jax.vmap(grad_fn, in_axes=(None, 0), axis_name=axis_name)
+      (_, aux), grads = grad_fn(variables['params'], x)
+    else:
+      (_, aux), grads = grad_fn(variables['params'], x[0])
+    out[impl] = (aux, grads)
+  _assert_trees_close(out['cpu'], out['xla'], rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_conv_impl_is_refused():

@@ -98,7 +98,7 @@ class Model(nn.Module):
     """
     return (
       functools.partial(conv, dtype=self.dtype, conv_impl=self.conv_impl),
-      batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name),
+      batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name, conv_impl=self.conv_impl),
     )
 
 

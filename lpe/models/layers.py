@@ -214,7 +214,60 @@ def conv(
   )
 
 
-def batch_norm(train: bool, *, dtype: Dtype, axis_name: str | None) -> Callable[..., nn.BatchNorm]:
+class AffineBatchNorm(nn.Module):
+  """`flax.linen.BatchNorm` (feature axis last, fast variance) computed as one affine map.
+
+  Training: `mean = E[x]`, `var = max(0, E[x^2] - mean^2)` over every axis but the last (and
+  over `axis_name`), `y = x * a + b` with `a = scale / sqrt(var + epsilon)` and
+  `b = bias - mean * a`; flax computes `(x - mean) * a + bias`, the same up to float32 rounding.
+  In this form neither pass needs `x - mean` as an array: XLA:CPU wrote and re-read it for every
+  BatchNorm of the forward pass, and the backward pass reduces `g` and `g * x` directly; a
+  ResNet-20 training step took about 8% less CPU time, FitNet-1's 13% (docs/performance.md).
+  Same parameters (`scale`, `bias`), statistics (`mean`, `var`), running-average update and
+  initial values as flax's, so checkpoints are interchangeable.
+
+  Attributes:
+    use_running_average: Normalise with the running averages (evaluation) instead of the batch.
+    momentum: Running average `ra = momentum * ra + (1 - momentum) * batch value`.
+    epsilon: Added to the variance.
+    dtype: Computation dtype of `y`; statistics, `a` and `b` are float32.
+    axis_name: Mapped axis to average the statistics over, or None.
+  """
+
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Normalises `x` `[..., c]` per channel; returns `[..., c]` in `dtype`."""
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xf = x.astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      moments = jnp.stack([jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes)])
+      if self.axis_name is not None and not self.is_initializing():
+        moments = lax.pmean(moments, self.axis_name)
+      mean, var = moments[0], jnp.maximum(0.0, moments[1] - jnp.square(moments[0]))
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    a = scale * lax.rsqrt(var + self.epsilon)
+    b = bias - mean * a
+    return (x.astype(self.dtype) * a.astype(self.dtype) + b.astype(self.dtype)).astype(self.dtype)
+
+
+def batch_norm(
+  train: bool, *, dtype: Dtype, axis_name: str | None, conv_impl: str = 'xla'
+) -> Callable[..., nn.Module]:
   """Returns a BatchNorm constructor with PyTorch's defaults (momentum 0.1 there is 0.9 here).
 
   Args:
@@ -223,9 +276,13 @@ def batch_norm(train: bool, *, dtype: Dtype, axis_name: str | None) -> Callable[
     dtype: Computation dtype; scale and bias stay float32.
     axis_name: Mapped axis over which batch statistics are averaged (`pmap`/`vmap` axis name),
       or None for per-device statistics.
+    conv_impl: As the model's convs: 'xla' gives `flax.linen.BatchNorm`, 'cpu' `AffineBatchNorm`
+      (the same parameters and statistics, computed in an order that suits XLA:CPU).
   """
+  module = AffineBatchNorm if conv_impl == 'cpu' else nn.BatchNorm
+  conv_general_dilated_fn(conv_impl)  # Rejects an unknown value.
   return functools.partial(
-    nn.BatchNorm,
+    module,
     use_running_average=not train,
     momentum=0.9,
     epsilon=1e-5,
