@@ -118,3 +118,18 @@ def test_launch_applies_the_setting_before_jax_compiles():
   if default_fusions == 0:
     pytest.skip('This jaxlib hands no convolution to YNNPACK, so the setting changes nothing.')
   assert dots_fusions < default_fusions
+
+
+def test_configure_after_jax_started_warns():
+  code = """
+    import warnings
+    import jax
+    jax.devices()
+    from lpe import xla_cpu
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      xla_cpu.configure()
+    print([str(w.message) for w in caught])
+  """
+  assert 'call it before `import jax`' in _python(code, LPE_XLA_CPU='ynn_dots')
+  assert _python(code, LPE_XLA_CPU='off') == '[]'  # Nothing added: nothing to warn about.
