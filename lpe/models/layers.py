@@ -32,8 +32,9 @@ CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # unchanged (the default; right for GPU and TPU); 'cpu' arranges them for XLA:CPU: the weight
 # gradient reads the layer input from memory instead of recomputing it (a ResNet-20 training step
 # takes about a third less time, bitwise the same results), 2x2 max pooling has an elementwise
-# gradient (bitwise the same), and a conv of a one-channel input (MNIST's first layer) sums its
-# taps (float32 rounding apart, the same); docs/performance_cpu_conv.md, docs/performance.md.
+# gradient (bitwise the same), a conv of a one-channel input (MNIST's first layer) sums its taps
+# and BatchNorm is one affine map (both the same up to float32 rounding);
+# docs/performance_cpu_conv.md, docs/performance.md.
 # Parameters and their names are the same.
 CONV_IMPLS = ('xla', 'cpu')
 
