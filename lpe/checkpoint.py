@@ -118,6 +118,16 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state: Any) -> Any:
   return restored
 
 
+def saved_array(manager: ocp.CheckpointManager, step: int, key: str) -> Any:
+  """The shape and dtype (`jax.ShapeDtypeStruct`) of the top-level array `key` of checkpoint
+  `step`, or None when it holds none (or its metadata cannot be read)."""
+  try:
+    leaf = manager.metadata(step).item_metadata.get(key)
+  except Exception:  # Unreadable metadata: `restore_step` names the damage.
+    return None
+  return None if leaf is None else jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+
+
 def restore_latest(
   manager: ocp.CheckpointManager, state: Any, *, warn: Callable[[str], None] | None = None
 ) -> Any | None:

@@ -82,6 +82,15 @@ def _distill_defaults() -> ml_collections.ConfigDict:
   distill.feature = 'embedding'  # A key of both models' feature dicts.
   # None: direct kNN up to 4096 rows, blockwise above; 0: always direct; n: blocks of n rows.
   distill.knn_block_size = config_dict.placeholder(int)
+  # Whose neighbourhoods LP keeps (lpe/losses/graph.py; docs/locality_beyond_the_batch.md):
+  # 'batch' (the teacher's kNN graph within each batch, the paper's loss), 'neighbours' (the
+  # teacher's kNN graph over the whole training split, with batches of anchors and
+  # `graph_neighbours` of their graph neighbours each) or 'bank' (the whole split's graph, every
+  # neighbour read from a memory bank of student embeddings, refreshed as images pass through).
+  distill.lp_graph = 'batch'
+  distill.graph_k = 0  # Neighbours per example in the whole split's graph; 0 means `k`.
+  distill.graph_neighbours = 1  # 'neighbours': graph neighbours drawn per anchor (m).
+  distill.bank_momentum = 0.0  # 'bank': a row becomes momentum * old + (1 - momentum) * new.
   distill.kd_weight = 0.0
   distill.kd_temperature = 4.0
   # The baselines (lpe/objectives.py), each with the features it reads; names are keys of both
@@ -300,14 +309,51 @@ def _validate_distill(d: ml_collections.ConfigDict, per_device: int, num_devices
       f'({per_device * num_devices} over {num_devices} devices = {per_device}); lower k or raise '
       'batch_size.'
     )
+  _validate_graph(d, per_device * num_devices)
   if d.sigma2 is not None and d.sigma2 <= 0:
     raise ValueError(f'config.distill.sigma2 must be positive or None, got {d.sigma2}.')
   if d.kd_weight and d.kd_temperature <= 0:
     raise ValueError(f'config.distill.kd_temperature must be positive, got {d.kd_temperature}.')
 
 
+LP_GRAPHS = ('batch', 'neighbours', 'bank')
+
+
+def _validate_graph(d: ml_collections.ConfigDict, batch_size: int) -> None:
+  if d.lp_graph not in LP_GRAPHS:
+    raise ValueError(
+      f'config.distill.lp_graph={d.lp_graph!r} is unknown; use {_one_of(LP_GRAPHS)}.'
+    )
+  if d.lp_graph == 'batch':
+    return
+  if not d.lp_weight:
+    raise ValueError(
+      f'config.distill.lp_graph={d.lp_graph!r} sets how LP sees neighbours, but '
+      'config.distill.lp_weight is 0; set lp_weight > 0 or lp_graph=batch.'
+    )
+  graph_k = d.graph_k or d.k
+  if d.graph_k < 0 or graph_k < 1:
+    raise ValueError(f'config.distill.graph_k must be >= 1 (or 0 for k), got {d.graph_k}.')
+  if d.lp_graph == 'neighbours':
+    m = d.graph_neighbours
+    if not 1 <= m <= graph_k or batch_size % (1 + m):
+      raise ValueError(
+        f'config.distill.graph_neighbours={m} must be between 1 and the graph k ({graph_k}), and '
+        f'1 + {m} must divide config.batch_size={batch_size} (each anchor comes with {m} '
+        'neighbours); change one of them.'
+      )
+  if d.lp_graph == 'bank' and not 0 <= d.bank_momentum < 1:
+    raise ValueError(f'config.distill.bank_momentum must be in [0, 1), got {d.bank_momentum}.')
+
+
 def _validate_teacher_cache(config: ml_collections.ConfigDict) -> None:
   caching = config.teacher.cache_outputs and objectives.active(config.distill)
+  if feed.per_process_data(config) and config.distill.lp_graph != 'batch':
+    raise ValueError(
+      f'config.distill.lp_graph={config.distill.lp_graph!r} needs the whole training split on '
+      'every process (the graph and its example ids are global), but '
+      'config.distributed.per_process_data=True gives each process only its share; turn one off.'
+    )
   if feed.per_process_data(config) and config.parallelism == 'jit':
     for what, on in (
       ('input=device', config.input == 'device'),

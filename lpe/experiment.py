@@ -51,6 +51,8 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
     abstract = jax.eval_shape(
       lambda: state.create_train_state(model, config, jax.random.key(0), info.image_shape, 1)
     )
+    # A memory bank (distill.lp_graph='bank') is as large as the training split it was made for.
+    abstract = abstract.replace(bank=checkpoint.saved_array(manager, step, 'bank'))
     # Checks the shapes against config.json's model first, so another architecture is a clear
     # error rather than an orbax shape error.
     restored = checkpoint.restore_step(manager, step, abstract)

@@ -5,6 +5,11 @@ function of `(seed, epoch)`) into the step's inputs `(images, labels, teacher_ou
 the data-parallel mode: gathered on the devices from a split held there (`'device'` input), or
 copied from host memory (`'host'`), with this process's rows of every global batch and, when the
 teacher's outputs are cached, their rows too. Every path gives the same batches, bit for bit.
+
+With LP over the whole split's teacher graph (`config.distill.lp_graph` 'neighbours' or 'bank'),
+the graph is held on the devices too and each step also gets its examples' ids and graph rows;
+for 'neighbours' the batches are anchors with some of their graph neighbours
+(`lpe.sampling.neighbour_aware_index_batches`, a pure function of `(seed, epoch, step)`).
 """
 
 import itertools
@@ -16,14 +21,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lpe import data, parallel
+from lpe import data, losses, parallel, sampling
 
 # The largest split (images) the device-resident input path takes when `config.input` is 'auto'.
 DEVICE_INPUT_MAX_BYTES = 2 * 2**30
 # Values of `config.input`.
 INPUTS = ('auto', 'device', 'host')
 
-StepInputs = tuple[jax.Array, jax.Array, Any]
+StepInputs = tuple[jax.Array, jax.Array, Any, Any]
 
 
 def per_process_data(config: ml_collections.ConfigDict) -> bool:
@@ -56,6 +61,7 @@ class Feed:
     split: data.Split,
     place: parallel.Placement,
     teacher_outputs: Any = None,
+    graph: losses.NeighbourGraph | None = None,
   ):
     """Holds `split` (this process's share with per-process data) for `config`'s steps.
 
@@ -65,8 +71,12 @@ class Feed:
       place: The data-parallel placement of the step.
       teacher_outputs: The teacher's `(logits, features)` for every example of `split`
         (`lpe.teacher.outputs_cache`), held on the devices beside the split, or None.
+      graph: The teacher's kNN graph over `split` (`lpe.losses.teacher_graph`) when LP uses it:
+        each step then gets its rows' ids and graph rows.
     """
     self._split, self._place, self._seed = split, place, config.seed
+    self._graph = graph
+    self._neighbours = config.distill.lp_graph == 'neighbours' and config.distill.graph_neighbours
     per_process = per_process_data(config)
     # The batch this process draws its index batches for: its share of the global batch when it
     # holds only its share of the data, else the whole global batch (of which it feeds its rows).
@@ -80,30 +90,36 @@ class Feed:
       resident.update(images=split.images, labels=split.labels)
     if teacher_outputs is not None:
       resident['teacher'] = teacher_outputs
+    if graph is not None:
+      resident['graph'] = {'indices': graph.indices, 'weights': graph.weights}
     self._resident = place.resident(resident) if resident else None
     self._take = place.compile_take()
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepInputs]:
     """The inputs of the steps of `epoch` from its step `start_step` on."""
-    indices = data.train_index_batches(
-      len(self._split),
-      batch_size=self._index_batch,
-      seed=self._seed,
-      epoch=epoch,
-      start_step=start_step,
-    )
+    kwargs = dict(batch_size=self._index_batch, seed=self._seed, epoch=epoch, start_step=start_step)
+    if self._neighbours:
+      indices = sampling.neighbour_aware_index_batches(
+        len(self._split), self._graph.indices, neighbours_per_anchor=self._neighbours, **kwargs
+      )
+    else:
+      indices = data.train_index_batches(len(self._split), **kwargs)
     for index in itertools.islice(indices, max(self.steps_per_epoch - start_step, 0)):
       yield self._inputs(index)
 
   def _inputs(self, index: np.ndarray) -> StepInputs:
     """The step's inputs for the examples `index` (the global batch's indices)."""
     local = index[self._rows]
-    gathered = self._take(self._resident, self._place.batch(local)) if self._resident else {}
+    placed = self._place.batch(local) if self._resident else None
+    gathered = self._take(self._resident, placed) if self._resident else {}
     if 'images' in gathered:
       images, labels = gathered['images'], gathered['labels']
     else:
       images, labels = self._place.batch((self._split.images[local], self._split.labels[local]))
-    return images, labels, gathered.get('teacher')
+    graph = None
+    if 'graph' in gathered:
+      graph = dict(gathered['graph'], ids=placed)
+    return images, labels, gathered.get('teacher'), graph
 
 
 def _steps_per_epoch(

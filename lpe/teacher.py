@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lpe import checkpoint, data, models, objectives
+from lpe import checkpoint, data, losses, models, objectives
 
 # The largest teacher-output cache `config.teacher.cache_outputs` builds.
 CACHE_MAX_BYTES = 2 * 2**30
@@ -87,6 +87,14 @@ def check_features(
   """Raises a ValueError naming a configured feature that the student or the teacher lacks."""
   objectives.check_features(
     distill, feature_shapes(student, image_shape), feature_shapes(teacher, image_shape)
+  )
+
+
+def whole_split_graph(features: np.ndarray, distill: Mapping[str, Any]) -> losses.NeighbourGraph:
+  """The teacher's kNN graph over a whole split from its `distill['feature']` outputs `[N, d]`,
+  with `distill['graph_k']` neighbours (0: `k`) and bandwidth `sigma2` (None: the graph's mean)."""
+  return losses.teacher_graph(
+    features, k=distill['graph_k'] or distill['k'], sigma2=distill['sigma2']
   )
 
 

@@ -55,6 +55,7 @@ class Run:
   teacher: teacher.Teacher | None
   place: parallel.Placement
   feed: feed_lib.Feed
+  train_data: data.Split
   step_fn: Any  # The compiled `lpe.step.train_step`.
   step_teacher_variables: Any  # What the step reads of the teacher (None with cached outputs).
   evaluate: evaluate.Evaluator
@@ -135,10 +136,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     bn_axis_name=parallel.AXIS if sync_bn else None,
     conv_impl=conv_impl(config),
   )
-  cache = None
+  cache = graph = None
   if loaded is not None:
     teacher.check_features(config.distill, student, loaded.module, info.image_shape)
-    if distilling and config.teacher.cache_outputs:
+    whole_split = config.distill.lp_graph != 'batch'
+    if distilling and (config.teacher.cache_outputs or whole_split):
       cache = teacher.outputs_cache(
         loaded.module,
         loaded.variables,
@@ -147,10 +149,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         distill=config.distill,
         batch_size=config.eval_batch_size,
       )
+    if whole_split:
+      graph = teacher.whole_split_graph(cache[1][config.distill.feature], config.distill)
+    if not config.teacher.cache_outputs:
+      cache = None
   eval_teacher = None
   if loaded is not None:
     eval_teacher = (loaded.module, jax.device_put(loaded.variables, place.replicated))
-  step_teacher = eval_teacher[1] if distilling and cache is None else None
+  needs_teacher = objectives.needs_teacher(config.distill)
+  step_teacher = eval_teacher[1] if needs_teacher and cache is None else None
   return Run(
     config=config,
     workdir=workdir,
@@ -158,7 +165,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     student=student,
     teacher=loaded,
     place=place,
-    feed=feed_lib.Feed(config, train_data, place, cache),
+    train_data=train_data,
+    feed=feed_lib.Feed(config, train_data, place, cache, graph),
     step_fn=place.compile(step.make_train_step(config, student, loaded and loaded.module, info)),
     step_teacher_variables=None if step_teacher is None else place.state(step_teacher),
     evaluate=evaluate.Evaluator(
@@ -201,6 +209,16 @@ def restore_or_start(
     run.info.image_shape,
     run.feed.steps_per_epoch,
   )
+  if config.distill.lp_graph == 'bank':  # Filled by one pass of the initial student.
+    bank = state.embeddings(
+      run.student,
+      state.variables_of(fresh),
+      run.train_data,
+      info=run.info,
+      feature=config.distill.feature,
+      batch_size=config.eval_batch_size,
+    )
+    fresh = fresh.replace(bank=bank)
   fresh = jax.device_put(fresh, run.place.replicated)
   restored = checkpoint.restore_latest(manager, fresh, warn=reporter.warning)
   if restored is not None:

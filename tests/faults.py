@@ -3,23 +3,20 @@
 import os
 import signal
 
-from lpe import data
+from lpe import feed
 
 
 def sigterm_before_step(monkeypatch, step: int, steps_per_epoch: int) -> None:
   """Sends this process a real SIGTERM just before the batch of `step` (1-based) is trained.
 
-  Wraps `data.train_index_batches`, which both input paths of the trainer read.
+  Wraps `feed.Feed.epoch`, where every input path of the trainer gets its steps' inputs.
   """
-  original = data.train_index_batches
+  original = feed.Feed.epoch
 
-  def batches(num_examples, *, batch_size, seed, epoch, start_step=0):
-    for offset, index in enumerate(
-      original(num_examples, batch_size=batch_size, seed=seed, epoch=epoch, start_step=start_step),
-      start_step,
-    ):
+  def epoch_inputs(self, epoch, start_step=0):
+    for offset, inputs in enumerate(original(self, epoch, start_step), start_step):
       if epoch * steps_per_epoch + offset + 1 == step:
         os.kill(os.getpid(), signal.SIGTERM)
-      yield index
+      yield inputs
 
-  monkeypatch.setattr(data, 'train_index_batches', batches)
+  monkeypatch.setattr(feed.Feed, 'epoch', epoch_inputs)

@@ -117,8 +117,9 @@ def _symmetric_blockwise_knn(
     excluded = (rows[:, None] == cols[None, :]) | (rows[:, None] >= n) | (cols[None, :] >= n)
     dist = jnp.where(excluded, jnp.inf, dist)
     state = update(state, i, dist, j)
-    # A diagonal tile has no transposed half to add.
-    return update(state, j, jnp.where(i == j, jnp.inf, dist.T), i)
+    # A diagonal tile has no transposed half to add. A `cond`, not an all-inf tile: with one
+    # tile XLA unrolls the loop and would spend seconds constant-folding the sort of that tile.
+    return jax.lax.cond(i == j, lambda s: s, lambda s: update(s, j, dist.T, i), state)
 
   state = (
     jnp.full((num_blocks * block, k), jnp.inf, jnp.float32),
