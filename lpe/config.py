@@ -79,6 +79,7 @@ def _distill_defaults() -> ml_collections.ConfigDict:
   distill.lp_weight = 0.0
   distill.k = 5
   distill.sigma2 = config_dict.placeholder(float)  # None: mean kNN distance in the batch.
+  distill.sigma2_scale = 1.0  # Multiplies the bandwidth (sigma2, or the default).
   distill.feature = 'embedding'  # A key of both models' feature dicts.
   # None: direct kNN up to 4096 rows, blockwise above; 0: always direct; n: blocks of n rows.
   distill.knn_block_size = config_dict.placeholder(int)
@@ -310,6 +311,8 @@ def _validate_distill(d: ml_collections.ConfigDict, per_device: int, num_devices
       'batch_size.'
     )
   _validate_graph(d, per_device * num_devices)
+  if not d.sigma2_scale > 0:
+    raise ValueError(f'config.distill.sigma2_scale must be positive, got {d.sigma2_scale}.')
   if d.sigma2 is not None and d.sigma2 <= 0:
     raise ValueError(f'config.distill.sigma2 must be positive or None, got {d.sigma2}.')
   if d.kd_weight and d.kd_temperature <= 0:

@@ -162,6 +162,7 @@ def _locality(distill, s_features, t_features, graph, axis_name) -> jax.Array:
     t_features[distill['feature']],
     k=distill['k'],
     sigma2=distill['sigma2'],
+    sigma2_scale=distill.get('sigma2_scale', 1.0),
     axis_name=axis_name,
     block_size=distill.get('knn_block_size'),
   )

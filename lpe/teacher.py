@@ -92,9 +92,13 @@ def check_features(
 
 def whole_split_graph(features: np.ndarray, distill: Mapping[str, Any]) -> losses.NeighbourGraph:
   """The teacher's kNN graph over a whole split from its `distill['feature']` outputs `[N, d]`,
-  with `distill['graph_k']` neighbours (0: `k`) and bandwidth `sigma2` (None: the graph's mean)."""
+  with `distill['graph_k']` neighbours (0: `k`) and bandwidth `sigma2` (None: the graph's mean)
+  times `sigma2_scale`."""
   return losses.teacher_graph(
-    features, k=distill['graph_k'] or distill['k'], sigma2=distill['sigma2']
+    features,
+    k=distill['graph_k'] or distill['k'],
+    sigma2=distill['sigma2'],
+    sigma2_scale=distill['sigma2_scale'],
   )
 
 

@@ -420,3 +420,22 @@ def test_jit_does_not_retrace_for_same_shapes():
   loss_fn(student + 1.0, 2.0 * teacher, ~mask)
   with pytest.raises(AssertionError):
     loss_fn(student[:8], teacher[:8], mask[:8])  # A new shape must retrace.
+
+
+def test_sigma2_scale_multiplies_the_default_and_the_given_bandwidth():
+  rng = np.random.default_rng(3)
+  s, t = rng.normal(size=(12, 3)), rng.normal(size=(12, 5))
+  indices, sq_dist = knn_graph(t, k=3)
+  mean = float(np.mean(sq_dist))
+  scaled = locality_preserving_loss(s, t, k=3, sigma2_scale=2.5)
+  np.testing.assert_allclose(
+    scaled, locality_preserving_loss(s, t, k=3, sigma2=2.5 * mean), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    locality_preserving_loss(s, t, k=3, sigma2=0.5, sigma2_scale=4.0),
+    locality_preserving_loss(s, t, k=3, sigma2=2.0),
+    rtol=1e-6,
+  )
+  assert not np.allclose(scaled, locality_preserving_loss(s, t, k=3))
+  with pytest.raises(ValueError, match='sigma2_scale must be a Python number > 0'):
+    locality_preserving_loss(s, t, k=3, sigma2_scale=0.0)

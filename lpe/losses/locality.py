@@ -6,7 +6,7 @@ kNN graph on the teacher features with heat-kernel weights, and a student penalt
 distances along its edges.
 """
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import jax
 import jax.numpy as jnp
@@ -281,6 +281,7 @@ def locality_preserving_loss(
   *,
   k: int = 5,
   sigma2: float | jax.Array | None = None,
+  sigma2_scale: float = 1.0,
   where: jax.Array | None = None,
   axis_name: str | None = None,
   block_size: int | None = None,
@@ -318,6 +319,8 @@ def locality_preserving_loss(
     k: neighbours per example, a Python int with `1 <= k < global batch size`. Under `jax.jit`
       pass it in `static_argnames`.
     sigma2: heat-kernel bandwidth (> 0 and finite in float32), or None for the default above.
+    sigma2_scale: a Python float > 0 that multiplies the bandwidth (the given `sigma2` or the
+      default): > 1 widens the kernel (weights nearer 1), < 1 narrows it.
       A concrete bad value raises a ValueError; a traced one gives NaN losses.
     where: optional `[n]` bool array; masked rows are neither anchors nor neighbours and get
       loss exactly 0, whatever their features hold. Anchors with fewer than `k` valid
@@ -350,6 +353,10 @@ def locality_preserving_loss(
       f'{n_local} and {jnp.shape(teacher_features)[0]}.'
     )
   sigma2, bad_sigma2 = _check_sigma2(sigma2)
+  if not (isinstance(sigma2_scale, Real) and 0 < sigma2_scale < np.inf):
+    raise ValueError(f'sigma2_scale must be a Python number > 0, got {sigma2_scale!r}.')
+  if sigma2 is not None and sigma2_scale != 1:
+    sigma2 = sigma2 * sigma2_scale
   where = _check_where(where, n_local)
 
   student = jnp.asarray(student_features, jnp.float32)
@@ -372,7 +379,8 @@ def locality_preserving_loss(
     # D / mean(D) in scaled units: the same bits as in the original ones, and no overflow.
     scaled_dist = jnp.where(filled, scaled_dist, 0.0)
     mean = jnp.sum(scaled_dist) / jnp.maximum(jnp.sum(filled), 1)
-    ratio = scaled_dist / jnp.where(mean > 0, mean, 1.0)
+    bandwidth = jnp.where(mean > 0, mean, 1.0)
+    ratio = scaled_dist / (bandwidth * sigma2_scale if sigma2_scale != 1 else bandwidth)
   else:
     sq_dist = scaled_dist * scale * scale
     # Where D itself overflows, divide by sigma2 half-way through the scaling instead.
