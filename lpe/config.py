@@ -67,6 +67,9 @@ def _teacher_defaults() -> ml_collections.ConfigDict:
   # Compute the teacher's outputs on the training split once, before training, instead of in
   # every step; only without augmentation (issue 6; docs/performance.md).
   teacher.cache_outputs = False
+  # '' or a folder where the cached outputs are kept as files for later runs of the same teacher
+  # and split (a study's runs share them).
+  teacher.cache_dir = ''
   return teacher
 
 
@@ -148,6 +151,7 @@ RESUME_SAFE_FIELDS = (
   'keep_checkpoints',
   'skip_nonfinite_batches',
   'teacher.checkpoint',
+  'teacher.cache_dir',
   # The cluster layout (not distributed.per_process_data, which changes the batches).
   'distributed.auto',
   'distributed.coordinator_address',

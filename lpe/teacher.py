@@ -6,6 +6,9 @@ differentiated, updated or saved with the student.
 
 import dataclasses
 import functools
+import hashlib
+import os
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -110,11 +113,16 @@ def outputs_cache(
   info: data.DatasetInfo,
   distill: Mapping[str, Any],
   batch_size: int,
+  cache_dir: str = '',
+  teacher_id: str = '',
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """The teacher's `(logits [N, classes], {feature: [N, ...]})` for every example of `split`.
 
   Only the features the active distillation terms read are kept. Valid only while the training
-  images are not augmented (the teacher then sees exactly these images every epoch).
+  images are not augmented (the teacher then sees exactly these images every epoch). With
+  `cache_dir`, each array is also kept there as a `.npy` file named by a hash of `teacher_id`
+  (the teacher file's SHA-256), the split's bytes, the output's name and `batch_size`, and read
+  back by later runs instead of running the teacher again (a study's many runs share them).
 
   Raises:
     ValueError: the cache would exceed `CACHE_MAX_BYTES`; the message names its size.
@@ -130,14 +138,45 @@ def outputs_cache(
       f'(logits and {", ".join(names) or "no features"} for {len(split)} examples), more than '
       f'{CACHE_MAX_BYTES / 2**30:.0f} GiB; set config.teacher.cache_outputs=False.'
     )
+  paths = _cache_paths(cache_dir, teacher_id, split, ['logits', *names], batch_size)
+  arrays = {n: np.load(p) for n, p in paths.items() if os.path.exists(p)}
+  missing = [n for n in ['logits', *names] if n not in arrays]
+  if missing:
+    computed = _forward_split(teacher, variables, split, info, missing, batch_size)
+    arrays.update(computed)
+    for name, array in computed.items():
+      if name in paths:
+        _save_atomically(paths[name], array)
+  return arrays['logits'], {n: arrays[n] for n in names}
+
+
+def _forward_split(teacher, variables, split, info, names, batch_size) -> dict[str, np.ndarray]:
+  """`{name: [N, ...]}` of the teacher's outputs `names` ('logits' or feature names)."""
 
   @jax.jit
   def forward(variables, images):
     logits, features = teacher.apply(variables, data.preprocess(images, info), train=False)
-    return logits, {n: features[n] for n in names}
+    return {n: logits if n == 'logits' else features[n] for n in names}
 
   chunks = []
   for images, _, mask in data.eval_batches(split, batch_size=batch_size):
     outputs = forward(variables, images)
     chunks.append(jax.tree.map(lambda a, m=mask: np.asarray(a)[m], outputs))
   return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+
+
+def _cache_paths(cache_dir, teacher_id, split, names, batch_size) -> dict[str, str]:
+  if not cache_dir:
+    return {}
+  digest = hashlib.sha256(teacher_id.encode())
+  digest.update(np.ascontiguousarray(split.images).tobytes())
+  digest.update(np.ascontiguousarray(split.labels).tobytes())
+  key = digest.hexdigest()[:20]
+  return {n: os.path.join(cache_dir, f'{key}-{n}-b{batch_size}.npy') for n in names}
+
+
+def _save_atomically(path: str, array: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.{uuid.uuid4().hex}.tmp.npy'
+  np.save(tmp, array)
+  os.replace(tmp, path)

@@ -148,6 +148,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         info=info,
         distill=config.distill,
         batch_size=config.eval_batch_size,
+        cache_dir=config.teacher.cache_dir,
+        teacher_id=str(loaded.meta.get('sha256', loaded.path)),
       )
     if whole_split:
       graph = teacher.whole_split_graph(cache[1][config.distill.feature], config.distill)

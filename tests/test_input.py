@@ -173,3 +173,30 @@ def test_per_process_data_under_jit_refuses_device_held_data(small_config, monke
   small_config.parallelism = 'pmap'
   config_lib.validate(small_config, 2)
   assert feed.input_path(small_config, split) == 'device'
+
+
+def test_teacher_cache_files_are_reused_by_later_runs(
+  fashion_data_dir, teacher_dir, tmp_path, monkeypatch
+):
+  from lpe import models
+
+  split = data.load_split('fashion_mnist', 'train', fashion_data_dir)
+  info = data.dataset_info('fashion_mnist')
+  module = models.build('cnn_student', 10)
+  variables, meta = checkpoint.load_variables(teacher_dir)
+  kwargs = dict(info=info, batch_size=96, cache_dir=str(tmp_path / 'cache'), teacher_id='t1')
+  lp_only = {'lp_weight': 1.0, 'feature': 'embedding'}
+  first = teacher.outputs_cache(module, variables, split, distill=lp_only, **kwargs)
+  assert len(list((tmp_path / 'cache').iterdir())) == 2  # logits and embedding
+  calls = []
+  original = teacher._forward_split
+  monkeypatch.setattr(teacher, '_forward_split', lambda *a: calls.append(a[4]) or original(*a))
+  again = teacher.outputs_cache(module, variables, split, distill=lp_only, **kwargs)
+  assert calls == []  # Read back, not recomputed.
+  np.testing.assert_array_equal(first[0], again[0])
+  np.testing.assert_array_equal(first[1]['embedding'], again[1]['embedding'])
+  with_at = dict(lp_only, at_weight=1.0, at_features=['stage1'])
+  teacher.outputs_cache(module, variables, split, distill=with_at, **kwargs)
+  assert calls == [['stage1']]  # Only the missing feature runs the teacher.
+  teacher.outputs_cache(module, variables, split, distill=lp_only, **dict(kwargs, teacher_id='t2'))
+  assert calls[-1] == ['logits', 'embedding']  # Another teacher has files of its own.
