@@ -178,14 +178,14 @@ def compare(
 def run(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> Any:
-  """Runs a config: a comparison when it has `runs`, a study when it has `grid`, else one run.
+  """Runs a config: a comparison when it has `runs`, a study when it has `grids`, else one run.
 
   `allow_config_change` lets a workdir's run continue with a config that differs from the one it
   was started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
   """
   if 'runs' in config:
     return compare(config, workdir, allow_config_change=allow_config_change)
-  if 'grid' in config:
+  if 'grids' in config:
     return study.run(config, workdir, allow_config_change=allow_config_change)
   return train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
 

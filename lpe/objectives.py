@@ -79,10 +79,13 @@ def check_features(distill: Mapping[str, Any], s_features: Mapping, t_features: 
 
 
 def describe(distill: Mapping[str, Any]) -> str:
-  """A short name for the objective, e.g. 'CE + 0.1 LP + 1 KD'."""
+  """A short name for the objective, e.g. 'CE + 0.1 LP + 1 KD' ('LP-bank' for LP over the whole
+  split's graph with a memory bank, 'LP-neighbours' with neighbour-aware batches)."""
   ce_weight = distill.get('ce_weight', 1.0)
   ce = 'CE' if ce_weight == 1 else f'{ce_weight:g} CE'
-  parts = [ce] + [f'{distill[m + "_weight"]:g} {LABELS[m]}' for m in active(distill)]
+  graph = distill.get('lp_graph', 'batch')
+  label = lambda m: f'LP-{graph}' if m == 'lp' and graph != 'batch' else LABELS[m]
+  parts = [ce] + [f'{distill[m + "_weight"]:g} {label(m)}' for m in active(distill)]
   return ' + '.join(parts)
 
 

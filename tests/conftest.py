@@ -55,3 +55,29 @@ def small_config(fashion_data_dir):
   config.checkpoint_every_steps = 3
   config.learning_rate = 3e-3
   return config
+
+
+@pytest.fixture(scope='module')
+def persistent_compilation_cache(request):
+  """JAX's persistent compilation cache, in .pytest_cache, for a module of many small runs.
+
+  A short run is nearly all compiling (each parameter shape's init, the train and eval steps),
+  and runs of the same shapes compile the same programs, so with the cache the module runs
+  several times faster. It is not pruned (a size limit needs the `filelock` package):
+  `pytest --cache-clear` empties it.
+  """
+  import jax  # Here, not at the top: nothing in conftest imports jax before the tests do.
+  from jax.experimental.compilation_cache import compilation_cache
+
+  options = {
+    'jax_compilation_cache_dir': str(request.config.cache.mkdir('jax_compilation_cache')),
+    'jax_persistent_cache_min_compile_time_secs': 0.0,  # Most compiles are small init ops.
+  }
+  previous = {name: getattr(jax.config, name) for name in options}
+  for name, value in options.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # Takes the new directory even if JAX already compiled.
+  yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()

@@ -16,12 +16,10 @@ import json
 import os
 import re
 
-import jax
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 from absl import flags
-from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
 from lpe import config as config_lib
@@ -67,7 +65,7 @@ def _runs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """The training runs of a config: itself, a comparison's `runs`, or a study's `base` run."""
   if 'runs' in config:
     return [config.runs[name] for name in config.runs]
-  return [config.base] if 'grid' in config else [config]
+  return [config.base] if 'grids' in config else [config]
 
 
 def _single_run(config: ml_collections.ConfigDict) -> bool:
@@ -140,29 +138,7 @@ def _trained_config(name: str) -> ml_collections.ConfigDict:
   """What the one-step test trains: the config, or a study's base run (lpe.study's tests own the
   sweep itself, which is dozens of runs)."""
   config = _load(name)
-  return config.base if 'grid' in config else config
-
-
-@pytest.fixture(scope='module')
-def persistent_compilation_cache(request):
-  """JAX's persistent compilation cache, in .pytest_cache, for this module's one-step runs.
-
-  A one-step run is nearly all compiling (each parameter shape's init, the train and eval
-  steps), so with the cache warm the module runs several times faster. It is not pruned (a size
-  limit needs the `filelock` package): `pytest --cache-clear` empties it.
-  """
-  options = {
-    'jax_compilation_cache_dir': str(request.config.cache.mkdir('jax_compilation_cache')),
-    'jax_persistent_cache_min_compile_time_secs': 0.0,  # Most compiles are small init ops.
-  }
-  previous = {name: getattr(jax.config, name) for name in options}
-  for name, value in options.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()  # Takes the new directory even if JAX already compiled.
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+  return config.base if 'grids' in config else config
 
 
 @pytest.fixture(scope='module')
