@@ -410,3 +410,9 @@ def test_docstring_examples_run():
   result = doctest.testmod(baselines, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0
   assert result.failed == 0
+
+
+def test_kd_loss_defaults_to_temperature_4():
+  rng = np.random.default_rng(7)
+  s, t = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  np.testing.assert_array_equal(kd_loss(s, t), kd_loss(s, t, temperature=4.0))

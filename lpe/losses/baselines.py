@@ -128,7 +128,7 @@ def _smooth_l1(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def kd_loss(
-  student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float
+  student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 4.0
 ) -> jax.Array:
   """Hinton's knowledge-distillation loss per example: a tempered KL divergence.
 
@@ -153,7 +153,7 @@ def kd_loss(
   Args:
     student_logits: `[n, classes]` student logits (any float dtype; bfloat16 is upcast).
     teacher_logits: `[n, classes]` teacher logits; no gradient flows to them.
-    temperature: softmax temperature `T > 0` (RepDistiller uses 4).
+    temperature: softmax temperature `T > 0`; 4 by default, as RepDistiller and CRD use.
 
   Returns:
     `[n]` float32 per-example losses.
