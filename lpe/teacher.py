@@ -105,6 +105,31 @@ def whole_split_graph(features: np.ndarray, distill: Mapping[str, Any]) -> losse
   )
 
 
+def precomputed(
+  config: ml_collections.ConfigDict, loaded: Teacher, split: data.Split, info: data.DatasetInfo
+) -> tuple[Any, losses.NeighbourGraph | None]:
+  """What the steps read of the teacher, computed once before training: its cached outputs on
+  `split` (`config.teacher.cache_outputs`, else None) and the whole split's kNN graph
+  (`config.distill.lp_graph` 'neighbours' or 'bank', else None)."""
+  whole_split = config.distill.lp_graph != 'batch'
+  if not objectives.active(config.distill) or not (config.teacher.cache_outputs or whole_split):
+    return None, None
+  cache = outputs_cache(
+    loaded.module,
+    loaded.variables,
+    split,
+    info=info,
+    distill=config.distill,
+    batch_size=config.eval_batch_size,
+    cache_dir=config.teacher.cache_dir,
+    teacher_id=str(loaded.meta.get('sha256', loaded.path)),
+  )
+  graph = (
+    whole_split_graph(cache[1][config.distill.feature], config.distill) if whole_split else None
+  )
+  return (cache if config.teacher.cache_outputs else None), graph
+
+
 def outputs_cache(
   teacher: nn.Module,
   variables: Mapping[str, Any],

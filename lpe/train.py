@@ -128,33 +128,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   loaded = teacher.load(config, info, dtype) if distilling or config.teacher.checkpoint else None
   train_data, test_data = _load_splits(config)
   place = parallel.Placement(config.parallelism)
-  sync_bn = config.parallelism == 'pmap' and config.sync_batch_stats
-  student = models.build(
-    config.model,
-    info.num_classes,
-    dtype=dtype,
-    bn_axis_name=parallel.AXIS if sync_bn else None,
-    conv_impl=conv_impl(config),
-  )
+  student = _build_student(config, info, dtype)
   cache = graph = None
   if loaded is not None:
     teacher.check_features(config.distill, student, loaded.module, info.image_shape)
-    whole_split = config.distill.lp_graph != 'batch'
-    if distilling and (config.teacher.cache_outputs or whole_split):
-      cache = teacher.outputs_cache(
-        loaded.module,
-        loaded.variables,
-        train_data,
-        info=info,
-        distill=config.distill,
-        batch_size=config.eval_batch_size,
-        cache_dir=config.teacher.cache_dir,
-        teacher_id=str(loaded.meta.get('sha256', loaded.path)),
-      )
-    if whole_split:
-      graph = teacher.whole_split_graph(cache[1][config.distill.feature], config.distill)
-    if not config.teacher.cache_outputs:
-      cache = None
+    cache, graph = teacher.precomputed(config, loaded, train_data, info)
   eval_teacher = None
   if loaded is not None:
     eval_teacher = (loaded.module, jax.device_put(loaded.variables, place.replicated))
@@ -182,6 +160,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
       feature=config.distill.feature,
     ),
     reporter=report.Reporter(config.name or os.path.basename(os.path.normpath(workdir))),
+  )
+
+
+def _build_student(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtype) -> Any:
+  sync_bn = config.parallelism == 'pmap' and config.sync_batch_stats
+  return models.build(
+    config.model,
+    info.num_classes,
+    dtype=dtype,
+    bn_axis_name=parallel.AXIS if sync_bn else None,
+    conv_impl=conv_impl(config),
   )
 
 
