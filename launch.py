@@ -4,8 +4,9 @@
 .venv/bin/python launch.py --mode=evaluate --workdir=runs/lp
 
 Killed, the same command resumes the run; a SIGTERM saves first and exits with status 143. A
-mistake in the config, a missing dataset or teacher, or a non-finite loss stops with one line
-(exit status 1); `--verbosity=0` also logs the traceback.
+mistake in the config, a missing dataset or teacher, a non-finite loss, a workdir in use by
+another run, or a full or read-only disk stops with one line (exit status 1); `--verbosity=0`
+also logs the traceback.
 """
 
 import ast
@@ -14,7 +15,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lpe import checkpoint, data, experiment, train
+from lpe import checkpoint, data, experiment, files, train, workdir
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
@@ -28,6 +29,13 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   False,
   'train: continue a workdir whose run was started with a different config.',
 )
+_ALLOW_OPTIMIZER_CHANGE = flags.DEFINE_bool(
+  'allow_optimizer_change',
+  False,
+  'train: resume a workdir with other optimizer settings (learning_rate, momentum, weight_decay, '
+  'lr_schedule, lr_decay_epochs, lr_decay_factor) and no other change: after a non-finite stop, '
+  'resume from the last good checkpoint with a lower --config.learning_rate.',
+)
 
 # Errors that explain themselves in one sentence: shown without a traceback.
 _USER_ERRORS = (
@@ -36,6 +44,8 @@ _USER_ERRORS = (
   data.DatasetUnavailableError,
   checkpoint.CorruptCheckpointError,
   train.NonFiniteLossError,
+  files.StorageError,
+  workdir.WorkdirInUseError,
 )
 
 
@@ -65,7 +75,12 @@ def main(argv):
       return
     if _CONFIG.value is None or _WORKDIR.value is None:
       raise app.UsageError('Training needs --config=configs/<experiment>.py and --workdir=<dir>.')
-    experiment.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    experiment.run(
+      _CONFIG.value,
+      _WORKDIR.value,
+      allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+      allow_optimizer_change=_ALLOW_OPTIMIZER_CHANGE.value,
+    )
   except _USER_ERRORS as error:
     logging.info('Stopped:', exc_info=True)
     raise SystemExit(f'Error: {error}') from None

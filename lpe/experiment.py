@@ -4,7 +4,6 @@ This is what `launch.py` calls; everything here is also usable from a notebook.
 """
 
 import functools
-import json
 import os
 import re
 from typing import Any
@@ -13,7 +12,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lpe import checkpoint, data, evaluate, models, objectives, report, state, study, teacher, train
+from lpe import (
+  checkpoint,
+  data,
+  evaluate,
+  files,
+  models,
+  objectives,
+  report,
+  state,
+  study,
+  teacher,
+  train,
+)
 from lpe import config as config_lib
 from lpe import workdir as workdir_lib
 
@@ -33,8 +44,8 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
     config_path = os.path.join(path, 'config.json')
     if not os.path.exists(config_path):
       raise FileNotFoundError(f'{config_path} is missing; cannot tell which model {path} holds.')
-    with open(config_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    saved = files.read_json(config_path, fix=f'restore it from a config.<time>.json in {path}')
+    config = ml_collections.ConfigDict(saved)
     info = data.dataset_info(config.dataset)
     model = models.build(config.model, info.num_classes)
     manager = checkpoint.checkpoint_manager(
@@ -78,7 +89,7 @@ COMPARISON_KEYS = ('teacher_checkpoint', 'runs')
 
 
 def _comparison_plan(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool
+  config: ml_collections.ConfigDict, workdir: str, *, allowed: dict[str, bool]
 ) -> tuple[str, list[tuple[str, ml_collections.ConfigDict]]]:
   """The teacher path and the `(name, run config)` to train, in order, all checked before any work.
 
@@ -112,9 +123,7 @@ def _comparison_plan(
       config_lib.validate(run, jax.device_count())
     except ValueError as error:
       raise ValueError(_in_run(str(error), name)) from error
-    workdir_lib.check_config(
-      run, os.path.join(workdir, name), allow_config_change=allow_config_change
-    )
+    workdir_lib.check_config(run, os.path.join(workdir, name), **allowed)
   if config.teacher_checkpoint:
     meta = checkpoint.load_variables(config.teacher_checkpoint)[1]
   else:
@@ -138,16 +147,24 @@ def _in_run(message: str, name: str) -> str:
 
 
 def compare(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  allow_optimizer_change: bool = False,
 ) -> list[dict[str, Any]]:
   """Trains each run of `config.runs` in `workdir/<name>` and prints a table of the results.
 
   The teacher run is trained first unless `config.teacher_checkpoint` names an exported teacher,
   which is then evaluated instead; every distilling run uses that teacher. Every run is checked
   before the first one trains. Finished runs are skipped and interrupted ones resume, so the same
-  command can be run again after a kill.
+  command can be run again after a kill (with `allow_optimizer_change` after a non-finite stop,
+  whose message names the run's fields as `config.runs.<name>.*`).
   """
-  teacher_path, plan = _comparison_plan(config, workdir, allow_config_change=allow_config_change)
+  allowed = dict(
+    allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
+  )
+  teacher_path, plan = _comparison_plan(config, workdir, allowed=allowed)
   rows = []
   if config.teacher_checkpoint:
     evaluation = evaluate_saved(teacher_path, data_dir=config.runs.teacher.data_dir or None)
@@ -161,33 +178,45 @@ def compare(
       )
     )
   for name, run in plan:
-    rows.append(
-      train.train_and_evaluate(
-        run, os.path.join(workdir, name), allow_config_change=allow_config_change
-      )
-    )
+    try:
+      rows.append(train.train_and_evaluate(run, os.path.join(workdir, name), **allowed))
+    except train.NonFiniteLossError as error:  # Its advice names this run's fields.
+      raise train.NonFiniteLossError(_in_run(str(error), name)) from error
   table = report.results_table(rows)
   reporter = report.Reporter('compare')
   reporter.say('\n' + table)
   if reporter.active:
-    with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-      f.write(table + '\n')
+    files.write_atomic(os.path.join(workdir, 'summary.md'), table + '\n')
   return rows
 
 
 def run(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  allow_optimizer_change: bool = False,
 ) -> Any:
   """Runs a config: a comparison when it has `runs`, a study when it has `grids`, else one run.
 
   `allow_config_change` lets a workdir's run continue with a config that differs from the one it
-  was started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
+  was started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change);
+  `allow_optimizer_change` allows only `lpe.config.OPTIMIZER_FIELDS` to differ (the way to resume
+  after a non-finite stop with a lower learning rate).
   """
+  allowed = dict(
+    allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
+  )
   if 'runs' in config:
-    return compare(config, workdir, allow_config_change=allow_config_change)
+    return compare(config, workdir, **allowed)
   if 'grids' in config:
+    if allow_optimizer_change:
+      raise ValueError(
+        '--allow_optimizer_change resumes a run or a comparison, not a study; resume the '
+        "study's run with its own config, or use --allow_config_change."
+      )
     return study.run(config, workdir, allow_config_change=allow_config_change)
-  return train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
+  return train.train_and_evaluate(config, workdir, **allowed)
 
 
 def evaluate_and_save(
@@ -201,6 +230,5 @@ def evaluate_and_save(
   result = evaluate_saved(path, data_dir=data_dir, step=step)
   folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
   name = 'evaluation.json' if os.path.isdir(path) else os.path.basename(path) + '.evaluation.json'
-  with open(os.path.join(folder, name), 'w') as f:
-    json.dump(result, f, indent=2)
+  files.write_json(os.path.join(folder, name), result)
   return result

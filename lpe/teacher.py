@@ -81,7 +81,22 @@ def load(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtype=jnp.fl
     jnp.zeros((1, *info.image_shape)),
   )
   checkpoint.check_variables_match(variables, expected, what=f'Teacher checkpoint {path}')
+  check_finite(variables, where=path)
   return Teacher(module, jax.tree.map(jnp.asarray, variables), meta, path)
+
+
+def check_finite(variables: Any, *, where: str) -> None:
+  """Raises a ValueError naming the first array of a teacher's `variables` that holds a NaN or
+  an infinity: such a teacher gives non-finite targets, so no student could learn from it."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    array = np.asarray(leaf)
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad:
+      name = checkpoint.path_name(path)
+      raise ValueError(
+        f'The teacher {where} holds non-finite weights ({name}: {bad} of {array.size} values are '
+        'NaN or infinite); export it again from a good checkpoint, or train it again.'
+      )
 
 
 def check_features(

@@ -67,7 +67,11 @@ class Run:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  allow_optimizer_change: bool = False,
 ) -> dict[str, Any]:
   """Trains `config.model` on `config.dataset`, resuming from `workdir`, and evaluates it.
 
@@ -75,35 +79,73 @@ def train_and_evaluate(
   TensorBoard events, and at the end model.msgpack/model.json (the exported model) and
   result.json; every process takes part in the orbax checkpoints. Running the same command again
   resumes from the latest good checkpoint; a finished run returns its saved result. The config
-  is checked (and the teacher and data loaded) before anything is written; a workdir that holds a
-  run made with another config is refused unless `allow_config_change` (see
+  and the workdir are checked (and the teacher and data loaded) before anything is written; one
+  run at a time holds the workdir (`lpe.workdir.lock`). A workdir that holds a run made with
+  another config is refused unless `allow_config_change`, or `allow_optimizer_change` when only
+  the optimizer's settings changed (`lpe.config.OPTIMIZER_FIELDS`; see
   `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
 
   A SIGTERM saves the state and raises `Preempted` (exit status 143); a non-finite step raises
-  `NonFiniteLossError` without saving (or is skipped with `config.skip_nonfinite_batches`).
+  `NonFiniteLossError` without saving (or is skipped with `config.skip_nonfinite_batches`); a
+  full or read-only disk raises `lpe.files.StorageError`, keeping the checkpoints.
 
   Returns:
     The result: model, params, final and best test accuracy, epochs and training time.
   """
   parallel.maybe_initialize_distributed(config)
   config_lib.validate(config, jax.device_count())
-  changes = workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
-  finished = workdir_lib.finished_result(workdir, config)
+  workdir_lib.check_usable(workdir)
+  workdir_lib.check_not_in_use(workdir)
+  allowed = dict(
+    allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
+  )
+  finished, changes = _finished_or_changes(config, workdir, allowed, say=True)
   if finished is not None:
-    logging.info('%s already finished; returning its result.', workdir)
     return finished
   run = prepare(config, workdir)
-  if run.reporter.active:
-    os.makedirs(workdir, exist_ok=True)
-  manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints)
-  writer = metrics_io.MetricsWriter(workdir)
-  try:
-    train_state = restore_or_start(run, manager, changes, writer)
-    train_state = train(run, train_state, manager, writer)
-  finally:
-    manager.wait_until_finished()
-    writer.close()
-  return finish(run, train_state)
+  with workdir_lib.lock(workdir), workdir_lib.storage_faults(workdir):
+    # Checked again under the lock: another run may have written the workdir meanwhile.
+    finished, changes = _finished_or_changes(config, workdir, allowed)
+    if finished is not None:
+      return finished
+    manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints)
+    writer = metrics_io.MetricsWriter(workdir)
+    try:
+      train_state = restore_or_start(run, manager, changes, writer)
+      train_state = train(run, train_state, manager, writer)
+    finally:
+      manager.wait_until_finished()
+      writer.close()
+    return finish(run, train_state)
+
+
+def _finished_or_changes(
+  config: ml_collections.ConfigDict, workdir: str, allowed: dict[str, bool], *, say: bool = False
+) -> tuple[dict[str, Any] | None, list[str]]:
+  """The saved result when the run in `workdir` is finished, and the allowed config changes.
+
+  A finished run is not trained again; with changed fields, that is said, since they were not
+  applied (only a larger num_epochs trains more). `say`: print the warnings of an unreadable
+  result.json (once per run).
+  """
+  changes = workdir_lib.check_config(config, workdir, **allowed)
+  reporter = _reporter(config, workdir)
+  warn = reporter.warning if say else None
+  finished = workdir_lib.finished_result(workdir, config, warn=warn)
+  if finished is None:
+    return None, changes
+  logging.info('%s already finished; returning its result.', workdir)
+  if changes:
+    reporter.warning(
+      f'{workdir} holds a finished run of {config.num_epochs} epochs, so nothing was retrained '
+      f'and the changed fields ({"; ".join(changes)}) were not applied; to train with them, use '
+      'another --workdir (or a larger num_epochs to train more epochs).'
+    )
+  return finished, changes
+
+
+def _reporter(config: ml_collections.ConfigDict, workdir: str) -> report.Reporter:
+  return report.Reporter(config.name or os.path.basename(os.path.normpath(workdir)))
 
 
 def conv_impl(config: ml_collections.ConfigDict) -> str:
@@ -159,7 +201,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
       k=config.distill.k,
       feature=config.distill.feature,
     ),
-    reporter=report.Reporter(config.name or os.path.basename(os.path.normpath(workdir))),
+    reporter=_reporter(config, workdir),
   )
 
 
@@ -189,10 +231,16 @@ def restore_or_start(
 ) -> state.TrainState:
   """The latest good checkpoint's state, or a fresh one; then writes config.json.
 
-  An epoch whose checkpoint was saved but whose record was lost with a killed process gets its
-  record back: its test accuracy is recomputed exactly from the checkpoint.
+  First removes what killed writes left: temporary files, and a torn last line of metrics.jsonl
+  (with a warning). An epoch whose checkpoint was saved but whose record was lost with a killed
+  process gets its record back: its test accuracy is recomputed exactly from the checkpoint.
   """
   config, reporter = run.config, run.reporter
+  if reporter.active:
+    workdir_lib.remove_temporaries(run.workdir)
+    torn = metrics_io.repair_metrics(run.workdir)
+    if torn:
+      reporter.warning(torn)
   fresh = state.create_train_state(
     run.student,
     config,
@@ -225,7 +273,7 @@ def restore_or_start(
     evaluation = run.evaluate(state.variables_of(train_state))
     record = {'epoch': at // per_epoch, 'step': at, **evaluate.record_fields(evaluation)}
     # The epoch's training means and time were lost with the process.
-    writer.write({**record, 'epoch_time_s': 0.0, 'recovered': True})
+    writer.write({**record, 'steps_averaged': 0, 'epoch_time_s': 0.0, 'recovered': True})
     reporter.record_recovered(at // per_epoch)
   return train_state
 
@@ -273,12 +321,14 @@ def run_epoch(
     end = hooks.StepEnd(at, epoch, offset, offset == per_epoch, loop_hooks.stopping())
     loop_hooks.after_step(end, train_state, metrics)
   train_time = time.time() - t0
-  means, skipped = loop_hooks.end_epoch(at, train_state)
+  means, averaged, skipped = loop_hooks.end_epoch(at, train_state)
   evaluation = run.evaluate(state.variables_of(run.place.canonical(train_state)))
   record = {
     'epoch': epoch + 1,
     'step': at,
     **{f'train_{k}': v for k, v in means.items()},
+    # The steps the train_* means cover: fewer than the epoch's after a resume or skipped steps.
+    'steps_averaged': averaged,
     **evaluate.record_fields(evaluation),
     'epoch_time_s': train_time,
   }

@@ -2,8 +2,20 @@
 
 import os
 import signal
+import subprocess
+import sys
 
 from lpe import feed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Holds a workdir's lock until killed.
+_HOLDER = """
+import sys, time
+from lpe import workdir
+with workdir.lock(sys.argv[1]):
+  print('HELD', flush=True)
+  time.sleep(600)
+"""
 
 
 def sigterm_before_step(monkeypatch, step: int, steps_per_epoch: int) -> None:
@@ -20,3 +32,17 @@ def sigterm_before_step(monkeypatch, step: int, steps_per_epoch: int) -> None:
       yield inputs
 
   monkeypatch.setattr(feed.Feed, 'epoch', epoch_inputs)
+
+
+def hold_lock(workdir: str) -> subprocess.Popen:
+  """Starts another process that takes `workdir`'s lock (as a run does); returns once it holds
+  it. Stop it with `send_signal(signal.SIGKILL)` and `wait()`."""
+  proc = subprocess.Popen(
+    [sys.executable, '-c', _HOLDER, workdir],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'),
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  assert proc.stdout.readline().strip() == 'HELD'
+  return proc
