@@ -11,6 +11,8 @@ also logs the traceback.
 
 import ast
 import json
+import logging as std_logging
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -49,6 +51,17 @@ _USER_ERRORS = (
 )
 
 
+class _LibraryErrorsInOneLine(std_logging.Filter):
+  """Orbax logs each failure of its background threads with a traceback (hundreds of lines for
+  one full disk, before the run's own one-line error); keeps only their first lines."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if f'{os.sep}orbax{os.sep}' in record.pathname and record.levelno >= std_logging.ERROR:
+      record.msg, record.args = record.getMessage().strip().splitlines()[0][:300], ()
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with config_flags' unknown-field error as one line, not a traceback."""
   try:
@@ -68,6 +81,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Progress goes to stdout; orbax's INFO is noise.
+    std_logging.getLogger('absl').addFilter(_LibraryErrorsInOneLine())
   try:
     if _MODE.value == 'evaluate':
       result = experiment.evaluate_and_save(_CHECKPOINT.value or _WORKDIR.value, step=_STEP.value)

@@ -546,7 +546,8 @@ def _user_namespaces() -> bool:
     return False
 
 
-# Runs launch.py on a read-only tmpfs, and on a tmpfs filled so that the export cannot fit.
+# Runs launch.py on a read-only tmpfs, on a tmpfs filled so that the export cannot fit, and on
+# one too small for the first checkpoint.
 _FULL_DISK = """
 set -e
 mount -t tmpfs -o size=16m tmpfs "$FULL"
@@ -555,10 +556,12 @@ rm "$FULL/run/model.msgpack" "$FULL/run/model.json" "$FULL/run/result.json"
 used=$(df -k --output=used "$FULL" | tail -1)
 mount -o remount,size=$((used + 48))k "$FULL"  # Room for config.json, not for the model.
 mount -t tmpfs -o ro tmpfs "$READ_ONLY"
+mount -t tmpfs -o size=200k tmpfs "$SMALL"  # Less than one checkpoint.
 set +e
 echo '=== read-only'; $LAUNCH --workdir="$READ_ONLY/run" 2>&1; echo "rc=$?"
 echo '=== full'; $LAUNCH --workdir="$FULL/run" 2>&1; echo "rc=$?"
 echo '=== left'; ls -a "$FULL/run"; ls "$FULL/run/checkpoints"
+echo '=== save'; $LAUNCH --workdir="$SMALL/run" 2>&1; echo "rc=$?"
 """
 
 
@@ -566,14 +569,16 @@ echo '=== left'; ls -a "$FULL/run"; ls "$FULL/run/checkpoints"
 def test_atomic_export_on_a_really_full_or_read_only_disk_stops_launch_in_one_line(
   fashion_data_dir, reference, compile_cache, tmp_path
 ):
-  """The same faults on real filesystems: a tmpfs mounted read-only, and one with room for the
-  run's checkpoints but not its exported model, in a user namespace of their own."""
+  """The same faults on real filesystems, in a user namespace of their own: a tmpfs mounted
+  read-only, one with room for the run's checkpoints but not its exported model, and one too
+  small for the first checkpoint (orbax's background threads fail; their tracebacks, hundreds
+  of lines, are cut to one line each)."""
   import shlex
 
   overrides = dict(OVERRIDES, data_dir=fashion_data_dir)
   launch = [sys.executable, 'launch.py', '--config=configs/fashion_mnist_student.py']
   launch += [f'--config.{k}={v}' for k, v in overrides.items()]
-  mounts = {'FULL': tmp_path / 'full', 'READ_ONLY': tmp_path / 'read_only'}
+  mounts = {n: tmp_path / n.lower() for n in ('FULL', 'READ_ONLY', 'SMALL')}
   for folder in mounts.values():
     folder.mkdir()
   env = dict(
@@ -593,7 +598,7 @@ def test_atomic_export_on_a_really_full_or_read_only_disk_stops_launch_in_one_li
     timeout=600,
   )
   out = proc.stdout + proc.stderr
-  read_only, full, left = (part.strip() for part in out.split('=== ')[1:])
+  read_only, full, left, save = (part.strip() for part in out.split('=== ')[1:])
   run = mounts['READ_ONLY'] / 'run'
   assert read_only.endswith(
     f'Error: {mounts["READ_ONLY"]} (where the workdir {run} would go) is on a read-only '
@@ -606,6 +611,11 @@ def test_atomic_export_on_a_really_full_or_read_only_disk_stops_launch_in_one_li
   ), out
   assert '.tmp' not in left and 'model.msgpack' not in left, out
   assert left.split()[-3:] == [str(s) for s in _steps(reference)], out
+  assert 'Traceback' not in save and save.endswith('rc=1') and len(save.splitlines()) < 12, out
+  assert (
+    f'Error: Could not write {mounts["SMALL"]}/run/checkpoints/3.orbax-checkpoint-tmp/' in save
+    and 'the disk is full (No space left on device); no checkpoint is saved' in save
+  ), out
 
 
 # --- Non-finite losses -------------------------------------------------------------------------
