@@ -11,6 +11,7 @@ import socket
 
 import pytest
 
+from lpe import config as config_lib
 from lpe import files, metrics_io
 from lpe import workdir as workdir_lib
 from tests import faults
@@ -65,6 +66,9 @@ def test_corrupt_json_is_an_error_naming_the_file_and_the_fix(tmp_path):
   path.write_text('{"accur')
   with pytest.raises(ValueError, match=rf'{path} is unreadable \(JSONDecodeError: .*\); do this\.'):
     files.read_json(str(path), fix='do this')
+  (tmp_path / 'config.json').write_text('{"seed": 0, "mod')
+  with pytest.raises(ValueError, match=rf'{tmp_path}/config.json is unreadable .*move it aside'):
+    workdir_lib.check_config(config_lib.default_config(), str(tmp_path))
 
 
 def _write_lines(workdir, *lines: bytes) -> str:
