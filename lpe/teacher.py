@@ -7,8 +7,8 @@ differentiated, updated or saved with the student.
 import dataclasses
 import functools
 import hashlib
+import io
 import os
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from lpe import checkpoint, data, losses, models, objectives
+from lpe import checkpoint, data, files, losses, models, objectives
 
 # The largest teacher-output cache `config.teacher.cache_outputs` builds.
 CACHE_MAX_BYTES = 2 * 2**30
@@ -163,6 +164,8 @@ def outputs_cache(
   `cache_dir`, each array is also kept there as a `.npy` file named by a hash of `teacher_id`
   (the teacher file's SHA-256), the split's bytes, the output's name and `batch_size`, and read
   back by later runs instead of running the teacher again (a study's many runs share them).
+  Each file is written atomically (`lpe.files.write_atomic`); one that cannot be read (cut
+  short, or of another size) is computed again and rewritten, with a warning.
 
   Raises:
     ValueError: the cache would exceed `CACHE_MAX_BYTES`; the message names its size.
@@ -179,7 +182,8 @@ def outputs_cache(
       f'{CACHE_MAX_BYTES / 2**30:.0f} GiB; set config.teacher.cache_outputs=False.'
     )
   paths = _cache_paths(cache_dir, teacher_id, split, ['logits', *names], batch_size)
-  arrays = {n: np.load(p) for n, p in paths.items() if os.path.exists(p)}
+  cached = {n: _load_cached(p, len(split)) for n, p in paths.items()}
+  arrays = {n: a for n, a in cached.items() if a is not None}
   missing = [n for n in ['logits', *names] if n not in arrays]
   if missing:
     computed = _forward_split(teacher, variables, split, info, missing, batch_size)
@@ -217,6 +221,20 @@ def _cache_paths(cache_dir, teacher_id, split, names, batch_size) -> dict[str, s
 
 def _save_atomically(path: str, array: np.ndarray) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.{uuid.uuid4().hex}.tmp.npy'
-  np.save(tmp, array)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  files.write_atomic(path, buffer.getvalue())
+
+
+def _load_cached(path: str, rows: int) -> np.ndarray | None:
+  """A cached output, or None when there is none or it is unreadable (then computed again)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    array = np.load(path)
+    if len(array) != rows:
+      raise ValueError(f'{len(array)} rows for a split of {rows}')
+  except (OSError, ValueError, EOFError) as error:
+    logging.warning('%s is unreadable (%s); computing it again.', path, files.first_line(error))
+    return None
+  return array

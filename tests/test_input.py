@@ -5,6 +5,8 @@ must give exactly the batches, and so exactly the parameters, of the host path; 
 outputs must equal the teacher's per-step forward pass.
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -200,3 +202,29 @@ def test_teacher_cache_files_are_reused_by_later_runs(
   assert calls == [['stage1']]  # Only the missing feature runs the teacher.
   teacher.outputs_cache(module, variables, split, distill=lp_only, **dict(kwargs, teacher_id='t2'))
   assert calls[-1] == ['logits', 'embedding']  # Another teacher has files of its own.
+
+
+def test_corrupt_teacher_cache_file_is_computed_again_and_rewritten(
+  fashion_data_dir, teacher_dir, tmp_path
+):
+  from lpe import models
+
+  split = data.load_split('fashion_mnist', 'train', fashion_data_dir)
+  module = models.build('cnn_student', 10)
+  variables, _ = checkpoint.load_variables(teacher_dir)
+  kwargs = dict(
+    info=data.dataset_info('fashion_mnist'),
+    batch_size=96,
+    cache_dir=str(tmp_path),
+    teacher_id='t1',
+    distill={'lp_weight': 1.0, 'feature': 'embedding'},
+  )
+  first = teacher.outputs_cache(module, variables, split, **kwargs)
+  names = sorted(os.listdir(tmp_path))
+  assert len(names) == 2 and not [n for n in names if 'tmp' in n]
+  logits = str(tmp_path / next(n for n in names if '-logits-' in n))
+  os.truncate(logits, os.path.getsize(logits) // 2)  # What a kill mid-write once left.
+  again = teacher.outputs_cache(module, variables, split, **kwargs)
+  np.testing.assert_array_equal(first[0], again[0])
+  np.testing.assert_array_equal(np.load(logits), first[0])  # Rewritten whole.
+  assert sorted(os.listdir(tmp_path)) == names
