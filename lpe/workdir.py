@@ -1,8 +1,10 @@
-"""A run's workdir: the config guard, the config it was made with, and its finished result.
+"""A run's workdir: its lock, the config guard, the config it was made with, its finished result.
 
-Layout: `config.json` (the config, checked on every start), `metrics.jsonl` and `tensorboard/`
-(lpe.metrics_io), `checkpoints/` (lpe.checkpoint), and once finished `model.msgpack`,
-`model.json` and `result.json`.
+Layout: `lock` (held by the one run working there), `config.json` (the config, checked on every
+start), `metrics.jsonl` and `tensorboard/` (lpe.metrics_io), `checkpoints/` (lpe.checkpoint),
+and once finished `model.msgpack`, `model.json` and `result.json`. Whole files are written
+atomically (`lpe.files`); a workdir that cannot be written, and a full disk during a run, are
+one-sentence `lpe.files.StorageError`s.
 """
 
 import contextlib
@@ -61,9 +63,10 @@ def check_config(
     refused = [c for c in refused if c not in optimizer]
   if refused:
     shown = '; '.join(refused[:3]) + (f'; and {len(refused) - 3} more' if len(refused) > 3 else '')
+    option = 'allow_optimizer_change' if set(refused) <= set(optimizer) else 'allow_config_change'
     raise ValueError(
       f'{workdir} holds a run made with another config ({shown}); use another --workdir, or '
-      'pass --allow_config_change (allow_config_change=True) to continue it with this config.'
+      f'pass --{option} ({option}=True) to continue it with this config.'
     )
   return changes
 
@@ -81,7 +84,7 @@ def finished_result(
 ) -> dict[str, Any] | None:
   """The saved result of a run of `config` that finished in `workdir`, or None.
 
-  An unreadable result.json (from a version of lpe that wrote it in place) is rebuilt: the run
+  An unreadable result.json (written in place by an older lpe, or damaged) is rebuilt: the run
   is finished again from its last checkpoint; `warn` is given the warning.
 
   Raises:
@@ -228,7 +231,7 @@ def _describe(fd: int) -> str:
   """`'host h, PID p, started <time>'` from a held lock file (its holder may still be writing)."""
   try:
     me = json.loads(os.pread(fd, 4096, 0).decode())
-    started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(me['started']))
+    started = time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(me['started']))
     return f'host {me["host"]}, PID {me["pid"]}, started {started}'
   except (OSError, ValueError, KeyError, TypeError):
     return 'a run that has not yet recorded its host and PID'

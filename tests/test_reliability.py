@@ -719,8 +719,10 @@ def test_nan_stop_advice_resumes_from_the_last_good_checkpoint_with_a_lower_lear
   )
   assert advice and float(advice.group(2)) == pytest.approx(3e-4), str(error.value)
   lower = _config(fashion_data_dir, learning_rate=float(advice.group(2)))
-  with pytest.raises(ValueError, match=r'another config \(learning_rate: 0.003 -> 0.0003\)'):
-    train.train_and_evaluate(lower, workdir)  # Without the option: refused, as before.
+  with pytest.raises(
+    ValueError, match=r'another config \(learning_rate: 0.003 -> 0.0003\).*--allow_optimizer_change'
+  ):
+    train.train_and_evaluate(lower, workdir)  # Without the option: refused, naming it.
   lower.num_epochs = 3
   with pytest.raises(ValueError, match=r'another config \(num_epochs: 2 -> 3\)'):
     train.train_and_evaluate(lower, workdir, allow_optimizer_change=True)  # Only the optimizer.
