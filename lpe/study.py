@@ -224,13 +224,29 @@ def _last(record: dict[str, Any]) -> float:
 
 
 def _read_ledger(path: str) -> dict[str, dict[str, Any]]:
-  records = {}
-  if path and os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          record = json.loads(line)
-          records[record['run']] = record  # The latest record of a run wins.
+  """The ledger's records by run (the latest wins). A torn last line, what a kill mid-append
+  leaves, is cut off with a warning (that run is trained again); any other bad line stops."""
+  if not path or not os.path.exists(path):
+    return {}
+  with open(path, 'rb') as f:
+    content = f.read()
+  records, good = {}, 0
+  for line in content.splitlines(keepends=True):
+    try:
+      record = json.loads(line) if line.strip() else None
+    except ValueError:
+      if good + len(line) < len(content) or line.endswith(b'\n'):
+        raise ValueError(
+          f'{path} has an unreadable record at byte {good}; fix or remove that line (the runs it '
+          'recorded are trained again).'
+        ) from None
+      report.Reporter('study').warning(f'{path} ended in a torn record; it was removed.')
+      with open(path, 'r+b') as f:
+        f.truncate(good)
+      break
+    good += len(line)
+    if record is not None:
+      records[record['run']] = record
   return records
 
 

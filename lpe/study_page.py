@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from lpe import report
+from lpe import files, report
 
 Records = list[dict[str, Any]]
 
@@ -283,6 +283,5 @@ def write_study_page(config, *, teacher, recipe, recipes, sweeps, finals, wall_s
   if notes and os.path.exists(notes):
     with open(notes) as f:
       lines += ['', f.read().strip()]
-  with open(page, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  files.write_atomic(page, '\n'.join(lines) + '\n')
   return page

@@ -143,3 +143,14 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   os.rename(tmp_path / 'study', tmp_path / 'study_moved')
   assert experiment.run(config, str(tmp_path / 'study')) == path
   assert open(path).read() == text
+
+
+def test_a_torn_last_ledger_record_is_cut_and_a_bad_middle_one_stops(tmp_path):
+  ledger = tmp_path / 'runs.jsonl'
+  good = json.dumps({'run': 'a', 'digest': 'x'}) + '\n'
+  ledger.write_text(good + '{"run": "b", "dig')  # A kill mid-append.
+  assert set(study._read_ledger(str(ledger))) == {'a'}
+  assert ledger.read_text() == good
+  ledger.write_text('{"run": "b", "dig\n' + good)
+  with pytest.raises(ValueError, match='unreadable record at byte 0'):
+    study._read_ledger(str(ledger))
