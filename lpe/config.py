@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from lpe import augment, data, feed, models, objectives
+from lpe import augment, data, feed, models, objectives, stream
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -21,11 +21,21 @@ def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = ''  # Shown in progress lines and tables; '' means the workdir's name.
   config.seed = 0
+  # A TFDS image-classification dataset by name, 'folder:PATH' (PATH/train/<class>/<images> and
+  # PATH/test/<class>/<images>) or 'npz:PATH' (train_images, train_labels, test_images,
+  # test_labels); docs/data.md.
   config.dataset = 'fashion_mnist'
   config.data_dir = ''  # '' means $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.train_split = 'train'
   config.test_split = 'test'
-  config.augment = 'none'  # 'none' or 'cifar' (4-pixel padded random crop and flip).
+  config.image_size = 0  # >0: images resized (or, with augment='imagenet', cropped) to this size.
+  # Per-channel normalisation constants; () means the published ones of mnist, fashion_mnist and
+  # cifar, else computed once from the training split and cached beside the data.
+  config.data_mean = ()
+  config.data_std = ()
+  # 'none', 'cifar' (4-pixel padded random crop and flip) or, with streaming input only,
+  # 'imagenet' (random-resized crop to image_size and flip; evaluation on the central crop).
+  config.augment = 'none'
   config.model = 'cnn_student'
 
   config.num_epochs = 3
@@ -33,9 +43,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 1000
   config.steps_per_epoch_limit = 0  # >0 caps the steps of an epoch (smoke tests).
   # Where the training split lives: 'device' (whole on every device; each step gathers its rows
-  # there), 'host' (NumPy; each batch is copied over) or 'auto' (device up to 2 GiB of images).
-  # Both give the same batches, bit for bit.
+  # there), 'host' (NumPy; each batch is copied over), 'stream' (read record by record from the
+  # files by `input_workers` host processes, which also decode and augment; lpe/stream.py) or
+  # 'auto' (device up to 2 GiB of images, host up to 8 GiB, else stream). All give the same
+  # batches, bit for bit.
   config.input = 'auto'
+  config.input_workers = 0  # 'stream': worker processes per host (0: read in this process).
 
   config.optimizer = 'adam'  # 'adam' or 'sgd'.
   config.learning_rate = 1e-3
@@ -145,6 +158,7 @@ RESUME_SAFE_FIELDS = (
   'data_dir',
   'eval_batch_size',
   'input',
+  'input_workers',
   'conv_impl',
   'log_every_steps',
   'checkpoint_every_steps',
@@ -251,7 +265,7 @@ def changed_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Stops before any work on config values that cannot run, naming the fix."""
   check_keys_and_types(config)
-  data.dataset_info(config.dataset)
+  data.info_of(config)
   if config.model not in models.names():
     models.build(config.model, 1)  # Raises the error that lists the valid names.
   positive = ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps')
@@ -273,13 +287,29 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _validate_distill(config.distill, config.batch_size // num_devices, num_devices)
   for key, values in (
     ('conv_impl', ('auto', *models.layers.CONV_IMPLS)),
-    ('augment', augment.AUGMENTATIONS),
+    ('augment', (*augment.AUGMENTATIONS, 'imagenet')),
     ('input', feed.INPUTS),
   ):
     if config[key] not in values:
       raise ValueError(f'config.{key}={config[key]!r} is unknown; use {_one_of(values)}.')
-
+  _validate_input(config)
   _validate_teacher_cache(config)
+
+
+def _validate_input(config: ml_collections.ConfigDict) -> None:
+  if config.image_size < 0 or config.input_workers < 0:
+    raise ValueError(
+      f'config.image_size={config.image_size} and config.input_workers={config.input_workers} '
+      'must be >= 0; fix them.'
+    )
+  if config.augment == 'imagenet':
+    if config.input in ('device', 'host') or not config.image_size:
+      raise ValueError(
+        "config.augment='imagenet' crops each image at its own size, which needs "
+        "config.input='stream' (or 'auto') and config.image_size > 0 (e.g. 224); set them."
+      )
+  if config.input == 'stream':
+    stream.check_config(config)
 
 
 def _one_of(values) -> str:

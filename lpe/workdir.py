@@ -21,7 +21,18 @@ from lpe import config as config_lib
 CONFIG_NAME = 'config.json'
 RESULT_NAME = 'result.json'
 # The result fields that `model.json` repeats beside the exported model.
-EXPORT_META = ('model', 'dataset', 'num_classes', 'params', 'test_accuracy')
+# What an exported model is, and the inputs it takes (`lpe.data.info_of_model`).
+EXPORT_META = (
+  'model',
+  'dataset',
+  'num_classes',
+  'image_size',
+  'mean',
+  'std',
+  'augment',
+  'params',
+  'test_accuracy',
+)
 
 
 def check_config(
