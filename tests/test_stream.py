@@ -164,7 +164,7 @@ def _launch(workdir, data_dir, cache, devices, extra=()) -> subprocess.Popen:
     '--config.batch_size=16',
     '--config.eval_batch_size=12',
     '--config.log_every_steps=1',
-    '--config.checkpoint_every_steps=4',
+    '--config.checkpoint_every_steps=2',
   ]
   return subprocess.Popen(
     [sys.executable, os.path.join(REPO, 'launch.py'), *flags, *extra],
@@ -231,9 +231,9 @@ def test_imagenet_like_jpegs_stream_through_launch_killed_and_resumed(
   for count in (1, 2):
     workdir = tmp_path / f'killed_{count}'
     procs = _processes(workdir, tiny_images_dir, compile_cache, count)
-    out = _kill_at(procs, f'[student] epoch 1/2 step {steps - 1}/{steps}')
+    out = _kill_at(procs, f'[student] epoch 2/2 step {steps - 1}/{steps}')
     assert procs[0].returncode == -signal.SIGKILL, out
-    assert '4' in os.listdir(workdir / 'checkpoints')
     out = _finish(_processes(workdir, tiny_images_dir, compile_cache, count))
-    assert f'Resuming {workdir} from step' in out, out
+    # From the last complete save (step 10's may have been cut short): mid-epoch 2 either way.
+    assert any(f'Resuming {workdir} from step {s}.' in out for s in (8, 10)), out
     assert _equal(_params(workdir), _params(reference)), count
