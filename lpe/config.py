@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from lpe import augment, data, feed, models, objectives
+from lpe import augment, data, feed, models, objectives, stream
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -24,11 +24,21 @@ def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = ''  # Shown in progress lines and tables; '' means the workdir's name.
   config.seed = 0
+  # A TFDS image-classification dataset by name, 'folder:PATH' (PATH/train/<class>/<images> and
+  # PATH/test/<class>/<images>) or 'npz:PATH' (train_images, train_labels, test_images,
+  # test_labels); docs/data.md.
   config.dataset = 'fashion_mnist'
   config.data_dir = ''  # '' means $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.train_split = 'train'
   config.test_split = 'test'
-  config.augment = 'none'  # 'none' or 'cifar' (4-pixel padded random crop and flip).
+  config.image_size = 0  # >0: images resized (or, with augment='imagenet', cropped) to this size.
+  # Per-channel normalisation constants; () means the published ones of mnist, fashion_mnist and
+  # cifar, else computed once from the training split and cached beside the data.
+  config.data_mean = ()
+  config.data_std = ()
+  # 'none', 'cifar' (4-pixel padded random crop and flip) or, with streaming input only,
+  # 'imagenet' (random-resized crop to image_size and flip; evaluation on the central crop).
+  config.augment = 'none'
   config.model = 'cnn_student'
 
   config.num_epochs = 3
@@ -36,9 +46,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 1000
   config.steps_per_epoch_limit = 0  # >0 caps the steps of an epoch (smoke tests).
   # Where the training split lives: 'device' (whole on every device; each step gathers its rows
-  # there), 'host' (NumPy; each batch is copied over) or 'auto' (device up to 2 GiB of images).
-  # Both give the same batches, bit for bit.
+  # there), 'host' (NumPy; each batch is copied over), 'stream' (read record by record from the
+  # files by `input_workers` host processes, which also decode and augment; lpe/stream.py) or
+  # 'auto' (device up to 2 GiB of images, host up to 8 GiB, else stream). All give the same
+  # batches, bit for bit.
   config.input = 'auto'
+  config.input_workers = 0  # 'stream': worker processes per host (0: read in this process).
 
   config.optimizer = 'adam'  # 'adam' or 'sgd'.
   config.learning_rate = 1e-3
@@ -183,6 +196,10 @@ DOMAINS = {
   'batch_size': _AT_LEAST_1,
   'eval_batch_size': _AT_LEAST_1,
   'steps_per_epoch_limit': _AT_LEAST_0,  # 0: no limit.
+  'image_size': _AT_LEAST_0,  # 0: the images' own size.
+  'data_mean': _SHARE,  # Per channel, of pixels scaled to [0, 1].
+  'data_std': _POSITIVE,
+  'input_workers': _AT_LEAST_0,
   'learning_rate': _POSITIVE,
   'momentum': _SHARE,
   'weight_decay': _AT_LEAST_0,
@@ -221,7 +238,8 @@ CHOICES = {
   'lr_schedule': ('constant', 'cosine', 'step'),
   'parallelism': ('jit', 'pmap'),
   'conv_impl': ('auto', *models.layers.CONV_IMPLS),
-  'augment': augment.AUGMENTATIONS,
+  # 'imagenet' (random-resized crop and flip) is drawn by the streaming input's workers.
+  'augment': (*augment.AUGMENTATIONS, 'imagenet'),
   'input': feed.INPUTS,
   'distill.lp_graph': LP_GRAPHS,
 }
@@ -237,6 +255,7 @@ RESUME_SAFE_FIELDS = (
   'data_dir',
   'eval_batch_size',
   'input',
+  'input_workers',
   'conv_impl',
   'log_every_steps',
   'checkpoint_every_steps',
@@ -388,10 +407,10 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Stops before any work on config values that cannot run, naming the fix."""
   check_keys_and_types(config)
-  data.dataset_info(config.dataset)
+  check_domains(config)
+  data.info_of(config)
   if config.model not in models.names():
     models.build(config.model, 1)  # Raises the error that lists the valid names.
-  check_domains(config)
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % num_devices:
       raise ValueError(
@@ -400,7 +419,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       )
   _validate_parallelism(config)
   _validate_distill(config.distill, config.batch_size // num_devices, num_devices)
+  _validate_input(config)
   _validate_teacher_cache(config)
+
+
+def _validate_input(config: ml_collections.ConfigDict) -> None:
+  if config.augment == 'imagenet':
+    if config.input in ('device', 'host') or not config.image_size:
+      raise ValueError(
+        "config.augment='imagenet' crops each image at its own size, which needs "
+        "config.input='stream' (or 'auto') and config.image_size > 0 (e.g. 224); set them."
+      )
+  if config.input == 'stream':
+    stream.check_config(config)
 
 
 def _one_of(values) -> str:

@@ -21,6 +21,7 @@ from lpe import (
   objectives,
   report,
   state,
+  stream,
   study,
   teacher,
   train,
@@ -46,7 +47,8 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
       raise FileNotFoundError(f'{config_path} is missing; cannot tell which model {path} holds.')
     saved = files.read_json(config_path, fix=f'restore it from a config.<time>.json in {path}')
     config = ml_collections.ConfigDict(saved)
-    info = data.dataset_info(config.dataset)
+    config.data_dir = data_dir or config.data_dir
+    info = data.info_of(config)
     model = models.build(config.model, info.num_classes)
     manager = checkpoint.checkpoint_manager(
       path, max_to_keep=config.keep_checkpoints, for_training=False
@@ -68,10 +70,10 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
     # error rather than an orbax shape error.
     restored = checkpoint.restore_step(manager, step, abstract)
     variables = state.variables_of(restored)
-    dataset, data_dir = config.dataset, data_dir or config.data_dir or None
+    meta = {k: config.get(k) for k in ('dataset', 'image_size', 'augment')}
   else:
     variables, meta = checkpoint.load_variables(path)
-    dataset, info = meta['dataset'], data.dataset_info(meta['dataset'])
+    info = data.info_of_model(meta, data_dir)
     model = models.build(meta['model'], meta['num_classes'])
     expected = jax.eval_shape(
       functools.partial(model.init, train=False),
@@ -80,7 +82,15 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
     )
     checkpoint.check_variables_match(variables, expected, what=f'Model file {path}')
     config = ml_collections.ConfigDict({'model': meta['model']})
-  test = data.load_split(dataset, 'test', data_dir)
+  dataset, data_dir = meta['dataset'], data_dir or config.get('data_dir') or None
+  test = stream.test_split(
+    dataset,
+    'test',
+    data_dir,
+    info,
+    image_size=meta.get('image_size') or 0,
+    augment=meta.get('augment') or 'none',
+  )
   result = evaluate.evaluate(model, variables, test, info=info, batch_size=1000)
   return dict(result, model=config.model, dataset=dataset, step=step, source=os.path.abspath(path))
 
@@ -127,12 +137,12 @@ def _comparison_plan(
   if config.teacher_checkpoint:
     meta = checkpoint.load_variables(config.teacher_checkpoint)[1]
   else:
-    info = data.dataset_info(runs['teacher'].dataset)
+    info = data.info_of(runs['teacher'])
     meta = {'model': runs['teacher'].model, 'num_classes': info.num_classes}
   for name, run in plan:
     if name == 'teacher' or not objectives.active(run.distill):
       continue
-    classes = data.dataset_info(run.dataset).num_classes
+    classes = data.info_of(run).num_classes
     try:
       teacher.check_compatible(meta, run, classes, where=teacher_path)
     except ValueError as error:

@@ -26,7 +26,7 @@ from lpe import data, losses, parallel, sampling
 # The largest split (images) the device-resident input path takes when `config.input` is 'auto'.
 DEVICE_INPUT_MAX_BYTES = 2 * 2**30
 # Values of `config.input`.
-INPUTS = ('auto', 'device', 'host')
+INPUTS = ('auto', 'device', 'host', 'stream')
 
 StepInputs = tuple[jax.Array, jax.Array, Any, Any]
 
@@ -84,7 +84,7 @@ class Feed:
       config.batch_size // jax.process_count() if per_process else config.batch_size
     )
     self._rows = slice(None) if per_process else parallel.process_rows(config.batch_size)
-    self.steps_per_epoch = _steps_per_epoch(config, len(split), self._index_batch, per_process)
+    self.steps_per_epoch = steps_in_epoch(config, len(split), self._index_batch, per_process)
     resident = {}
     if input_path(config, split) == 'device':
       resident.update(images=split.images, labels=split.labels)
@@ -107,6 +107,9 @@ class Feed:
     for index in itertools.islice(indices, max(self.steps_per_epoch - start_step, 0)):
       yield self._inputs(index)
 
+  def close(self) -> None:
+    """Nothing to stop: this input has no worker processes (`lpe.stream.StreamFeed` has)."""
+
   def _inputs(self, index: np.ndarray) -> StepInputs:
     """The step's inputs for the examples `index` (the global batch's indices)."""
     local = index[self._rows]
@@ -122,9 +125,11 @@ class Feed:
     return images, labels, gathered.get('teacher'), graph
 
 
-def _steps_per_epoch(
+def steps_in_epoch(
   config: ml_collections.ConfigDict, num_examples: int, index_batch: int, per_process: bool
 ) -> int:
+  """Steps in an epoch of `num_examples` (this process's share with per-process data) drawn in
+  index batches of `index_batch`, capped by `config.steps_per_epoch_limit`."""
   steps = data.steps_per_epoch(num_examples, index_batch)
   if per_process:  # Shares differ by at most one example: every process takes the fewest steps.
     steps = int(np.min(multihost_utils.process_allgather(np.int32(steps))))

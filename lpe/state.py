@@ -99,7 +99,7 @@ def create_train_state(model, config, rng: jax.Array, image_shape, steps_per_epo
   variables = model.init(student_rng, x, train=False)
   aux_params = {}
   if config.distill.fitnet_weight:
-    num_classes = data.dataset_info(config.dataset).num_classes
+    num_classes = data.info_of(config).num_classes
     t_module = models.build(config.teacher.model, num_classes)
     s_features, t_features = (teacher.feature_shapes(m, image_shape) for m in (model, t_module))
     aux_params = objectives.init_aux_params(config.distill, aux_rng, s_features, t_features)

@@ -145,8 +145,13 @@ def make_train_step(
   student: nn.Module,
   teacher: nn.Module | None,
   info: data.DatasetInfo,
+  *,
+  augmentation: str | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
   """`train_step` with everything static bound from `config`, ready to compile.
+
+  `augmentation` overrides `config.augment` for the step (`'none'` when the input arrives
+  augmented, as streamed images do).
 
   The result takes `(state, teacher_variables, images, labels, teacher_outputs=None,
   graph=None)`; the teacher runs only when an active term of `config.distill` needs its outputs
@@ -159,7 +164,7 @@ def make_train_step(
     teacher=teacher if objectives.needs_teacher(config.distill) else None,
     info=info,
     distill=dict(config.distill),
-    augmentation=config.augment,
+    augmentation=config.augment if augmentation is None else augmentation,
     seed=config.seed,
     skip_nonfinite=config.skip_nonfinite_batches,
   )

@@ -32,8 +32,10 @@ from lpe import (
   objectives,
   parallel,
   report,
+  sources,
   state,
   step,
+  stream,
   teacher,
 )
 from lpe import config as config_lib
@@ -54,8 +56,8 @@ class Run:
   student: nn.Module
   teacher: teacher.Teacher | None
   place: parallel.Placement
-  feed: feed_lib.Feed
-  train_data: data.Split
+  feed: feed_lib.Feed | stream.StreamFeed
+  train_data: data.Split | None  # None when the training split streams.
   step_fn: Any  # The compiled `lpe.step.train_step`.
   step_teacher_variables: Any  # What the step reads of the teacher (None with cached outputs).
   evaluate: evaluate.Evaluator
@@ -114,6 +116,7 @@ def train_and_evaluate(
       train_state = restore_or_start(run, manager, changes, writer)
       train_state = train(run, train_state, manager, writer)
     finally:
+      run.feed.close()
       manager.wait_until_finished()
       writer.close()
     return finish(run, train_state)
@@ -162,19 +165,23 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
   Raises ValueError (or a data or checkpoint error) for anything that cannot run.
   """
-  info = data.dataset_info(config.dataset)
+  info = data.info_of(config)
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   distilling = bool(objectives.active(config.distill))
   # A configured teacher is also loaded without distillation, for the evaluation diagnostics
   # (agreement, neighbourhood preservation, CKA); only distilling steps run it.
   loaded = teacher.load(config, info, dtype) if distilling or config.teacher.checkpoint else None
-  train_data, test_data = _load_splits(config)
   place = parallel.Placement(config.parallelism)
+  streamed, test_data = _streams(config, info, place)
+  train_data = None
+  if streamed is None:
+    train_data, test_data = _load_splits(config)
   student = _build_student(config, info, dtype)
   cache = graph = None
   if loaded is not None:
     teacher.check_features(config.distill, student, loaded.module, info.image_shape)
-    cache, graph = teacher.precomputed(config, loaded, train_data, info)
+    if train_data is not None:
+      cache, graph = teacher.precomputed(config, loaded, train_data, info)
   eval_teacher = None
   if loaded is not None:
     eval_teacher = (loaded.module, jax.device_put(loaded.variables, place.replicated))
@@ -188,8 +195,16 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     teacher=loaded,
     place=place,
     train_data=train_data,
-    feed=feed_lib.Feed(config, train_data, place, cache, graph),
-    step_fn=place.compile(step.make_train_step(config, student, loaded and loaded.module, info)),
+    feed=feed_lib.Feed(config, train_data, place, cache, graph) if streamed is None else streamed,
+    step_fn=place.compile(
+      step.make_train_step(
+        config,
+        student,
+        loaded and loaded.module,
+        info,
+        augmentation='none' if streamed else config.augment,  # Streamed images come augmented.
+      )
+    ),
     step_teacher_variables=None if step_teacher is None else place.state(step_teacher),
     evaluate=evaluate.Evaluator(
       student.clone(bn_axis_name=None),
@@ -216,14 +231,29 @@ def _build_student(config: ml_collections.ConfigDict, info: data.DatasetInfo, dt
   )
 
 
+def _streams(
+  config: ml_collections.ConfigDict, info: data.DatasetInfo, place: parallel.Placement
+) -> tuple[stream.StreamFeed | None, stream.EvalStream | None]:
+  """The streamed training feed and test split when the training split streams, else Nones."""
+  if config.input not in ('auto', 'stream'):
+    return None, None
+  size = len(sources.open_split(config.dataset, config.train_split, config.data_dir or None))
+  if not stream.streams(config, size, info):
+    return None, None
+  stream.check_config(config)  # 'auto' chose to stream: what streaming cannot do stops here.
+  return stream.open_streams(config, info, place)
+
+
 def _load_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Split]:
   """The training split (this process's share with per-process data) and the test split."""
   shard = None
   if feed_lib.per_process_data(config):
     shard = (jax.process_index(), jax.process_count())
-  data_dir = config.data_dir or None
-  train_split = data.load_split(config.dataset, config.train_split, data_dir, shard=shard)
-  return train_split, data.load_split(config.dataset, config.test_split, data_dir)
+  data_dir, size = config.data_dir or None, config.image_size
+  train_split = data.load_split(
+    config.dataset, config.train_split, data_dir, shard=shard, image_size=size
+  )
+  return train_split, data.load_split(config.dataset, config.test_split, data_dir, image_size=size)
 
 
 def restore_or_start(
@@ -348,6 +378,11 @@ def finish(run: Run, train_state: state.TrainState) -> dict[str, Any]:
     'model': config.model,
     'dataset': config.dataset,
     'num_classes': run.info.num_classes,
+    # What the model's inputs are, for evaluating the exported model (`lpe.experiment`).
+    'image_size': config.image_size,
+    'mean': list(run.info.mean),
+    'std': list(run.info.std),
+    'augment': config.augment,
     'params': state.count_params(train_state.params),
     'extra_params': state.count_params(train_state.aux_params),
     'objective': objectives.describe(config.distill),

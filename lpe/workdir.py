@@ -29,7 +29,18 @@ RESULT_NAME = 'result.json'
 # Held (flock) by the one process that runs in the workdir; records who that is.
 LOCK_NAME = 'lock'
 # The result fields that `model.json` repeats beside the exported model.
-EXPORT_META = ('model', 'dataset', 'num_classes', 'params', 'test_accuracy')
+# What an exported model is, and the inputs it takes (`lpe.data.info_of_model`).
+EXPORT_META = (
+  'model',
+  'dataset',
+  'num_classes',
+  'image_size',
+  'mean',
+  'std',
+  'augment',
+  'params',
+  'test_accuracy',
+)
 
 
 def check_config(

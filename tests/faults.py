@@ -18,12 +18,13 @@ with workdir.lock(sys.argv[1]):
 """
 
 
-def sigterm_before_step(monkeypatch, step: int, steps_per_epoch: int) -> None:
+def sigterm_before_step(monkeypatch, step: int, steps_per_epoch: int, feed_class=feed.Feed) -> None:
   """Sends this process a real SIGTERM just before the batch of `step` (1-based) is trained.
 
-  Wraps `feed.Feed.epoch`, where every input path of the trainer gets its steps' inputs.
+  Wraps `feed_class.epoch` (`feed.Feed`, or `lpe.stream.StreamFeed` for streamed input), where the
+  trainer gets its steps' inputs.
   """
-  original = feed.Feed.epoch
+  original = feed_class.epoch
 
   def epoch_inputs(self, epoch, start_step=0):
     for offset, inputs in enumerate(original(self, epoch, start_step), start_step):
@@ -31,7 +32,7 @@ def sigterm_before_step(monkeypatch, step: int, steps_per_epoch: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
       yield inputs
 
-  monkeypatch.setattr(feed.Feed, 'epoch', epoch_inputs)
+  monkeypatch.setattr(feed_class, 'epoch', epoch_inputs)
 
 
 def hold_lock(workdir: str) -> subprocess.Popen:

@@ -16,14 +16,16 @@ import json
 import os
 import re
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 from ml_collections import config_flags
 
+from lpe import checkpoint, data, experiment, models, objectives, train
 from lpe import config as config_lib
-from lpe import data, experiment, objectives, train
 
 # ml_collections loads config files with the deprecated importlib `load_module`.
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
@@ -126,6 +128,8 @@ def test_missing_cifar_stops_before_any_work(tmp_path):
 
 def _shrink(run: ml_collections.ConfigDict, data_dir: str) -> None:
   run.data_dir = data_dir
+  run.image_size = min(run.image_size, 64)  # ImageNet's nets at 64 pixels: their shapes, faster.
+  run.input_workers = 0
   run.num_epochs = 1
   run.steps_per_epoch_limit = 1
   run.batch_size = 8
@@ -152,8 +156,10 @@ def run_one_step(tmp_path_factory, persistent_compilation_cache):
       config = _trained_config(name)
       for r in _runs(config):
         _shrink(r, str(root / 'tfds'))
-        if _distilling(r):
+        if _distilling(r) and r.teacher.checkpoint.startswith('runs/'):
           r.teacher.checkpoint = run(_teacher_config(r.teacher.model, r.dataset))[0]
+        elif _distilling(r):  # A teacher converted from elsewhere: random weights of its model.
+          r.teacher.checkpoint = _random_teacher(r, str(root / 'teachers'))
       if config.get('teacher_checkpoint'):
         teacher = _teacher_config(config.runs.teacher.model, config.runs.teacher.dataset)
         config.teacher_checkpoint = run(teacher)[0]
@@ -164,6 +170,17 @@ def run_one_step(tmp_path_factory, persistent_compilation_cache):
     return done[name]
 
   return run
+
+
+def _random_teacher(run: ml_collections.ConfigDict, folder: str) -> str:
+  """Exports randomly initialised `run.teacher.model` variables as a teacher file."""
+  info = data.info_of(run)
+  module = models.build(run.teacher.model, info.num_classes)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False)
+  path = os.path.join(folder, f'{run.teacher.model}.msgpack')
+  meta = {'model': run.teacher.model, 'dataset': run.dataset, 'num_classes': info.num_classes}
+  checkpoint.export_variables(path, variables, dict(meta, params=1, test_accuracy=None))
+  return path
 
 
 def _trained_runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, object]]:

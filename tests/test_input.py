@@ -158,7 +158,9 @@ def test_teacher_cache_with_a_feature_the_teacher_lacks_is_a_clear_error(
 
 def test_unknown_input_path_is_refused(small_config):
   small_config.input = 'gpu'
-  with pytest.raises(ValueError, match="config.input='gpu' is unknown; use auto, device or host"):
+  with pytest.raises(
+    ValueError, match="config.input='gpu' is unknown; use auto, device, host or stream"
+  ):
     config_lib.validate(small_config, 1)
 
 
