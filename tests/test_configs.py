@@ -71,7 +71,7 @@ def _runs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
 
 
 def _single_run(config: ml_collections.ConfigDict) -> bool:
-  return 'runs' not in config and 'grid' not in config
+  return 'runs' not in config and 'grids' not in config
 
 
 def _distilling(run: ml_collections.ConfigDict) -> bool:
