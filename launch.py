@@ -2,6 +2,8 @@
 
 .venv/bin/python launch.py --config=configs/fashion_mnist_lp.py --workdir=runs/lp
 .venv/bin/python launch.py --mode=evaluate --workdir=runs/lp
+.venv/bin/python launch.py --mode=convert_torch --checkpoint=ckpt_epoch_240.pth \
+  --model=resnet32x4 --dataset=cifar100 --num_classes=100 --output=teachers/resnet32x4.msgpack
 
 Killed, the same command resumes the run; a SIGTERM saves first and exits with status 143. A
 mistake in the config, a missing dataset or teacher, a non-finite loss, a workdir in use by
@@ -21,10 +23,21 @@ from lpe import checkpoint, data, experiment, files, train, workdir
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'], 'Train, or evaluate a model.')
-_CHECKPOINT = flags.DEFINE_string(
-  'checkpoint', None, 'evaluate: a model.msgpack or run workdir (default: --workdir).'
+_MODE = flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'evaluate', 'convert_torch'],
+  'Train, evaluate a model, or convert a PyTorch teacher (.pth) into an lpe teacher file.',
 )
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint',
+  None,
+  'evaluate: a model.msgpack or run workdir (default: --workdir); convert_torch: the .pth file.',
+)
+_MODEL = flags.DEFINE_string('model', None, 'convert_torch: the lpe model name, e.g. resnet32x4.')
+_DATASET = flags.DEFINE_string('dataset', None, 'convert_torch: the dataset it was trained on.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'convert_torch: its classifier outputs.')
+_OUTPUT = flags.DEFINE_string('output', None, 'convert_torch: the .msgpack file to write.')
 _STEP = flags.DEFINE_integer('step', None, 'evaluate: the checkpoint step (default: latest).')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   'allow_config_change',
@@ -48,6 +61,7 @@ _USER_ERRORS = (
   train.NonFiniteLossError,
   files.StorageError,
   workdir.WorkdirInUseError,
+  ImportError,  # torch_convert without torch: the message says how to install it.
 )
 
 
@@ -76,6 +90,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(message) from None
 
 
+def _convert_torch() -> dict:
+  needed = {'checkpoint': _CHECKPOINT, 'model': _MODEL, 'dataset': _DATASET}
+  needed.update(num_classes=_NUM_CLASSES, output=_OUTPUT)
+  missing = [f'--{name}' for name, flag in needed.items() if flag.value is None]
+  if missing:
+    raise app.UsageError(f'--mode=convert_torch needs {", ".join(missing)}.')
+  from lpe import torch_convert  # Imports torch only here.
+
+  return torch_convert.convert_pth(
+    _CHECKPOINT.value,
+    _MODEL.value,
+    _OUTPUT.value,
+    num_classes=_NUM_CLASSES.value,
+    dataset=_DATASET.value,
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -86,6 +117,9 @@ def main(argv):
     if _MODE.value == 'evaluate':
       result = experiment.evaluate_and_save(_CHECKPOINT.value or _WORKDIR.value, step=_STEP.value)
       print(json.dumps(result, indent=2))
+      return
+    if _MODE.value == 'convert_torch':
+      print(json.dumps(_convert_torch(), indent=2))
       return
     if _CONFIG.value is None or _WORKDIR.value is None:
       raise app.UsageError('Training needs --config=configs/<experiment>.py and --workdir=<dir>.')
