@@ -2,10 +2,13 @@
 
 .venv/bin/python launch.py --config=configs/fashion_mnist_lp.py --workdir=runs/lp
 .venv/bin/python launch.py --mode=evaluate --workdir=runs/lp
+.venv/bin/python launch.py --mode=convert_torch --checkpoint=ckpt_epoch_240.pth \
+  --model=resnet32x4 --dataset=cifar100 --num_classes=100 --output=teachers/resnet32x4.msgpack
 
 Killed, the same command resumes the run; a SIGTERM saves first and exits with status 143. A
-mistake in the config, a missing dataset or teacher, or a non-finite loss stops with one line
-(exit status 1); `--verbosity=0` also logs the traceback.
+mistake in the config, a missing dataset or teacher, a non-finite loss, a workdir in use by
+another run, or a full or read-only disk stops with one line (exit status 1); `--verbosity=0`
+also logs the traceback.
 """
 
 from lpe import xla_cpu
@@ -14,23 +17,43 @@ xla_cpu.configure()  # XLA:CPU flags for this processor; XLA reads them once, wh
 
 import ast  # noqa: E402
 import json  # noqa: E402
+import logging as std_logging  # noqa: E402
+import os  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lpe import checkpoint, data, experiment, train  # noqa: E402
+from lpe import checkpoint, data, experiment, files, train, workdir  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'], 'Train, or evaluate a model.')
-_CHECKPOINT = flags.DEFINE_string(
-  'checkpoint', None, 'evaluate: a model.msgpack or run workdir (default: --workdir).'
+_MODE = flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'evaluate', 'convert_torch'],
+  'Train, evaluate a model, or convert a PyTorch teacher (.pth) into an lpe teacher file.',
 )
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint',
+  None,
+  'evaluate: a model.msgpack or run workdir (default: --workdir); convert_torch: the .pth file.',
+)
+_MODEL = flags.DEFINE_string('model', None, 'convert_torch: the lpe model name, e.g. resnet32x4.')
+_DATASET = flags.DEFINE_string('dataset', None, 'convert_torch: the dataset it was trained on.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'convert_torch: its classifier outputs.')
+_OUTPUT = flags.DEFINE_string('output', None, 'convert_torch: the .msgpack file to write.')
 _STEP = flags.DEFINE_integer('step', None, 'evaluate: the checkpoint step (default: latest).')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   'allow_config_change',
   False,
   'train: continue a workdir whose run was started with a different config.',
+)
+_ALLOW_OPTIMIZER_CHANGE = flags.DEFINE_bool(
+  'allow_optimizer_change',
+  False,
+  'train: resume a workdir with other optimizer settings (learning_rate, momentum, weight_decay, '
+  'lr_schedule, lr_decay_epochs, lr_decay_factor) and no other change: after a non-finite stop, '
+  'resume from the last good checkpoint with a lower --config.learning_rate.',
 )
 
 # Errors that explain themselves in one sentence: shown without a traceback.
@@ -40,7 +63,21 @@ _USER_ERRORS = (
   data.DatasetUnavailableError,
   checkpoint.CorruptCheckpointError,
   train.NonFiniteLossError,
+  files.StorageError,
+  workdir.WorkdirInUseError,
+  ImportError,  # torch_convert without torch: the message says how to install it.
 )
+
+
+class _LibraryErrorsInOneLine(std_logging.Filter):
+  """Orbax logs each failure of its background threads with a traceback (hundreds of lines for
+  one full disk, before the run's own one-line error); keeps only their first lines."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if f'{os.sep}orbax{os.sep}' in record.pathname and record.levelno >= std_logging.ERROR:
+      record.msg, record.args = record.getMessage().strip().splitlines()[0][:300], ()
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -57,19 +94,45 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(message) from None
 
 
+def _convert_torch() -> dict:
+  needed = {'checkpoint': _CHECKPOINT, 'model': _MODEL, 'dataset': _DATASET}
+  needed.update(num_classes=_NUM_CLASSES, output=_OUTPUT)
+  missing = [f'--{name}' for name, flag in needed.items() if flag.value is None]
+  if missing:
+    raise app.UsageError(f'--mode=convert_torch needs {", ".join(missing)}.')
+  from lpe import torch_convert  # Imports torch only here.
+
+  return torch_convert.convert_pth(
+    _CHECKPOINT.value,
+    _MODEL.value,
+    _OUTPUT.value,
+    num_classes=_NUM_CLASSES.value,
+    dataset=_DATASET.value,
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Progress goes to stdout; orbax's INFO is noise.
+    std_logging.getLogger('absl').addFilter(_LibraryErrorsInOneLine())
   try:
     if _MODE.value == 'evaluate':
       result = experiment.evaluate_and_save(_CHECKPOINT.value or _WORKDIR.value, step=_STEP.value)
       print(json.dumps(result, indent=2))
       return
+    if _MODE.value == 'convert_torch':
+      print(json.dumps(_convert_torch(), indent=2))
+      return
     if _CONFIG.value is None or _WORKDIR.value is None:
       raise app.UsageError('Training needs --config=configs/<experiment>.py and --workdir=<dir>.')
-    experiment.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    experiment.run(
+      _CONFIG.value,
+      _WORKDIR.value,
+      allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+      allow_optimizer_change=_ALLOW_OPTIMIZER_CHANGE.value,
+    )
   except _USER_ERRORS as error:
     logging.info('Stopped:', exc_info=True)
     raise SystemExit(f'Error: {error}') from None

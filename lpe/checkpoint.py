@@ -14,7 +14,6 @@ Two kinds of file, one job each:
 """
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
+
+from lpe import files
 
 EXPORT_NAME = 'model.msgpack'
 CORRUPT_DIR = 'corrupt_checkpoints'
@@ -61,7 +62,7 @@ def state_fingerprint(state: Any) -> str:
     array = np.asarray(jax.device_get(leaf))
     if array.dtype.kind in 'iub':
       array = array.astype(np.int64)  # A step saved as int32 may come back as int64.
-    digest.update(f'{_path_name(path)}{array.shape};'.encode())
+    digest.update(f'{path_name(path)}{array.shape};'.encode())
     digest.update(np.ascontiguousarray(array).tobytes())
   return digest.hexdigest()
 
@@ -97,13 +98,13 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state: Any) -> Any:
     if saved_tree is None:
       raise ValueError('it lists no saved arrays')
   except Exception as error:  # Orbax and TensorStore raise many types for damaged files.
-    raise CorruptCheckpointError(f'{where} is unreadable ({_first_line(error)}).') from error
+    raise CorruptCheckpointError(f'{where} is unreadable ({files.first_line(error)}).') from error
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   check_variables_match(saved_tree, abstract, what=where, fix=_CHECKPOINT_FIX)
   try:
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as error:
-    raise CorruptCheckpointError(f'{where} is unreadable ({_first_line(error)}).') from error
+    raise CorruptCheckpointError(f'{where} is unreadable ({files.first_line(error)}).') from error
   expected = _fingerprint(manager, step)
   if expected is None:
     # Orbax reads a damaged step metadata file as empty: a run whose other steps have
@@ -116,6 +117,16 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state: Any) -> Any:
       f'{where} reads back other values than were saved (its SHA-256 does not match).'
     )
   return restored
+
+
+def saved_array(manager: ocp.CheckpointManager, step: int, key: str) -> Any:
+  """The shape and dtype (`jax.ShapeDtypeStruct`) of the top-level array `key` of checkpoint
+  `step`, or None when it holds none (or its metadata cannot be read)."""
+  try:
+    leaf = manager.metadata(step).item_metadata.get(key)
+  except Exception:  # Unreadable metadata: `restore_step` names the damage.
+    return None
+  return None if leaf is None else jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
 
 
 def restore_latest(
@@ -170,11 +181,6 @@ def _fingerprint(manager: ocp.CheckpointManager, step: int) -> str | None:
     return None
 
 
-def _first_line(error: Exception) -> str:
-  text = str(error).strip().splitlines()
-  return f'{type(error).__name__}: {text[0][:200]}' if text else type(error).__name__
-
-
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   """Moves a bad step folder to `<workdir>/corrupt_checkpoints/<step>-<time>`; returns the path."""
   source = os.path.join(str(manager.directory), str(step))
@@ -187,7 +193,7 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return target
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
   """A key path as `a/b/0`, the same for a dataclass field, a dict key and a sequence index."""
   names = []
   for key in path:
@@ -196,6 +202,13 @@ def _path_name(path) -> str:
         names.append(str(getattr(key, attr)))
         break
   return '/'.join(names)
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The completed checkpoint steps in `workdir` (read from the folder; no orbax needed)."""
+  folder = os.path.join(workdir, 'checkpoints')
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return sorted(int(n) for n in names if n.isdigit())
 
 
 def _sha256(path: str) -> str:
@@ -208,15 +221,15 @@ def _meta_path(path: str) -> str:
 
 
 def export_variables(path: str, variables: dict[str, Any], meta: dict[str, Any]) -> None:
-  """Writes `variables` to `path` (msgpack) and `meta` plus the file's SHA-256 beside it (.json)."""
+  """Writes `variables` to `path` (msgpack) and `meta` plus the file's SHA-256 beside it (.json).
+
+  Both are written atomically (`lpe.files.write_atomic`): a failed export leaves the previous
+  files, or none, and no temporary file.
+  """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(serialization.msgpack_serialize(jax.device_get(variables)))
-  os.replace(tmp, path)
-  meta = dict(meta, sha256=_sha256(path))
-  with open(_meta_path(path), 'w') as f:
-    json.dump(meta, f, indent=2)
+  payload = serialization.msgpack_serialize(jax.device_get(variables))
+  files.write_atomic(path, payload)
+  files.write_json(_meta_path(path), dict(meta, sha256=hashlib.sha256(payload).hexdigest()))
 
 
 def resolve_export(path: str) -> str:
@@ -246,16 +259,23 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   meta_path = _meta_path(path)
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f'{meta_path} is missing: it records what {path} holds and its hash.')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = files.read_json(meta_path, fix=f'export or copy {path} and {meta_path} again')
   digest = _sha256(path)
   if digest != meta.get('sha256'):
     raise ValueError(
       f'{path} is corrupt or was changed: its SHA-256 is {digest}, but {meta_path} records '
       f'{meta.get("sha256")}; re-create or re-download it.'
     )
-  with open(path, 'rb') as f:
-    variables = serialization.msgpack_restore(f.read())
+  try:
+    with open(path, 'rb') as f:
+      variables = serialization.msgpack_restore(f.read())
+    if not isinstance(variables, dict):
+      raise ValueError(f'it holds a {type(variables).__name__}, not a tree of variables')
+  except Exception as error:  # msgpack raises several types for truncated or foreign bytes.
+    raise ValueError(
+      f'{path} cannot be read as an exported model ({files.first_line(error)}): it is truncated '
+      'or not a model.msgpack written by lpe; export or copy it again.'
+    ) from error
   return variables, meta
 
 
@@ -283,4 +303,4 @@ def check_variables_match(
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_name(path): tuple(np.shape(leaf)) for path, leaf in leaves}
+  return {path_name(path): tuple(np.shape(leaf)) for path, leaf in leaves}

@@ -1,19 +1,22 @@
 """The defaults every experiment config starts from (`configs/*.py` override them).
 
 `default_config()` is also the schema: a run config may hold only its keys, with values of the
-same types (`check_keys_and_types`); `validate` checks the values before any work.
+same types (`check_keys_and_types`), and every numeric key has its range in `DOMAINS` (a test
+fails for a number without one); `validate` checks the values before any work.
 `RESUME_SAFE_FIELDS` lists the fields a run may change when it resumes from its workdir without
 `--allow_config_change` (`changed_fields`).
 """
 
+import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from lpe import augment, data, feed, models, objectives
+from lpe import augment, data, feed, models, objectives, stream
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -21,11 +24,21 @@ def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = ''  # Shown in progress lines and tables; '' means the workdir's name.
   config.seed = 0
+  # A TFDS image-classification dataset by name, 'folder:PATH' (PATH/train/<class>/<images> and
+  # PATH/test/<class>/<images>) or 'npz:PATH' (train_images, train_labels, test_images,
+  # test_labels); docs/data.md.
   config.dataset = 'fashion_mnist'
   config.data_dir = ''  # '' means $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.train_split = 'train'
   config.test_split = 'test'
-  config.augment = 'none'  # 'none' or 'cifar' (4-pixel padded random crop and flip).
+  config.image_size = 0  # >0: images resized (or, with augment='imagenet', cropped) to this size.
+  # Per-channel normalisation constants; () means the published ones of mnist, fashion_mnist and
+  # cifar, else computed once from the training split and cached beside the data.
+  config.data_mean = ()
+  config.data_std = ()
+  # 'none', 'cifar' (4-pixel padded random crop and flip) or, with streaming input only,
+  # 'imagenet' (random-resized crop to image_size and flip; evaluation on the central crop).
+  config.augment = 'none'
   config.model = 'cnn_student'
 
   config.num_epochs = 3
@@ -33,9 +46,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 1000
   config.steps_per_epoch_limit = 0  # >0 caps the steps of an epoch (smoke tests).
   # Where the training split lives: 'device' (whole on every device; each step gathers its rows
-  # there), 'host' (NumPy; each batch is copied over) or 'auto' (device up to 2 GiB of images).
-  # Both give the same batches, bit for bit.
+  # there), 'host' (NumPy; each batch is copied over), 'stream' (read record by record from the
+  # files by `input_workers` host processes, which also decode and augment; lpe/stream.py) or
+  # 'auto' (device up to 2 GiB of images, host up to 8 GiB, else stream). All give the same
+  # batches, bit for bit.
   config.input = 'auto'
+  config.input_workers = 0  # 'stream': worker processes per host (0: read in this process).
 
   config.optimizer = 'adam'  # 'adam' or 'sgd'.
   config.learning_rate = 1e-3
@@ -55,6 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
   # A step with a non-finite loss, gradient or update stops the run (False) or is skipped (True):
   # its update is not applied and the skipped batches are counted in metrics.jsonl.
   config.skip_nonfinite_batches = False
+  # Skipping stops the run once more than this share of an epoch's batches were skipped.
+  config.max_skipped_fraction = 0.1
   return config
 
 
@@ -67,6 +85,9 @@ def _teacher_defaults() -> ml_collections.ConfigDict:
   # Compute the teacher's outputs on the training split once, before training, instead of in
   # every step; only without augmentation (issue 6; docs/performance.md).
   teacher.cache_outputs = False
+  # '' or a folder where the cached outputs are kept as files for later runs of the same teacher
+  # and split (a study's runs share them).
+  teacher.cache_dir = ''
   return teacher
 
 
@@ -79,9 +100,19 @@ def _distill_defaults() -> ml_collections.ConfigDict:
   distill.lp_weight = 0.0
   distill.k = 5
   distill.sigma2 = config_dict.placeholder(float)  # None: mean kNN distance in the batch.
+  distill.sigma2_scale = 1.0  # Multiplies the bandwidth (sigma2, or the default).
   distill.feature = 'embedding'  # A key of both models' feature dicts.
   # None: direct kNN up to 4096 rows, blockwise above; 0: always direct; n: blocks of n rows.
   distill.knn_block_size = config_dict.placeholder(int)
+  # Whose neighbourhoods LP keeps (lpe/losses/graph.py; docs/locality_beyond_the_batch.md):
+  # 'batch' (the teacher's kNN graph within each batch, the paper's loss), 'neighbours' (the
+  # teacher's kNN graph over the whole training split, with batches of anchors and
+  # `graph_neighbours` of their graph neighbours each) or 'bank' (the whole split's graph, every
+  # neighbour read from a memory bank of student embeddings, refreshed as images pass through).
+  distill.lp_graph = 'batch'
+  distill.graph_k = 0  # Neighbours per example in the whole split's graph; 0 means `k`.
+  distill.graph_neighbours = 1  # 'neighbours': graph neighbours drawn per anchor (m).
+  distill.bank_momentum = 0.0  # 'bank': a row becomes momentum * old + (1 - momentum) * new.
   distill.kd_weight = 0.0
   distill.kd_temperature = 4.0
   # The baselines (lpe/objectives.py), each with the features it reads; names are keys of both
@@ -122,6 +153,98 @@ def _device_defaults(config: ml_collections.ConfigDict) -> None:
   config.distributed.per_process_data = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """The values a numeric setting may take: finite (never NaN or infinite), from `low` to `high`,
+  each bound included unless it is `open`."""
+
+  low: float = -math.inf
+  high: float = math.inf
+  low_open: bool = False
+  high_open: bool = False
+  why: str = ''  # Appended to the message, e.g. what the bound protects.
+
+  def admits(self, value: float) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+      return False
+    above = value > self.low if self.low_open else value >= self.low
+    below = value < self.high if self.high_open else value <= self.high
+    return above and below
+
+  def describe(self, integer: bool) -> str:
+    """`'>= 0'`, `'> 0'`, `'in [0, 1)'` or `'a positive integer'`."""
+    if integer and self.low == 1 and self.high == math.inf:
+      return 'a positive integer'
+    if self.high == math.inf:
+      return f'{">" if self.low_open else ">="} {_show(self.low)}'
+    left, right = '(' if self.low_open else '[', ')' if self.high_open else ']'
+    return f'in {left}{_show(self.low)}, {_show(self.high)}{right}'
+
+
+def _show(x: float) -> str:
+  return str(int(x)) if float(x).is_integer() else f'{x:g}'
+
+
+_AT_LEAST_0, _AT_LEAST_1, _POSITIVE = Domain(0), Domain(1), Domain(0, low_open=True)
+_SHARE = Domain(0, 1, high_open=True)
+
+# The range of every numeric setting of `default_config()` (a tuple's elements each), keyed by
+# its dotted path; `None`, where the default is a placeholder, is always allowed.
+DOMAINS = {
+  'seed': Domain(0, 2**31 - 1),
+  'num_epochs': _AT_LEAST_1,
+  'batch_size': _AT_LEAST_1,
+  'eval_batch_size': _AT_LEAST_1,
+  'steps_per_epoch_limit': _AT_LEAST_0,  # 0: no limit.
+  'image_size': _AT_LEAST_0,  # 0: the images' own size.
+  'data_mean': _SHARE,  # Per channel, of pixels scaled to [0, 1].
+  'data_std': _POSITIVE,
+  'input_workers': _AT_LEAST_0,
+  'learning_rate': _POSITIVE,
+  'momentum': _SHARE,
+  'weight_decay': _AT_LEAST_0,
+  'lr_decay_epochs': _AT_LEAST_0,
+  'lr_decay_factor': _POSITIVE,
+  'distill.ce_weight': _AT_LEAST_0,
+  'distill.lp_weight': _AT_LEAST_0,
+  'distill.k': _AT_LEAST_1,
+  'distill.sigma2': _POSITIVE,
+  'distill.sigma2_scale': _POSITIVE,
+  'distill.knn_block_size': _AT_LEAST_0,
+  'distill.graph_k': _AT_LEAST_0,  # 0: k.
+  'distill.graph_neighbours': _AT_LEAST_1,
+  'distill.bank_momentum': _SHARE,
+  'distill.kd_weight': _AT_LEAST_0,
+  'distill.kd_temperature': _POSITIVE,
+  'distill.fitnet_weight': _AT_LEAST_0,
+  'distill.at_weight': _AT_LEAST_0,
+  'distill.sp_weight': _AT_LEAST_0,
+  'distill.rkd_weight': _AT_LEAST_0,
+  'distill.pkt_weight': _AT_LEAST_0,
+  'distributed.num_processes': _AT_LEAST_0,
+  'distributed.process_id': Domain(-1),  # -1: from the environment.
+  'log_every_steps': _AT_LEAST_1,
+  'checkpoint_every_steps': _AT_LEAST_1,
+  'keep_checkpoints': Domain(
+    2, why=' (so a damaged latest checkpoint has a fallback: keep at least 2)'
+  ),
+  'max_skipped_fraction': Domain(0, 1),
+}
+LP_GRAPHS = ('batch', 'neighbours', 'bank')
+# The string settings with a fixed set of values (names of models, datasets and features are
+# checked against their registries in `validate`).
+CHOICES = {
+  'optimizer': ('adam', 'sgd'),
+  'lr_schedule': ('constant', 'cosine', 'step'),
+  'parallelism': ('jit', 'pmap'),
+  'conv_impl': ('auto', *models.layers.CONV_IMPLS),
+  # 'imagenet' (random-resized crop and flip) is drawn by the streaming input's workers.
+  'augment': (*augment.AUGMENTATIONS, 'imagenet'),
+  'input': feed.INPUTS,
+  'distill.lp_graph': LP_GRAPHS,
+}
+
+
 # Fields that do not change the trained parameters, so a run may resume with new values: where
 # the data and teacher files live, how often to log and checkpoint, how many checkpoints to keep,
 # the evaluation batch (masked, every example counted once), the cluster layout, and the remedy
@@ -132,17 +255,32 @@ RESUME_SAFE_FIELDS = (
   'data_dir',
   'eval_batch_size',
   'input',
+  'input_workers',
   'conv_impl',
   'log_every_steps',
   'checkpoint_every_steps',
   'keep_checkpoints',
   'skip_nonfinite_batches',
+  'max_skipped_fraction',
   'teacher.checkpoint',
+  'teacher.cache_dir',
   # The cluster layout (not distributed.per_process_data, which changes the batches).
   'distributed.auto',
   'distributed.coordinator_address',
   'distributed.num_processes',
   'distributed.process_id',
+)
+# The optimizer's settings that `--allow_optimizer_change` (`allow_optimizer_change=True`) lets a
+# resumed run change, and no others: the way forward after a divergence is to resume from the
+# last good checkpoint with a lower learning rate. They change the schedule, not the optimizer
+# state's shapes (`optimizer` itself would, so it is not one of them).
+OPTIMIZER_FIELDS = (
+  'learning_rate',
+  'momentum',
+  'weight_decay',
+  'lr_schedule',
+  'lr_decay_epochs',
+  'lr_decay_factor',
 )
 
 
@@ -230,25 +368,49 @@ def changed_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
   return [
     f'{key}: {old[key]!r} -> {new[key]!r}'
     for key in sorted(set(old) & set(new))
-    if not safe(key) and old[key] != new[key]
+    if not safe(key) and not _same(old[key], new[key])
   ]
+
+
+def _same(a: Any, b: Any) -> bool:
+  """Equality in which NaN equals NaN (a config.json may hold one from an older lpe)."""
+  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    return True
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+  return a == b
+
+
+def check_domains(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError for the first value outside its `DOMAINS` range or `CHOICES`.
+
+  NaN and infinities are refused everywhere; `None` is allowed where the default is `None`.
+  """
+  for key, value in _flatten(config).items():
+    if key in CHOICES and value not in CHOICES[key]:
+      raise ValueError(f'config.{key}={value!r} is unknown; use {_one_of(CHOICES[key])}.')
+    domain = DOMAINS.get(key)
+    if domain is None or value is None:
+      continue
+    for element in value if isinstance(value, list) else [value]:
+      if not domain.admits(element):
+        integer = isinstance(element, int)
+        wanted = domain.describe(integer)
+        if isinstance(element, float) and not math.isfinite(element):
+          wanted = f'a finite number {wanted}'
+        each = 'each value of ' if isinstance(value, list) else ''
+        raise ValueError(
+          f'{each}config.{key} must be {wanted}{domain.why}, got {element!r}; fix its value.'
+        )
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Stops before any work on config values that cannot run, naming the fix."""
   check_keys_and_types(config)
-  data.dataset_info(config.dataset)
+  check_domains(config)
+  data.info_of(config)
   if config.model not in models.names():
     models.build(config.model, 1)  # Raises the error that lists the valid names.
-  positive = ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps')
-  for key in (*positive, 'checkpoint_every_steps'):
-    if not isinstance(config[key], int) or config[key] < 1:
-      raise ValueError(f'config.{key} must be a positive integer, got {config[key]!r}.')
-  if config.keep_checkpoints < 2:
-    raise ValueError(
-      f'config.keep_checkpoints={config.keep_checkpoints} leaves no checkpoint to fall back on '
-      'when the latest is damaged; keep at least 2.'
-    )
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % num_devices:
       raise ValueError(
@@ -257,15 +419,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       )
   _validate_parallelism(config)
   _validate_distill(config.distill, config.batch_size // num_devices, num_devices)
-  for key, values in (
-    ('conv_impl', ('auto', *models.layers.CONV_IMPLS)),
-    ('augment', augment.AUGMENTATIONS),
-    ('input', feed.INPUTS),
-  ):
-    if config[key] not in values:
-      raise ValueError(f'config.{key}={config[key]!r} is unknown; use {_one_of(values)}.')
-
+  _validate_input(config)
   _validate_teacher_cache(config)
+
+
+def _validate_input(config: ml_collections.ConfigDict) -> None:
+  if config.augment == 'imagenet':
+    if config.input in ('device', 'host') or not config.image_size:
+      raise ValueError(
+        "config.augment='imagenet' crops each image at its own size, which needs "
+        "config.input='stream' (or 'auto') and config.image_size > 0 (e.g. 224); set them."
+      )
+  if config.input == 'stream':
+    stream.check_config(config)
 
 
 def _one_of(values) -> str:
@@ -274,8 +440,6 @@ def _one_of(values) -> str:
 
 
 def _validate_parallelism(config: ml_collections.ConfigDict) -> None:
-  if config.parallelism not in ('jit', 'pmap'):
-    raise ValueError(f'config.parallelism={config.parallelism!r} is unknown; use jit or pmap.')
   if config.parallelism == 'jit' and not config.sync_batch_stats:
     raise ValueError(
       'config.sync_batch_stats=False needs config.parallelism=pmap: under sharded jit BatchNorm '
@@ -284,30 +448,47 @@ def _validate_parallelism(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_distill(d: ml_collections.ConfigDict, per_device: int, num_devices: int) -> None:
-  if d.ce_weight < 0:
-    raise ValueError(f'config.distill.ce_weight must be >= 0, got {d.ce_weight}.')
   if d.ce_weight == 0 and not objectives.active(d):
     raise ValueError(
       'config.distill.ce_weight=0 with no distillation weight leaves no loss to train on; set '
       'ce_weight > 0 or a distill.*_weight.'
     )
-  for method in objectives.METHODS:
-    if d[f'{method}_weight'] < 0:
-      raise ValueError(f'config.distill.{method}_weight must be >= 0, got {d[method + "_weight"]}.')
   if d.lp_weight and not 1 <= d.k < per_device:
     raise ValueError(
       f'config.distill.k={d.k} must be at least 1 and smaller than the per-device batch '
       f'({per_device * num_devices} over {num_devices} devices = {per_device}); lower k or raise '
       'batch_size.'
     )
-  if d.sigma2 is not None and d.sigma2 <= 0:
-    raise ValueError(f'config.distill.sigma2 must be positive or None, got {d.sigma2}.')
-  if d.kd_weight and d.kd_temperature <= 0:
-    raise ValueError(f'config.distill.kd_temperature must be positive, got {d.kd_temperature}.')
+  _validate_graph(d, per_device * num_devices)
+
+
+def _validate_graph(d: ml_collections.ConfigDict, batch_size: int) -> None:
+  if d.lp_graph == 'batch':
+    return
+  if not d.lp_weight:
+    raise ValueError(
+      f'config.distill.lp_graph={d.lp_graph!r} sets how LP sees neighbours, but '
+      'config.distill.lp_weight is 0; set lp_weight > 0 or lp_graph=batch.'
+    )
+  graph_k = d.graph_k or d.k  # Both >= 1 or 0 (`DOMAINS`).
+  if d.lp_graph == 'neighbours':
+    m = d.graph_neighbours
+    if not 1 <= m <= graph_k or batch_size % (1 + m):
+      raise ValueError(
+        f'config.distill.graph_neighbours={m} must be between 1 and the graph k ({graph_k}), and '
+        f'1 + {m} must divide config.batch_size={batch_size} (each anchor comes with {m} '
+        'neighbours); change one of them.'
+      )
 
 
 def _validate_teacher_cache(config: ml_collections.ConfigDict) -> None:
   caching = config.teacher.cache_outputs and objectives.active(config.distill)
+  if feed.per_process_data(config) and config.distill.lp_graph != 'batch':
+    raise ValueError(
+      f'config.distill.lp_graph={config.distill.lp_graph!r} needs the whole training split on '
+      'every process (the graph and its example ids are global), but '
+      'config.distributed.per_process_data=True gives each process only its share; turn one off.'
+    )
   if feed.per_process_data(config) and config.parallelism == 'jit':
     for what, on in (
       ('input=device', config.input == 'device'),

@@ -1,46 +1,35 @@
-"""The input pipeline: TFDS image-classification splits held in memory, batched deterministically.
+"""The in-memory input: whole splits held in memory as uint8 arrays, batched deterministically.
 
-The small datasets this project trains on (MNIST, Fashion-MNIST, CIFAR) fit in memory, so a split is
-read once through `tfds.data_source` (array_record, no TensorFlow needed), decoded to one uint8
-array and cached next to the TFDS data. Training batches come from a permutation seeded by
-`(seed, epoch)`, so any step of any epoch can be reproduced (and resumed) exactly.
+A split of any dataset form (`lpe.sources`: a TFDS name, `folder:PATH` or `npz:PATH`) is read once
+(TFDS through `tfds.data_source`, array_record, no TensorFlow needed), decoded to one uint8 array
+and, for TFDS, cached next to the TFDS data. Training batches come from a permutation seeded by
+`(seed, epoch)`, so any step of any epoch can be reproduced (and resumed) exactly; the streaming
+input (`lpe.stream`) reads the same batches record by record.
 
 Offline, Fashion-MNIST is prepared from the IDX files of Debian's `dataset-fashion-mnist` package.
 """
 
 import dataclasses
-import gzip
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+from lpe import sources, transforms
+from lpe.sources import (  # noqa: F401  (the names lpe.data has always offered)
+  DEBIAN_FASHION_MNIST_DIR,
+  DatasetInfo,
+  DatasetUnavailableError,
+  default_data_dir,
+  prepare_fashion_mnist_from_idx,
+)
 
-
-class DatasetUnavailableError(RuntimeError):
-  """The requested dataset is not prepared and cannot be prepared offline."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """Static facts about a dataset: its classes, image shape and normalisation constants."""
-
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-
-
-DATASETS: dict[str, DatasetInfo] = {
-  'mnist': DatasetInfo(10, (28, 28, 1), (0.1307,), (0.3081,)),
-  'fashion_mnist': DatasetInfo(10, (28, 28, 1), (0.2860,), (0.3530,)),
-  'cifar10': DatasetInfo(10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-  'cifar100': DatasetInfo(100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
+DATASETS = sources.KNOWN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,104 +43,57 @@ class Split:
     return len(self.labels)
 
 
-def dataset_info(name: str) -> DatasetInfo:
-  """Returns the `DatasetInfo` of `name`, or raises a ValueError naming the supported datasets."""
-  if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; supported datasets are: {", ".join(DATASETS)}.')
-  return DATASETS[name]
+def dataset_info(
+  name: str,
+  data_dir: str | None = None,
+  *,
+  image_size: int = 0,
+  mean: Sequence[float] = (),
+  std: Sequence[float] = (),
+) -> DatasetInfo:
+  """The `DatasetInfo` of `name` (a TFDS name, `folder:PATH` or `npz:PATH`; see
+  `lpe.sources.read_info` for the arguments). Raises a ValueError naming an unknown dataset."""
+  return sources.read_info(name, data_dir, image_size=image_size, mean=mean, std=std)
 
 
-def default_data_dir() -> str:
-  """TFDS's data directory: `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`."""
-  return os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
-
-
-def _read_idx(path: str, offset: int) -> np.ndarray:
-  with gzip.open(path, 'rb') as f:
-    return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-
-def prepare_fashion_mnist_from_idx(data_dir: str, idx_dir: str = DEBIAN_FASHION_MNIST_DIR) -> None:
-  """Prepares the TFDS `fashion_mnist` dataset in `data_dir` from local gzipped IDX files.
-
-  TFDS's own builder downloads the files and checks their checksums, which Debian's repacked files
-  fail (the gzip header loses the file name). This subclass reads the same four files from
-  `idx_dir` instead and writes the same features, in the array_record format.
-  """
-  import PIL.Image
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.image_classification import mnist
-
-  files = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
-  }
-
-  class LocalFashionMNIST(mnist.FashionMNIST, skip_registration=True):
-    name = 'fashion_mnist'
-
-    def _split_generators(self, dl_manager):
-      del dl_manager  # Nothing is downloaded.
-      return [
-        tfds.core.SplitGenerator(
-          name=split,
-          gen_kwargs=dict(
-            image_path=os.path.join(idx_dir, images),
-            label_path=os.path.join(idx_dir, labels),
-          ),
-        )
-        for split, (images, labels) in files.items()
-      ]
-
-    def _generate_examples(self, image_path, label_path):
-      labels = _read_idx(label_path, offset=8)
-      images = _read_idx(image_path, offset=16).reshape(len(labels), 28, 28)
-      for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        # A PIL image is PNG-encoded by PIL, so preparing needs no TensorFlow.
-        yield index, {'image': PIL.Image.fromarray(image), 'label': int(label)}
-
-  builder = LocalFashionMNIST(data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare()
-
-
-def _missing_message(name: str, data_dir: str) -> str:
-  fix = (
-    f'With internet and TensorFlow, prepare it once with `tfds build {name} --data_dir={data_dir} '
-    '--file_format=array_record`, or set config.data_dir (or $TFDS_DATA_DIR) to a directory that '
-    'holds it.'
+def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
+  """The `DatasetInfo` of a run config's dataset, image size and normalisation constants (a
+  config.json written before these fields existed reads as their defaults)."""
+  return dataset_info(
+    config.dataset,
+    config.get('data_dir') or None,
+    image_size=config.get('image_size', 0),
+    mean=config.get('data_mean', ()),
+    std=config.get('data_std', ()),
   )
-  if name == 'fashion_mnist':
-    fix = (
-      "Offline, install Debian's files with `sudo apt-get install dataset-fashion-mnist` and run "
-      'again (lpe prepares the dataset from them). ' + fix
-    )
-  return f'Dataset {name!r} is not prepared in {data_dir}. {fix}'
 
 
-def _open_source(name: str, split: str, data_dir: str):
-  import tensorflow_datasets as tfds
-
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except (tfds.core.DatasetNotFoundError, NotImplementedError, FileNotFoundError) as error:
-    if tfds.builder(name, data_dir=data_dir).is_prepared():
-      raise DatasetUnavailableError(
-        f'Dataset {name!r} in {data_dir} is prepared in a format without random access; '
-        f'rebuild it with `tfds build {name} --data_dir={data_dir} --file_format=array_record`.'
-      ) from error
-    if name == 'fashion_mnist' and os.path.isdir(DEBIAN_FASHION_MNIST_DIR):
-      prepare_fashion_mnist_from_idx(data_dir)
-      return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    raise DatasetUnavailableError(_missing_message(name, data_dir)) from error
+def info_of_model(meta: dict[str, Any], data_dir: str | None = None) -> DatasetInfo:
+  """The `DatasetInfo` of the inputs an exported model was trained on, from its `model.json`."""
+  return dataset_info(
+    meta['dataset'],
+    data_dir,
+    image_size=meta.get('image_size', 0),
+    mean=meta.get('mean', ()),
+    std=meta.get('std', ()),
+  )
 
 
-def _decode(source, rows: range) -> Split:
+def _decode(source: Sequence[dict[str, Any]], rows: range, image_size: int, where: str) -> Split:
   # Record by record through the Sequence protocol: TFDS's `tfds.testing.mock_data` mocks
   # `__getitem__` but breaks the batched `__getitems__`, and the decode runs once per cache.
   images, labels = [], []
   for index in rows:
     record = source[index]
-    images.append(record['image'])
+    image = record['image']
+    if image_size:
+      image = transforms.resize(image, image_size, image_size)
+    if images and image.shape != images[0].shape:
+      raise ValueError(
+        f'{where} mixes image sizes ({images[0].shape[:2]} and {image.shape[:2]} at row '
+        f'{index}); set config.image_size to resize them all to one size.'
+      )
+    images.append(image)
     labels.append(record['label'])
   return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
 
@@ -185,37 +127,47 @@ def _cache_path(source, name: str, split: str, data_dir: str) -> str | None:
 
 
 def load_split(
-  name: str, split: str, data_dir: str | None = None, *, shard: tuple[int, int] | None = None
+  name: str,
+  split: str,
+  data_dir: str | None = None,
+  *,
+  shard: tuple[int, int] | None = None,
+  image_size: int = 0,
 ) -> Split:
-  """Loads a whole TFDS split into memory, preparing offline Fashion-MNIST when needed.
+  """Loads a whole split into memory, preparing offline Fashion-MNIST when needed.
 
   Args:
-    name: A dataset in `DATASETS`.
-    split: A TFDS split expression, e.g. `'train'`, `'test'` or `'train[:90%]'`.
+    name: A TFDS dataset name, `folder:PATH` or `npz:PATH` (`lpe.sources`).
+    split: A TFDS split expression, e.g. `'train'`, `'test'` or `'train[:90%]'` (`'train'` or
+      `'test'` for a folder or an .npz).
     data_dir: TFDS data directory; `None` means `default_data_dir()`.
     shard: `(index, count)` reads only that part of the split (`shard_rows`), e.g. this process's
       share on several hosts; None reads it all.
+    image_size: >0 resizes every image to `image_size x image_size`; 0 keeps their size, which
+      they must share.
 
   Returns:
-    The split, decoded; the decoded arrays are cached in `data_dir/lpe_cache/` after the first read
-    (only data read from `data_dir` itself: never the random records of `tfds.testing.mock_data`).
+    The split, decoded; a TFDS split's decoded arrays are cached in `data_dir/lpe_cache/` after
+    the first read (only data read from `data_dir` itself: never the random records of
+    `tfds.testing.mock_data`).
 
   Raises:
     DatasetUnavailableError: the dataset is not prepared and cannot be prepared here; the message
       says how to get it.
   """
-  info = dataset_info(name)
   data_dir = data_dir or default_data_dir()
-  source = _open_source(name, split, data_dir)
-  cache = _cache_path(source, name, split, data_dir)
+  source = sources.open_split(name, split, data_dir)
+  cache = None
+  if sources.form(name) == 'tfds':
+    cache = _cache_path(source, name, split, data_dir)
+  if cache and image_size:
+    cache = cache.replace('.npz', f'-{image_size}px.npz')
   if cache and shard is not None:
     cache = cache.replace('.npz', f'-shard{shard[0]}of{shard[1]}.npz')
   if cache and os.path.exists(cache):
     with np.load(cache) as arrays:
       return Split(arrays['images'], arrays['labels'])
-  data = _decode(source, shard_rows(len(source), shard))
-  if data.images.shape[1:] != info.image_shape:
-    raise ValueError(f'{name} images have shape {data.images.shape[1:]}, not {info.image_shape}.')
+  data = _decode(source, shard_rows(len(source), shard), image_size, f'{name} {split}')
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     # A name of its own: several processes (hosts sharing a data_dir) may write the same cache.
@@ -279,7 +231,12 @@ def eval_batches(
   """Yields `(images, labels, mask)` batches covering every example exactly once.
 
   The last batch is padded to `batch_size` (so it compiles once) and `mask` marks the real rows.
+  A split that is not in memory (`lpe.stream.EvalStream`) gives its own batches, in which only
+  this process's rows are read.
   """
+  if not isinstance(data, Split):
+    yield from data.eval_batches(batch_size)
+    return
   for start in range(0, len(data), batch_size):
     images = data.images[start : start + batch_size]
     labels = data.labels[start : start + batch_size]

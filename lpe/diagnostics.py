@@ -37,16 +37,23 @@ def neighbourhood_preservation(
     student_features: `[n, d_S]`.
     teacher_features: `[n, d_T]`.
     k: neighbours per row, `1 <= k < n`.
-    where: optional `[n]` bool; masked rows are never neighbours and score 0.
+    where: optional `[n]` bool; masked rows are never neighbours and score 0 (what they hold is
+      ignored).
 
   Returns:
-    `[n]` float32 fractions in [0, 1].
+    `[n]` float32 fractions in [0, 1]; NaN for every valid row if a valid row of either side
+    holds a NaN or inf (the neighbourhoods are then undefined).
   """
   t_idx, t_dist = knn_graph(teacher_features, k=k, where=where)
   s_idx, s_dist = knn_graph(student_features, k=k, where=where)
-  t_valid, s_valid = jnp.isfinite(t_dist), jnp.isfinite(s_dist)
+  t_valid, s_valid = t_dist != jnp.inf, s_dist != jnp.inf
   shared = (t_idx[:, :, None] == s_idx[:, None, :]) & t_valid[:, :, None] & s_valid[:, None, :]
-  return jnp.sum(jnp.any(shared, axis=2), axis=1).astype(jnp.float32) / k
+  kept = jnp.sum(jnp.any(shared, axis=2), axis=1).astype(jnp.float32) / k
+  # The counts above cannot carry a NaN: say it here.
+  rows = jnp.ones(kept.shape, bool) if where is None else jnp.asarray(where, bool)
+  finite = lambda x: jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32)), axis=1)
+  undefined = jnp.any(rows & ~(finite(teacher_features) & finite(student_features)))
+  return jnp.where(rows & undefined, jnp.nan, kept)
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:

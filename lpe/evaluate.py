@@ -15,21 +15,21 @@ from jax.experimental import multihost_utils
 from lpe import data, diagnostics, parallel
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'teacher', 'info', 'k', 'feature'))
+@functools.partial(jax.jit, static_argnames=('model', 'info', 'k', 'feature'))
 def eval_step(
   model: nn.Module,
   variables,
   images,
   labels,
   mask,
-  teacher_variables=None,
+  teacher_outputs=None,
   *,
   info: data.DatasetInfo,
-  teacher: nn.Module | None = None,
   k: int = 5,
   feature: str = 'embedding',
 ) -> dict[str, jax.Array]:
-  """Sums over the real rows of one padded batch (and, with a teacher, both embeddings)."""
+  """Sums over the real rows of one padded batch (and, with the teacher's `(logits, embedding)`
+  for the batch, the diagnostics' sums and both embeddings)."""
   x = data.preprocess(images, info)
   logits, features = model.apply(variables, x, train=False)
   logits = logits.astype(jnp.float32)
@@ -39,11 +39,10 @@ def eval_step(
     'ce': jnp.sum(jnp.where(mask, ce, 0.0)),
     'count': jnp.sum(mask),
   }
-  if teacher is not None:
-    t_logits, t_features = teacher.apply(teacher_variables, x, train=False)
+  if teacher_outputs is not None:
+    t_logits, t_emb = teacher_outputs
     s_emb = features[feature].astype(jnp.float32)
-    t_emb = t_features[feature].astype(jnp.float32)
-    agree = diagnostics.top1_agreement(logits, t_logits.astype(jnp.float32))
+    agree = diagnostics.top1_agreement(logits, t_logits)
     kept = diagnostics.neighbourhood_preservation(s_emb, t_emb, k=k, where=mask)
     out.update(
       agreement=jnp.sum(jnp.where(mask, agree, 0.0)),
@@ -54,10 +53,36 @@ def eval_step(
   return out
 
 
+@functools.partial(jax.jit, static_argnames=('teacher', 'info', 'feature'))
+def teacher_step(teacher: nn.Module, variables, images, *, info: data.DatasetInfo, feature: str):
+  """The teacher's float32 `(logits, features[feature])` for one batch, in inference mode."""
+  logits, features = teacher.apply(variables, data.preprocess(images, info), train=False)
+  return logits.astype(jnp.float32), features[feature].astype(jnp.float32)
+
+
 def _to_host(x: jax.Array) -> np.ndarray:
   if jax.process_count() > 1:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+Batch = tuple[Any, Any, Any, np.ndarray]  # images, labels, mask (placed), host mask
+
+
+def placed_batches(
+  split: data.Split, batch_size: int, sharding: jax.sharding.Sharding | None = None
+) -> list[Batch]:
+  """Every padded evaluation batch of `split`, this process's rows placed along `sharding`."""
+  batches = []
+  for images, labels, mask in data.eval_batches(split, batch_size=batch_size):
+    host_mask = mask
+    if sharding is not None:
+      rows = parallel.process_rows(batch_size)
+      images, labels, mask = parallel.global_batch(
+        (images[rows], labels[rows], mask[rows]), sharding
+      )
+    batches.append((images, labels, mask, host_mask))
+  return batches
 
 
 def evaluate(
@@ -81,45 +106,8 @@ def evaluate(
   evaluation batch of `batch_size`, so it depends on `batch_size`) and `cka` (linear CKA between
   the `feature` embeddings over the whole split).
   """
-  sums: dict[str, float] = {}
-  embeddings: dict[str, list[np.ndarray]] = {'student_embedding': [], 'teacher_embedding': []}
-  t_module, t_vars = teacher if teacher is not None else (None, None)
-  for images, labels, mask in data.eval_batches(split, batch_size=batch_size):
-    host_mask = mask
-    if sharding is not None:
-      rows = parallel.process_rows(batch_size)
-      images, labels, mask = parallel.global_batch(
-        (images[rows], labels[rows], mask[rows]), sharding
-      )
-    out = eval_step(
-      model,
-      variables,
-      images,
-      labels,
-      mask,
-      t_vars,
-      info=info,
-      teacher=t_module,
-      k=k,
-      feature=feature,
-    )
-    for key, value in out.items():
-      if key in embeddings:
-        embeddings[key].append(_to_host(value)[host_mask])
-      else:
-        sums[key] = sums.get(key, 0.0) + float(value)
-  count = int(sums['count'])
-  if count != len(split):
-    raise AssertionError(f'Evaluated {count} examples of a split of {len(split)}.')
-  result = {'accuracy': sums['correct'] / count, 'loss': sums['ce'] / count, 'num_examples': count}
-  if teacher is not None:
-    result['agreement'] = sums['agreement'] / count
-    result['neighbourhood_preservation'] = sums['neighbourhood'] / count
-    result['cka'] = diagnostics.linear_cka(
-      np.concatenate(embeddings['student_embedding']),
-      np.concatenate(embeddings['teacher_embedding']),
-    )
-  return result
+  evaluator = Evaluator(model, split, info, batch_size, sharding, teacher, k, feature)
+  return evaluator(variables)
 
 
 # The evaluation results an epoch record keeps, as `test_<name>`.
@@ -128,8 +116,12 @@ RECORDED = ('accuracy', 'loss', 'agreement', 'neighbourhood_preservation', 'cka'
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-  """A run's evaluation: `evaluator(variables)` is `evaluate` of the student with `variables` on
-  the test split, with the run's batch, placement, teacher diagnostics, k and feature."""
+  """`evaluator(variables)`: `evaluate` of the student with `variables`, with the run's split,
+  batch, placement, teacher diagnostics, k and feature.
+
+  The placed batches and the teacher's outputs on them are computed once, at the first call:
+  the teacher is frozen, so every later evaluation runs the student only.
+  """
 
   model: nn.Module
   split: data.Split
@@ -140,18 +132,54 @@ class Evaluator:
   k: int = 5
   feature: str = 'embedding'
 
+  @functools.cached_property
+  def _batches(self) -> list[tuple[Batch, Any]]:
+    batches = placed_batches(self.split, self.batch_size, self.sharding)
+    if self.teacher is None:
+      return [(batch, None) for batch in batches]
+    module, variables = self.teacher
+    step = functools.partial(teacher_step, module, info=self.info, feature=self.feature)
+    return [(batch, step(variables, batch[0])) for batch in batches]
+
   def __call__(self, variables: dict[str, Any]) -> dict[str, float]:
-    return evaluate(
-      self.model,
-      variables,
-      self.split,
-      info=self.info,
-      batch_size=self.batch_size,
-      sharding=self.sharding,
-      teacher=self.teacher,
-      k=self.k,
-      feature=self.feature,
-    )
+    sums: dict[str, float] = {}
+    embeddings: dict[str, list[np.ndarray]] = {'student_embedding': [], 'teacher_embedding': []}
+    for (images, labels, mask, host_mask), teacher_outputs in self._batches:
+      out = eval_step(
+        self.model,
+        variables,
+        images,
+        labels,
+        mask,
+        teacher_outputs,
+        info=self.info,
+        k=self.k,
+        feature=self.feature,
+      )
+      for key, value in out.items():
+        if key in embeddings:
+          embeddings[key].append(_to_host(value)[host_mask])
+        else:
+          sums[key] = sums.get(key, 0.0) + float(value)
+    return self._result(sums, embeddings)
+
+  def _result(self, sums, embeddings) -> dict[str, float]:
+    count = int(sums['count'])
+    if count != len(self.split):
+      raise AssertionError(f'Evaluated {count} examples of a split of {len(self.split)}.')
+    result = {
+      'accuracy': sums['correct'] / count,
+      'loss': sums['ce'] / count,
+      'num_examples': count,
+    }
+    if self.teacher is not None:
+      result['agreement'] = sums['agreement'] / count
+      result['neighbourhood_preservation'] = sums['neighbourhood'] / count
+      result['cka'] = diagnostics.linear_cka(
+        np.concatenate(embeddings['student_embedding']),
+        np.concatenate(embeddings['teacher_embedding']),
+      )
+    return result
 
 
 def record_fields(evaluation: dict[str, float]) -> dict[str, float]:

@@ -4,7 +4,6 @@ This is what `launch.py` calls; everything here is also usable from a notebook.
 """
 
 import functools
-import json
 import os
 import re
 from typing import Any
@@ -13,7 +12,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lpe import checkpoint, data, evaluate, models, objectives, report, state, study, teacher, train
+from lpe import (
+  checkpoint,
+  data,
+  evaluate,
+  files,
+  models,
+  objectives,
+  report,
+  state,
+  stream,
+  study,
+  teacher,
+  train,
+)
 from lpe import config as config_lib
 from lpe import workdir as workdir_lib
 
@@ -33,9 +45,10 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
     config_path = os.path.join(path, 'config.json')
     if not os.path.exists(config_path):
       raise FileNotFoundError(f'{config_path} is missing; cannot tell which model {path} holds.')
-    with open(config_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-    info = data.dataset_info(config.dataset)
+    saved = files.read_json(config_path, fix=f'restore it from a config.<time>.json in {path}')
+    config = ml_collections.ConfigDict(saved)
+    config.data_dir = data_dir or config.data_dir
+    info = data.info_of(config)
     model = models.build(config.model, info.num_classes)
     manager = checkpoint.checkpoint_manager(
       path, max_to_keep=config.keep_checkpoints, for_training=False
@@ -51,14 +64,16 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
     abstract = jax.eval_shape(
       lambda: state.create_train_state(model, config, jax.random.key(0), info.image_shape, 1)
     )
+    # A memory bank (distill.lp_graph='bank') is as large as the training split it was made for.
+    abstract = abstract.replace(bank=checkpoint.saved_array(manager, step, 'bank'))
     # Checks the shapes against config.json's model first, so another architecture is a clear
     # error rather than an orbax shape error.
     restored = checkpoint.restore_step(manager, step, abstract)
     variables = state.variables_of(restored)
-    dataset, data_dir = config.dataset, data_dir or config.data_dir or None
+    meta = {k: config.get(k) for k in ('dataset', 'image_size', 'augment')}
   else:
     variables, meta = checkpoint.load_variables(path)
-    dataset, info = meta['dataset'], data.dataset_info(meta['dataset'])
+    info = data.info_of_model(meta, data_dir)
     model = models.build(meta['model'], meta['num_classes'])
     expected = jax.eval_shape(
       functools.partial(model.init, train=False),
@@ -67,7 +82,15 @@ def evaluate_saved(path: str, *, data_dir: str | None = None, step: int | None =
     )
     checkpoint.check_variables_match(variables, expected, what=f'Model file {path}')
     config = ml_collections.ConfigDict({'model': meta['model']})
-  test = data.load_split(dataset, 'test', data_dir)
+  dataset, data_dir = meta['dataset'], data_dir or config.get('data_dir') or None
+  test = stream.test_split(
+    dataset,
+    'test',
+    data_dir,
+    info,
+    image_size=meta.get('image_size') or 0,
+    augment=meta.get('augment') or 'none',
+  )
   result = evaluate.evaluate(model, variables, test, info=info, batch_size=1000)
   return dict(result, model=config.model, dataset=dataset, step=step, source=os.path.abspath(path))
 
@@ -76,7 +99,7 @@ COMPARISON_KEYS = ('teacher_checkpoint', 'runs')
 
 
 def _comparison_plan(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool
+  config: ml_collections.ConfigDict, workdir: str, *, allowed: dict[str, bool]
 ) -> tuple[str, list[tuple[str, ml_collections.ConfigDict]]]:
   """The teacher path and the `(name, run config)` to train, in order, all checked before any work.
 
@@ -110,18 +133,16 @@ def _comparison_plan(
       config_lib.validate(run, jax.device_count())
     except ValueError as error:
       raise ValueError(_in_run(str(error), name)) from error
-    workdir_lib.check_config(
-      run, os.path.join(workdir, name), allow_config_change=allow_config_change
-    )
+    workdir_lib.check_config(run, os.path.join(workdir, name), **allowed)
   if config.teacher_checkpoint:
     meta = checkpoint.load_variables(config.teacher_checkpoint)[1]
   else:
-    info = data.dataset_info(runs['teacher'].dataset)
+    info = data.info_of(runs['teacher'])
     meta = {'model': runs['teacher'].model, 'num_classes': info.num_classes}
   for name, run in plan:
     if name == 'teacher' or not objectives.active(run.distill):
       continue
-    classes = data.dataset_info(run.dataset).num_classes
+    classes = data.info_of(run).num_classes
     try:
       teacher.check_compatible(meta, run, classes, where=teacher_path)
     except ValueError as error:
@@ -136,16 +157,24 @@ def _in_run(message: str, name: str) -> str:
 
 
 def compare(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  allow_optimizer_change: bool = False,
 ) -> list[dict[str, Any]]:
   """Trains each run of `config.runs` in `workdir/<name>` and prints a table of the results.
 
   The teacher run is trained first unless `config.teacher_checkpoint` names an exported teacher,
   which is then evaluated instead; every distilling run uses that teacher. Every run is checked
   before the first one trains. Finished runs are skipped and interrupted ones resume, so the same
-  command can be run again after a kill.
+  command can be run again after a kill (with `allow_optimizer_change` after a non-finite stop,
+  whose message names the run's fields as `config.runs.<name>.*`).
   """
-  teacher_path, plan = _comparison_plan(config, workdir, allow_config_change=allow_config_change)
+  allowed = dict(
+    allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
+  )
+  teacher_path, plan = _comparison_plan(config, workdir, allowed=allowed)
   rows = []
   if config.teacher_checkpoint:
     evaluation = evaluate_saved(teacher_path, data_dir=config.runs.teacher.data_dir or None)
@@ -159,33 +188,45 @@ def compare(
       )
     )
   for name, run in plan:
-    rows.append(
-      train.train_and_evaluate(
-        run, os.path.join(workdir, name), allow_config_change=allow_config_change
-      )
-    )
+    try:
+      rows.append(train.train_and_evaluate(run, os.path.join(workdir, name), **allowed))
+    except train.NonFiniteLossError as error:  # Its advice names this run's fields.
+      raise train.NonFiniteLossError(_in_run(str(error), name)) from error
   table = report.results_table(rows)
   reporter = report.Reporter('compare')
   reporter.say('\n' + table)
   if reporter.active:
-    with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-      f.write(table + '\n')
+    files.write_atomic(os.path.join(workdir, 'summary.md'), table + '\n')
   return rows
 
 
 def run(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  allow_optimizer_change: bool = False,
 ) -> Any:
-  """Runs a config: a comparison when it has `runs`, a study when it has `grid`, else one run.
+  """Runs a config: a comparison when it has `runs`, a study when it has `grids`, else one run.
 
   `allow_config_change` lets a workdir's run continue with a config that differs from the one it
-  was started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
+  was started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change);
+  `allow_optimizer_change` allows only `lpe.config.OPTIMIZER_FIELDS` to differ (the way to resume
+  after a non-finite stop with a lower learning rate).
   """
+  allowed = dict(
+    allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
+  )
   if 'runs' in config:
-    return compare(config, workdir, allow_config_change=allow_config_change)
-  if 'grid' in config:
+    return compare(config, workdir, **allowed)
+  if 'grids' in config:
+    if allow_optimizer_change:
+      raise ValueError(
+        '--allow_optimizer_change resumes a run or a comparison, not a study; resume the '
+        "study's run with its own config, or use --allow_config_change."
+      )
     return study.run(config, workdir, allow_config_change=allow_config_change)
-  return train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
+  return train.train_and_evaluate(config, workdir, **allowed)
 
 
 def evaluate_and_save(
@@ -199,6 +240,5 @@ def evaluate_and_save(
   result = evaluate_saved(path, data_dir=data_dir, step=step)
   folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
   name = 'evaluation.json' if os.path.isdir(path) else os.path.basename(path) + '.evaluation.json'
-  with open(os.path.join(folder, name), 'w') as f:
-    json.dump(result, f, indent=2)
+  files.write_json(os.path.join(folder, name), result)
   return result

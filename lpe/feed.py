@@ -5,6 +5,11 @@ function of `(seed, epoch)`) into the step's inputs `(images, labels, teacher_ou
 the data-parallel mode: gathered on the devices from a split held there (`'device'` input), or
 copied from host memory (`'host'`), with this process's rows of every global batch and, when the
 teacher's outputs are cached, their rows too. Every path gives the same batches, bit for bit.
+
+With LP over the whole split's teacher graph (`config.distill.lp_graph` 'neighbours' or 'bank'),
+the graph is held on the devices too and each step also gets its examples' ids and graph rows;
+for 'neighbours' the batches are anchors with some of their graph neighbours
+(`lpe.sampling.neighbour_aware_index_batches`, a pure function of `(seed, epoch, step)`).
 """
 
 import itertools
@@ -16,14 +21,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lpe import data, parallel
+from lpe import data, losses, parallel, sampling
 
 # The largest split (images) the device-resident input path takes when `config.input` is 'auto'.
 DEVICE_INPUT_MAX_BYTES = 2 * 2**30
 # Values of `config.input`.
-INPUTS = ('auto', 'device', 'host')
+INPUTS = ('auto', 'device', 'host', 'stream')
 
-StepInputs = tuple[jax.Array, jax.Array, Any]
+StepInputs = tuple[jax.Array, jax.Array, Any, Any]
 
 
 def per_process_data(config: ml_collections.ConfigDict) -> bool:
@@ -56,6 +61,7 @@ class Feed:
     split: data.Split,
     place: parallel.Placement,
     teacher_outputs: Any = None,
+    graph: losses.NeighbourGraph | None = None,
   ):
     """Holds `split` (this process's share with per-process data) for `config`'s steps.
 
@@ -65,8 +71,12 @@ class Feed:
       place: The data-parallel placement of the step.
       teacher_outputs: The teacher's `(logits, features)` for every example of `split`
         (`lpe.teacher.outputs_cache`), held on the devices beside the split, or None.
+      graph: The teacher's kNN graph over `split` (`lpe.losses.teacher_graph`) when LP uses it:
+        each step then gets its rows' ids and graph rows.
     """
     self._split, self._place, self._seed = split, place, config.seed
+    self._graph = graph
+    self._neighbours = config.distill.lp_graph == 'neighbours' and config.distill.graph_neighbours
     per_process = per_process_data(config)
     # The batch this process draws its index batches for: its share of the global batch when it
     # holds only its share of the data, else the whole global batch (of which it feeds its rows).
@@ -74,41 +84,52 @@ class Feed:
       config.batch_size // jax.process_count() if per_process else config.batch_size
     )
     self._rows = slice(None) if per_process else parallel.process_rows(config.batch_size)
-    self.steps_per_epoch = _steps_per_epoch(config, len(split), self._index_batch, per_process)
+    self.steps_per_epoch = steps_in_epoch(config, len(split), self._index_batch, per_process)
     resident = {}
     if input_path(config, split) == 'device':
       resident.update(images=split.images, labels=split.labels)
     if teacher_outputs is not None:
       resident['teacher'] = teacher_outputs
+    if graph is not None:
+      resident['graph'] = {'indices': graph.indices, 'weights': graph.weights}
     self._resident = place.resident(resident) if resident else None
     self._take = place.compile_take()
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepInputs]:
     """The inputs of the steps of `epoch` from its step `start_step` on."""
-    indices = data.train_index_batches(
-      len(self._split),
-      batch_size=self._index_batch,
-      seed=self._seed,
-      epoch=epoch,
-      start_step=start_step,
-    )
+    kwargs = dict(batch_size=self._index_batch, seed=self._seed, epoch=epoch, start_step=start_step)
+    if self._neighbours:
+      indices = sampling.neighbour_aware_index_batches(
+        len(self._split), self._graph.indices, neighbours_per_anchor=self._neighbours, **kwargs
+      )
+    else:
+      indices = data.train_index_batches(len(self._split), **kwargs)
     for index in itertools.islice(indices, max(self.steps_per_epoch - start_step, 0)):
       yield self._inputs(index)
+
+  def close(self) -> None:
+    """Nothing to stop: this input has no worker processes (`lpe.stream.StreamFeed` has)."""
 
   def _inputs(self, index: np.ndarray) -> StepInputs:
     """The step's inputs for the examples `index` (the global batch's indices)."""
     local = index[self._rows]
-    gathered = self._take(self._resident, self._place.batch(local)) if self._resident else {}
+    placed = self._place.batch(local) if self._resident else None
+    gathered = self._take(self._resident, placed) if self._resident else {}
     if 'images' in gathered:
       images, labels = gathered['images'], gathered['labels']
     else:
       images, labels = self._place.batch((self._split.images[local], self._split.labels[local]))
-    return images, labels, gathered.get('teacher')
+    graph = None
+    if 'graph' in gathered:
+      graph = dict(gathered['graph'], ids=placed)
+    return images, labels, gathered.get('teacher'), graph
 
 
-def _steps_per_epoch(
+def steps_in_epoch(
   config: ml_collections.ConfigDict, num_examples: int, index_batch: int, per_process: bool
 ) -> int:
+  """Steps in an epoch of `num_examples` (this process's share with per-process data) drawn in
+  index batches of `index_batch`, capped by `config.steps_per_epoch_limit`."""
   steps = data.steps_per_epoch(num_examples, index_batch)
   if per_process:  # Shares differ by at most one example: every process takes the fewest steps.
     steps = int(np.min(multihost_utils.process_allgather(np.int32(steps))))

@@ -52,9 +52,19 @@ class StepMetrics:
   """
 
   def __init__(
-    self, *, name: str, skip_nonfinite: bool, manager: ocp.CheckpointManager, place: Any
+    self,
+    *,
+    name: str,
+    manager: ocp.CheckpointManager,
+    place: Any,
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
   ):
-    self._name, self._skip, self._manager, self._place = name, skip_nonfinite, manager, place
+    self._name, self._manager, self._place = name, manager, place
+    self._skip, self._learning_rate = config.skip_nonfinite_batches, config.learning_rate
+    # More skipped batches than this in one epoch stop the run.
+    self._max_skipped = config.max_skipped_fraction * steps_per_epoch
+    self._steps_per_epoch = steps_per_epoch
     self._pending: list[Any] = []
     self.window: list[dict[str, float]] = []  # Checked steps since the last progress line.
     self.epoch: list[dict[str, float]] = []  # Checked steps of this epoch.
@@ -83,6 +93,8 @@ class StepMetrics:
         self._raise(metrics, last_step - len(pending) + i + 1)
       self.window_skipped += 1
       self.epoch_skipped += 1
+    if self.epoch_skipped > self._max_skipped:
+      self._too_many_skipped(last_step)
 
   def take_window(self) -> tuple[dict[str, float], int]:
     """The mean metrics and skipped count since the last call, and a new window."""
@@ -92,12 +104,33 @@ class StepMetrics:
 
   def _raise(self, metrics: dict[str, float], step: int):
     terms = ', '.join(f'{k} {metrics[k]:.4g}' for k in _CHECKED if k in metrics)
-    saved = self._manager.latest_step()
-    kept = f'step {saved}' if saved is not None else 'none was saved yet'
     raise NonFiniteLossError(
       f'[{self._name}] step {step} gave a non-finite loss or update ({terms}), so the run '
-      f'stopped without saving it (last good checkpoint: {kept}); lower config.learning_rate, '
+      f'stopped without saving it (last good checkpoint: {self._kept()}); {self._way_forward()}, '
       'check the inputs, or set config.skip_nonfinite_batches=True to skip such batches.'
+    )
+
+  def _too_many_skipped(self, step: int):
+    epoch = (step - 1) // self._steps_per_epoch + 1
+    raise NonFiniteLossError(
+      f'[{self._name}] {self.epoch_skipped} of the {self._steps_per_epoch} batches of epoch '
+      f'{epoch} were non-finite and skipped by step {step}, more than '
+      'config.max_skipped_fraction allows, so the run stopped without saving (last good '
+      f'checkpoint: {self._kept()}); {self._way_forward()}, or check the inputs.'
+    )
+
+  def _kept(self) -> str:
+    saved = self._manager.latest_step()
+    return f'step {saved}' if saved is not None else 'none was saved yet'
+
+  def _way_forward(self) -> str:
+    """The command that continues the run: the last good checkpoint, a lower learning rate."""
+    saved = self._manager.latest_step()
+    where = f'resume from step {saved}' if saved is not None else 'start again'
+    return (
+      f'to {where} with a lower learning rate, run the same command with '
+      f'--allow_optimizer_change --config.learning_rate={self._learning_rate / 10:.3g} '
+      '(allow_optimizer_change=True in Python)'
     )
 
 
@@ -211,9 +244,10 @@ class Hooks:
   ):
     self.metrics = StepMetrics(
       name=reporter.name,
-      skip_nonfinite=config.skip_nonfinite_batches,
       manager=manager,
       place=place,
+      config=config,
+      steps_per_epoch=steps_per_epoch,
     )
     self.progress = ReportProgress(
       reporter,
@@ -244,10 +278,13 @@ class Hooks:
     if end.stopping:
       self.preemption.stop(end.step)
 
-  def end_epoch(self, step: int, state: Any) -> tuple[dict[str, float], int]:
-    """Saves the epoch's last state; returns the epoch's mean metrics and skipped steps."""
+  def end_epoch(self, step: int, state: Any) -> tuple[dict[str, float], int, int]:
+    """Saves the epoch's last state; returns the epoch's mean metrics, the number of steps they
+    average (this process's, since the start or resume, skipped ones left out) and the number
+    of skipped steps."""
     self.checkpoints.save(step, state)
-    return metrics_io.mean_metrics(self.metrics.epoch), self.metrics.epoch_skipped
+    metrics = self.metrics
+    return metrics_io.mean_metrics(metrics.epoch), len(metrics.epoch), metrics.epoch_skipped
 
   def close(self) -> None:
     self.preemption.close()

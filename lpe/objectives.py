@@ -6,7 +6,7 @@ KD):
 
 | weight | term | reads |
 |---|---|---|
-| `lp_weight` | locality-preserving loss (k, sigma2) | `feature` of both nets |
+| `lp_weight` | locality-preserving loss (k, sigma2; `lp_graph`) | `feature` of both nets |
 | `kd_weight` | Hinton's KD at `kd_temperature` | logits |
 | `fitnet_weight` | FitNet hint MSE through a trainable regressor | `fitnet_feature` |
 | `at_weight` | attention transfer (p=2), summed over layers | `at_features` |
@@ -15,7 +15,11 @@ KD):
 | `pkt_weight` | probabilistic knowledge transfer | `pkt_feature` |
 
 Batch-relational terms (LP, SP, RKD, PKT) are taken over the global batch: under `pmap` their
-inputs are gathered over the device axis, so they do not depend on the device count.
+inputs are gathered over the device axis, so they do not depend on the device count. With
+`lp_graph` 'neighbours' or 'bank', LP keeps the neighbourhoods of the teacher's kNN graph over the
+whole training split instead (`lpe.losses.graph`): the step then passes the batch's rows of that
+graph (`graph`: example `ids`, graph `indices` and `weights`, and for 'bank' the bank's rows of
+each neighbour, `bank_neighbours`).
 """
 
 from collections.abc import Mapping
@@ -43,6 +47,13 @@ def active(distill: Mapping[str, Any]) -> tuple[str, ...]:
   return tuple(m for m in METHODS if distill.get(f'{m}_weight', 0.0))
 
 
+def needs_teacher(distill: Mapping[str, Any]) -> bool:
+  """Whether the step needs the teacher's outputs: any active term but LP over the whole
+  split's graph (which reads the graph, computed once before training)."""
+  graph_lp = distill.get('lp_graph', 'batch') != 'batch'
+  return any(m != 'lp' or not graph_lp for m in active(distill))
+
+
 def feature_names(distill: Mapping[str, Any]) -> set[str]:
   """The feature-dict keys the active terms read (from both nets)."""
   names = set()
@@ -68,10 +79,13 @@ def check_features(distill: Mapping[str, Any], s_features: Mapping, t_features: 
 
 
 def describe(distill: Mapping[str, Any]) -> str:
-  """A short name for the objective, e.g. 'CE + 0.1 LP + 1 KD'."""
+  """A short name for the objective, e.g. 'CE + 0.1 LP + 1 KD' ('LP-bank' for LP over the whole
+  split's graph with a memory bank, 'LP-neighbours' with neighbour-aware batches)."""
   ce_weight = distill.get('ce_weight', 1.0)
   ce = 'CE' if ce_weight == 1 else f'{ce_weight:g} CE'
-  parts = [ce] + [f'{distill[m + "_weight"]:g} {LABELS[m]}' for m in active(distill)]
+  graph = distill.get('lp_graph', 'batch')
+  label = lambda m: f'LP-{graph}' if m == 'lp' and graph != 'batch' else LABELS[m]
+  parts = [ce] + [f'{distill[m + "_weight"]:g} {label(m)}' for m in active(distill)]
   return ' + '.join(parts)
 
 
@@ -98,23 +112,19 @@ def distillation_terms(
   t_features: Mapping[str, jax.Array],
   aux_params: Mapping[str, Any],
   *,
+  graph: Mapping[str, jax.Array] | None = None,
   axis_name: str | None = None,
 ) -> dict[str, jax.Array]:
   """The active distillation terms, each a scalar batch loss (unweighted).
 
   Per-example terms are means over this device's rows (the caller averages over devices);
   relational terms are computed on the gathered global batch, the same value on every device.
+  `graph` holds the batch's rows of the whole split's teacher graph when `lp_graph` is not
+  'batch'.
   """
   terms = {}
   if distill.get('lp_weight'):
-    terms['lp'] = losses.locality_preserving_loss(
-      s_features[distill['feature']],
-      t_features[distill['feature']],
-      k=distill['k'],
-      sigma2=distill['sigma2'],
-      axis_name=axis_name,
-      block_size=distill.get('knn_block_size'),
-    ).mean()
+    terms['lp'] = _locality(distill, s_features, t_features, graph, axis_name).mean()
   if distill.get('kd_weight'):
     terms['kd'] = losses.kd_loss(s_logits, t_logits, temperature=distill['kd_temperature']).mean()
   if distill.get('fitnet_weight'):
@@ -138,6 +148,27 @@ def distillation_terms(
       name = distill[f'{method}_feature']
       terms[method] = fn(_gather(s_features[name], axis_name), _gather(t_features[name], axis_name))
   return terms
+
+
+def _locality(distill, s_features, t_features, graph, axis_name) -> jax.Array:
+  """The per-example LP loss over the neighbourhoods `distill['lp_graph']` names."""
+  student = s_features[distill['feature']]
+  mode = distill.get('lp_graph', 'batch')
+  if mode == 'neighbours':
+    return losses.graph_batch_locality_loss(
+      student, graph['ids'], graph['indices'], graph['weights'], axis_name=axis_name
+    )
+  if mode == 'bank':
+    return losses.memory_bank_locality_loss(student, graph['bank_neighbours'], graph['weights'])
+  return losses.locality_preserving_loss(
+    student,
+    t_features[distill['feature']],
+    k=distill['k'],
+    sigma2=distill['sigma2'],
+    sigma2_scale=distill.get('sigma2_scale', 1.0),
+    axis_name=axis_name,
+    block_size=distill.get('knn_block_size'),
+  )
 
 
 def total_loss(distill: Mapping[str, Any], ce: jax.Array, terms: Mapping[str, jax.Array]):

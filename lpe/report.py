@@ -6,18 +6,21 @@ line lives here. `results_table` formats finished runs for comparisons, and `wri
 a method study's results page with its plots.
 """
 
-import os
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 from lpe import objectives
 
 # A study's row labels.
-LABELS = {'student': 'student alone', **objectives.LABELS, 'lp_kd': 'LP+KD'}
+LABELS = {
+  'student': 'student alone',
+  **objectives.LABELS,
+  'lp_kd': 'LP+KD',
+  'lp_neighbours': 'LP, graph neighbours in the batch',
+  'lp_bank': 'LP, graph with a memory bank',
+}
 # The loss terms a progress line shows, in this order, when the step reports them.
 PROGRESS_TERMS = ('loss', 'ce', 'lp', 'kd', 'accuracy')
 
@@ -93,120 +96,3 @@ def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
       f'| {best} | {time_s} |'
     )
   return '\n'.join(lines)
-
-
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-  mean = scale * statistics.fmean(values)
-  std = scale * statistics.stdev(values) if len(values) > 1 else 0.0
-  return f'{mean:.{digits}f} ± {std:.{digits}f}'
-
-
-def _plots(summary, teacher_accuracy: float, folder: str, stem: str) -> tuple[str, str]:
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  rows = list(summary)
-  bars = f'{stem}_accuracy.png'
-  fig, ax = plt.subplots(figsize=(8, 4))
-  means = [100 * np.mean(summary[r]['last']) for r in rows]
-  stds = [
-    100 * np.std(summary[r]['last'], ddof=1) if len(summary[r]['last']) > 1 else 0.0 for r in rows
-  ]
-  ax.bar([LABELS[r] for r in rows], means, yerr=stds, capsize=4, color='tab:blue')
-  ax.axhline(100 * teacher_accuracy, color='tab:red', linestyle='--', label='teacher')
-  low = min(m - s for m, s in zip(means, stds, strict=True))
-  ax.set_ylim(max(0.0, low - 2.0), max(100 * teacher_accuracy, max(means)) + 1.0)
-  ax.set_ylabel('test accuracy, last epoch (%)')
-  ax.set_title('mean ± std over seeds')
-  ax.legend()
-  plt.setp(ax.get_xticklabels(), rotation=30, ha='right')
-  fig.tight_layout()
-  fig.savefig(os.path.join(folder, bars), dpi=110)
-  plt.close(fig)
-
-  curves = f'{stem}_curves.png'
-  fig, ax = plt.subplots(figsize=(8, 4))
-  for r in rows:
-    curve = 100 * np.mean(np.asarray(summary[r]['curves']), axis=0)
-    ax.plot(np.arange(1, len(curve) + 1), curve, marker='o', label=LABELS[r])
-  ax.set_xlabel('epoch')
-  ax.set_ylabel('test accuracy (%), mean over seeds')
-  ax.legend(ncol=2, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(folder, curves), dpi=110)
-  plt.close(fig)
-  return bars, curves
-
-
-def write_study_page(config, best, summary, sweep_rows, teacher) -> str:
-  """Writes a method study's results page and its plots (lpe.study); returns the page's path.
-
-  Args:
-    config: The study's config (`page`, `title`, `command`, `base`, `sweep`, `final`, ...).
-    best: Per method, the chosen sweep point (`run`).
-    summary: Per final row, its seeds' results (`lpe.study.summarise`).
-    sweep_rows: Every sweep run with its validation accuracy.
-    teacher: The teacher's `accuracy`, `model` and `params`.
-  """
-  page = config.page
-  folder = os.path.dirname(os.path.abspath(page))
-  os.makedirs(folder, exist_ok=True)
-  stem = os.path.splitext(os.path.basename(page))[0]
-  bars, curves = _plots(summary, teacher['accuracy'], folder, stem)
-  base = config.base
-  lines = [
-    f'# {config.title}',
-    '',
-    f'Produced by `{config.command}` ({config.description}).',
-    '',
-    f'Teacher: `{teacher["model"]}` ({teacher["params"]:,} parameters), loaded from '
-    f'`{base.teacher.checkpoint}`. Student: `{base.model}` ({summary["student"]["params"]:,} '
-    f'parameters). Each student row is {config.final.epochs} epochs, {base.optimizer} at learning '
-    f'rate {base.learning_rate:g} ({base.lr_schedule}), batch {base.batch_size}, over '
-    f'{config.final.seeds} seeds (0..{config.final.seeds - 1}); accuracies are on the whole test '
-    'split, mean ± standard deviation over seeds. "kept" is the neighbourhood preservation: the '
-    f"mean fraction of each test image's {base.distill.k} nearest teacher neighbours that are "
-    f'among its {base.distill.k} nearest student neighbours, within test batches of '
-    f'{base.eval_batch_size}. Epoch time is the training time of one epoch on this machine.',
-    '',
-    '| method | objective | last epoch (%) | best epoch (%) | extra trainable params | kept '
-    '| linear CKA | epoch time (s) |',
-    '|---|---|---:|---:|---:|---:|---:|---:|',
-    f'| teacher | CE | {100 * teacher["accuracy"]:.2f} | - | - | 1 | 1 | - |',
-  ]
-  for row, s in summary.items():
-    lines.append(
-      f'| {LABELS[row]} | {s["objective"]} | {_mean_std(s["last"])} | {_mean_std(s["best"])} '
-      f'| {s["extra_params"]:,} | {_mean_std(s["kept"], 1.0, 3)} | {_mean_std(s["cka"], 1.0, 3)} '
-      f'| {statistics.fmean(s["epoch_time"]):.0f} |'
-    )
-  lines += [
-    '',
-    f'![test accuracy per method]({bars})',
-    '',
-    f'![test accuracy per epoch]({curves})',
-    '',
-    '## The sweep',
-    '',
-    f'Each weight (and k for LP) trained once (seed {config.sweep.seed}, {config.sweep.epochs} '
-    f'epoch(s)) on `{config.sweep.train_split}` and scored on `{config.sweep.val_split}` '
-    '(validation accuracy, %); the best per method (bold) is used above.',
-    '',
-    '| run | validation accuracy (%) |',
-    '|---|---:|',
-  ]
-  chosen = {b['run'] for b in best.values()}
-  for r in sweep_rows:
-    mark = '**' if r['run'] in chosen else ''
-    lines.append(f'| {mark}{r["run"]}{mark} | {mark}{100 * r["val_accuracy"]:.2f}{mark} |')
-  notes = config.notes_file
-  if notes and os.path.exists(notes):
-    with open(notes) as f:
-      lines += ['', f.read().strip()]
-  else:
-    lines += ['', f'(No notes: {notes or "config.notes_file"} does not exist.)']
-  with open(page, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  return page

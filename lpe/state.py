@@ -19,11 +19,14 @@ class TrainState(train_state.TrainState):
   """The student's state: params, BatchNorm statistics and optimizer state, plus `aux_params`.
 
   `aux_params` are the trainable parameters of distillation terms (FitNet's regressor): optimised
-  with the student, checkpointed with it for resume, but not part of the exported student.
+  with the student, checkpointed with it for resume, but not part of the exported student. `bank`
+  is the memory bank of student embeddings (`[N, d]`, `distill.lp_graph='bank'`), or None:
+  never differentiated, checkpointed for exact resume, not exported.
   """
 
   batch_stats: Any = None
   aux_params: Any = None
+  bank: Any = None
 
   @classmethod
   def create(cls, *, apply_fn, params, tx, aux_params=None, **kwargs):
@@ -96,7 +99,7 @@ def create_train_state(model, config, rng: jax.Array, image_shape, steps_per_epo
   variables = model.init(student_rng, x, train=False)
   aux_params = {}
   if config.distill.fitnet_weight:
-    num_classes = data.dataset_info(config.dataset).num_classes
+    num_classes = data.info_of(config).num_classes
     t_module = models.build(config.teacher.model, num_classes)
     s_features, t_features = (teacher.feature_shapes(m, image_shape) for m in (model, t_module))
     aux_params = objectives.init_aux_params(config.distill, aux_rng, s_features, t_features)
@@ -107,6 +110,24 @@ def create_train_state(model, config, rng: jax.Array, image_shape, steps_per_epo
     aux_params=aux_params,
     tx=make_optimizer(config, steps_per_epoch),
   )
+
+
+def embeddings(
+  model, variables: dict[str, Any], split: data.Split, *, info, feature: str, batch_size: int
+) -> np.ndarray:
+  """`model`'s `feature` `[N, d]` (float32) for every example of `split`, in inference mode: what
+  a memory bank (`distill.lp_graph='bank'`) starts from."""
+
+  @jax.jit
+  def forward(variables, images):
+    _, features = model.apply(variables, data.preprocess(images, info), train=False)
+    return features[feature].astype(jnp.float32)
+
+  chunks = [
+    np.asarray(forward(variables, images))[mask]
+    for images, _, mask in data.eval_batches(split, batch_size=batch_size)
+  ]
+  return np.concatenate(chunks)
 
 
 def variables_of(state: TrainState) -> dict[str, Any]:

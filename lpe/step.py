@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from lpe import augment, data, objectives
+from lpe import augment, data, losses, objectives
 from lpe.state import TrainState, make_variables
 
 Metrics = dict[str, jax.Array]
@@ -27,6 +27,7 @@ def train_step(
   images: jax.Array,
   labels: jax.Array,
   teacher_outputs: tuple[jax.Array, Mapping[str, jax.Array]] | None = None,
+  graph: Mapping[str, jax.Array] | None = None,
   *,
   student: nn.Module,
   teacher: nn.Module | None,
@@ -47,6 +48,10 @@ def train_step(
     labels: int32 `[n]`.
     teacher_outputs: The teacher's `(logits, features)` for these rows, cached ahead of training
       (`lpe.teacher.outputs_cache`; only without augmentation), or None to run the teacher here.
+    graph: With `distill['lp_graph']` 'neighbours' or 'bank', these rows' example `ids` `[n]` and
+      their rows of the whole split's teacher graph (`indices`, `weights`, `[n, k]`;
+      `lpe.feed.Feed`); None otherwise. For 'bank' the state's memory bank supplies each
+      neighbour's embedding and is refreshed with these rows' embeddings after the step.
     student, teacher: The Flax modules (teacher None when not distilling).
     info: The dataset's normalisation constants.
     distill: Static hyper-parameters of the objective (`config.distill`; see lpe.objectives).
@@ -60,15 +65,19 @@ def train_step(
       and BatchNorm statistics are averaged over it.
 
   Returns:
-    The new state and scalar metrics: loss, ce, the active terms (lp, kd, ...), accuracy,
-    grad_norm, param_norm, and finite (1.0, or 0.0 when this step's loss or update is not
-    finite).
+    The new state (its bank refreshed, for 'bank') and scalar metrics: loss, ce, the active
+    terms (lp, kd, ...), accuracy, grad_norm, param_norm, and finite (1.0, or 0.0 when this
+    step's loss or update is not finite).
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   x = data.preprocess(augment.augment(augmentation, rng, images, axis_name=axis_name), info)
   if teacher is not None and teacher_outputs is None:
     teacher_outputs = teacher.apply(teacher_variables, x, train=False)
-  teacher_outputs = jax.lax.stop_gradient(teacher_outputs)
+  t_logits, t_features = None, {}
+  if teacher_outputs is not None:
+    t_logits, t_features = jax.lax.stop_gradient(teacher_outputs)
+  if state.bank is not None:  # Every neighbour's last embedding; the bank gets no gradient.
+    graph = dict(graph, bank_neighbours=state.bank[graph['indices']])
 
   def loss_fn(params, aux_params):
     mutable = ['batch_stats'] if state.batch_stats else False
@@ -77,15 +86,23 @@ def train_step(
     logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     terms = {}
-    if teacher is not None:
+    if objectives.active(distill):
       terms = objectives.distillation_terms(
-        distill, logits, features, *teacher_outputs, aux_params, axis_name=axis_name
+        distill,
+        logits,
+        features,
+        t_logits,
+        t_features,
+        aux_params,
+        graph=graph,
+        axis_name=axis_name,
       )
     loss = objectives.total_loss(distill, ce, terms)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, (dict(terms, ce=ce), accuracy, new_vars.get('batch_stats', state.batch_stats))
+    batch_stats = new_vars.get('batch_stats', state.batch_stats)
+    return loss, (dict(terms, ce=ce), accuracy, batch_stats, features.get(distill['feature']))
 
-  (loss, (terms, accuracy, batch_stats)), (grads, aux_grads) = jax.value_and_grad(
+  (loss, (terms, accuracy, batch_stats, embedding)), (grads, aux_grads) = jax.value_and_grad(
     loss_fn, argnums=(0, 1), has_aux=True
   )(state.params, state.aux_params)
   metrics = dict(terms, loss=loss, accuracy=accuracy)
@@ -97,6 +114,11 @@ def train_step(
       (grads, aux_grads, metrics, batch_stats), axis_name
     )
   new_state = state.apply_gradients(grads=grads, aux_grads=aux_grads, batch_stats=batch_stats)
+  if state.bank is not None:
+    bank = losses.update_memory_bank(
+      state.bank, graph['ids'], embedding, momentum=distill['bank_momentum'], axis_name=axis_name
+    )
+    new_state = new_state.replace(bank=bank)
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['param_norm'] = optax.tree.norm(new_state.params)
   finite = jnp.isfinite(jnp.stack([metrics[k] for k in ('loss', 'grad_norm', 'param_norm')])).all()
@@ -114,6 +136,7 @@ def _keep_if(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
     opt_state=keep(new.opt_state, old.opt_state),
     aux_params=keep(new.aux_params, old.aux_params),
     batch_stats=keep(new.batch_stats, old.batch_stats),
+    bank=keep(new.bank, old.bank),
   )
 
 
@@ -122,20 +145,26 @@ def make_train_step(
   student: nn.Module,
   teacher: nn.Module | None,
   info: data.DatasetInfo,
+  *,
+  augmentation: str | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
   """`train_step` with everything static bound from `config`, ready to compile.
 
-  The result takes `(state, teacher_variables, images, labels, teacher_outputs=None)`; the
-  teacher runs only when `config.distill` has an active term. Under `pmap` bind `axis_name` too
+  `augmentation` overrides `config.augment` for the step (`'none'` when the input arrives
+  augmented, as streamed images do).
+
+  The result takes `(state, teacher_variables, images, labels, teacher_outputs=None,
+  graph=None)`; the teacher runs only when an active term of `config.distill` needs its outputs
+  (`objectives.needs_teacher`) and they are not given. Under `pmap` bind `axis_name` too
   (`parallel.Placement.compile` does).
   """
   return functools.partial(
     train_step,
     student=student,
-    teacher=teacher if objectives.active(config.distill) else None,
+    teacher=teacher if objectives.needs_teacher(config.distill) else None,
     info=info,
     distill=dict(config.distill),
-    augmentation=config.augment,
+    augmentation=config.augment if augmentation is None else augmentation,
     seed=config.seed,
     skip_nonfinite=config.skip_nonfinite_batches,
   )

@@ -1,162 +1,309 @@
-"""A method comparison study: a validation sweep per method, then seeds, then a results page.
+"""A method study at convergence: a tuned recipe, sweeps that bracket the optimum, paired seeds.
 
-1. Sweep: for every method and weight in `config.grid` (and every k for LP), train the student on
-   `config.sweep.train_split` and score it on `config.sweep.val_split`, both carved from the
-   training set: the test set is never used to choose anything.
-2. Final: the student alone, each method at its best weight, and LP+KD at the best LP and KD
-   weights, each trained on the whole training split with `config.final.seeds` seeds.
-3. The page: `config.page` (markdown with tables and two PNG plots beside it), every number read
-   back from the runs' `metrics.jsonl` and `result.json`.
+One command runs it all, and runs it again after a kill (or in another sitting) from where it
+stopped. Stages, each made of ordinary `train.train_and_evaluate` runs in their own workdirs:
 
-Every run is an ordinary `train_and_evaluate` run in its own workdir, so the study resumes after a
-kill and finished runs are not repeated.
+1. Recipe: the student alone, trained with each of `config.recipes` on the validation split
+   (`config.sweep.train_split` / `config.sweep.val_split`, both carved from the training set) for
+   the final budget; the best last-epoch validation accuracy picks the recipe that every later
+   run keeps.
+2. Sweeps: for each student and each of its methods, the method's weight on validation, one seed,
+   `config.sweep.epochs` epochs; for LP then k and the bandwidth scale at the best weight. A best
+   value on a grid's edge extends the grid past that edge (up to `config.sweep.max_extensions`
+   times, or until a hard bound such as k = 1), so the page can show every optimum bracketed.
+3. Finals: every row (the student alone and each method at its best point) on the whole training
+   split with `config.final.seeds` seeds, scored on the test split after every epoch.
+
+Every finished run is appended to `config.ledger` (JSON lines: its config digest, epoch records
+and result). A run already in the ledger with the same config is never trained again, so the
+ledger, committed as results come in, carries the study across machines and sittings; the page
+(`lpe.report.write_study_page`) is written from the ledger alone.
 """
 
+import dataclasses
+import hashlib
 import json
 import os
-import statistics
+import time
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
 
-from lpe import checkpoint, data, evaluate, metrics_io, models, report, train
-
-# The page's row order (ConfigDict keys come back sorted).
-ORDER = ('kd', 'fitnet', 'at', 'sp', 'rkd', 'pkt', 'lp')
+from lpe import checkpoint, metrics_io, report, study_page, train
 
 
-def _run_config(base: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
-  config = base.copy_and_resolve_references()
-  for key, value in changes.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A study row's method: the config field of its weight and the settings it always has."""
+
+  weight: str
+  fixed: tuple[tuple[str, Any], ...] = ()
 
 
-def _sweep_points(config) -> list[tuple[str, dict[str, Any]]]:
-  points = []
-  for method in (m for m in ORDER if m in config.grid):
-    for weight in config.grid[method]:
-      ks = config.lp_k_grid if method == 'lp' else (None,)
-      for k in ks:
-        changes = {f'distill.{method}_weight': float(weight)}
-        name = f'{method}_w{weight:g}'
-        if k is not None:
-          changes['distill.k'] = int(k)
-          name += f'_k{k}'
-        points.append((name, changes))
-  return points
+METHODS = {
+  'kd': Method('distill.kd_weight'),
+  'fitnet': Method('distill.fitnet_weight'),
+  'at': Method('distill.at_weight'),
+  'sp': Method('distill.sp_weight'),
+  'rkd': Method('distill.rkd_weight'),
+  'pkt': Method('distill.pkt_weight'),
+  'lp': Method('distill.lp_weight'),
+  'lp_neighbours': Method('distill.lp_weight', (('distill.lp_graph', 'neighbours'),)),
+  'lp_bank': Method('distill.lp_weight', (('distill.lp_graph', 'bank'),)),
+}
+RELATIONAL = ('sp', 'rkd', 'pkt')
+GRAPH_VARIANTS = ('lp_neighbours', 'lp_bank')
+# Other students' rows name these; the main student's validation sweep resolves them.
+CHOSEN = {'best_relational': RELATIONAL, 'best_graph_variant': GRAPH_VARIANTS}
+# LP's other dimensions, swept one after the other at the best weight; the graph variants keep
+# LP's best values of them (their graph has the same k).
+LP_DIMENSIONS = ('distill.k', 'distill.sigma2_scale')
 
 
-def _last(workdir: str) -> dict[str, Any]:
-  return metrics_io.read_metrics(workdir)[-1]
+def config_digest(config: ml_collections.ConfigDict) -> str:
+  """A short hash of a run config's training-relevant fields (not where files live)."""
+  fields = json.loads(config.to_json_best_effort())
+  for key in ('name', 'data_dir', 'log_every_steps', 'checkpoint_every_steps', 'input'):
+    fields.pop(key, None)
+  fields.get('teacher', {}).pop('cache_dir', None)
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sweep(config, workdir: str, *, allow_config_change: bool = False) -> dict[str, dict[str, Any]]:
-  """Runs the validation sweep; returns, per method, the best point's changes and its score."""
-  best: dict[str, dict[str, Any]] = {}
-  rows = []
-  for name, changes in _sweep_points(config):
-    run = _run_config(
-      config.base,
-      name=f'sweep/{name}',
-      seed=config.sweep.seed,
-      num_epochs=config.sweep.epochs,
-      train_split=config.sweep.train_split,
-      test_split=config.sweep.val_split,
-      steps_per_epoch_limit=config.sweep.steps_per_epoch_limit,
-      **changes,
-    )
-    run_dir = os.path.join(workdir, 'sweep', name)
-    train.train_and_evaluate(run, run_dir, allow_config_change=allow_config_change)
-    score = _last(run_dir)['test_accuracy']
-    method = name.split('_w')[0]
-    rows.append({'run': name, 'method': method, 'val_accuracy': score, **changes})
-    if method not in best or score > best[method]['val_accuracy']:
-      best[method] = {'changes': changes, 'val_accuracy': score, 'run': name}
-  with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
-    json.dump({'rows': rows, 'best': best}, f, indent=2)
-  return best
+def extend(values: list[float], edge: int, key: str) -> float | None:
+  """The next grid value past the edge at index `edge` (0 or last), or None at a hard bound.
+
+  Weights and scales continue the ratio of the two values at that edge (x10 from a one-point
+  grid); k doubles or halves, and stops at 1.
+  """
+  low = edge == 0
+  if key == 'distill.k':
+    value = values[0] // 2 if low else values[-1] * 2
+    return None if low and values[0] <= 1 else max(int(value), 1)
+  if len(values) == 1:
+    return values[0] / 10 if low else values[0] * 10
+  return values[0] ** 2 / values[1] if low else values[-1] ** 2 / values[-2]
 
 
-def _final_rows(config, best) -> list[tuple[str, dict[str, Any]]]:
-  rows = [('student', {})]
-  rows += [(method, best[method]['changes']) for method in ORDER if method in best]
-  if 'lp' in best and 'kd' in best:
-    rows.append(('lp_kd', {**best['lp']['changes'], **best['kd']['changes']}))
-  return rows
+def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  *parents, leaf = key.split('.')
+  for parent in parents:
+    config = config[parent]
+  config[leaf] = value
 
 
-def final(config, workdir: str, best, *, allow_config_change: bool = False) -> dict[str, list[str]]:
-  """Trains every final row with every seed; returns the run directories per row."""
-  dirs = {}
-  for row, changes in _final_rows(config, best):
-    dirs[row] = []
-    for seed in range(config.final.seeds):
-      run = _run_config(
-        config.base,
-        name=f'{row}/seed{seed}',
-        seed=seed,
-        num_epochs=config.final.epochs,
-        steps_per_epoch_limit=config.final.steps_per_epoch_limit,
-        **changes,
-      )
-      run_dir = os.path.join(workdir, 'final', row, f'seed{seed}')
-      train.train_and_evaluate(run, run_dir, allow_config_change=allow_config_change)
-      dirs[row].append(run_dir)
-  return dirs
+def _name(value: Any) -> str:
+  return f'{value:g}' if isinstance(value, float) else str(value)
 
 
-def summarise(dirs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
-  """Per row: last/best test accuracies, neighbourhood preservation, extra params, epoch time."""
-  out = {}
-  for row, run_dirs in dirs.items():
-    histories = [metrics_io.read_metrics(d) for d in run_dirs]
-    results = []
-    for d in run_dirs:
-      with open(os.path.join(d, 'result.json')) as f:
-        results.append(json.load(f))
-    out[row] = {
-      'last': [h[-1]['test_accuracy'] for h in histories],
-      'best': [max(r['test_accuracy'] for r in h) for h in histories],
-      'curves': [[r['test_accuracy'] for r in h] for h in histories],
-      'kept': [h[-1].get('test_neighbourhood_preservation', float('nan')) for h in histories],
-      'cka': [h[-1].get('test_cka', float('nan')) for h in histories],
-      'epoch_time': [statistics.fmean(r['epoch_time_s'] for r in h) for h in histories],
-      'extra_params': results[0].get('extra_params', 0),
-      'objective': results[0].get('objective', ''),
-      'params': results[0]['params'],
+class Study:
+  """One study's runs in `workdir`, recorded in `config.ledger`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool):
+    self.config, self.workdir, self.allow = config, workdir, allow_config_change
+    self.ledger = _read_ledger(config.ledger)
+    self.reporter = report.Reporter('study')
+
+  def run_config(
+    self, model: str, changes: dict[str, Any], *, seed: int, final: bool, recipe: dict
+  ) -> ml_collections.ConfigDict:
+    """A run of `model` with the recipe and `changes`, on validation or (final) the test split."""
+    config = self.config.base.copy_and_resolve_references()
+    for key, value in {**recipe, **changes}.items():
+      _set(config, key, value)
+    stage = self.config.final if final else self.config.sweep
+    config.model, config.seed, config.num_epochs = model, seed, stage.epochs
+    config.teacher.cache_dir = os.path.join(self.workdir, 'teacher_cache')
+    config.steps_per_epoch_limit = stage.steps_per_epoch_limit
+    if not final:
+      config.train_split, config.test_split = stage.train_split, stage.val_split
+    return config
+
+  def train(self, run_id: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ledger's record of `run_id`, training it first unless the ledger holds this config."""
+    digest = config_digest(config)
+    record = self.ledger.get(run_id)
+    if record is not None and record['digest'] == digest:
+      return record
+    config.name = run_id
+    workdir = os.path.join(self.workdir, 'runs', run_id)
+    start = time.time()
+    result = train.train_and_evaluate(config, workdir, allow_config_change=self.allow)
+    record = {
+      'run': run_id,
+      'digest': digest,
+      'history': metrics_io.read_metrics(workdir),
+      'result': result,
+      'wall_s': time.time() - start,
     }
-  return out
+    _append_ledger(self.config.ledger, record)
+    self.ledger[run_id] = record
+    return record
+
+  def recipe(self) -> tuple[str, dict[str, Any]]:
+    """The recipe (name, field changes) with the best validation accuracy of the student alone."""
+    scores = {}
+    for name, changes in sorted(self.config.recipes.items()):
+      changes = dict(changes)
+      run = self.run_config(
+        self.config.main_student, {}, seed=self.config.sweep.seed, final=False, recipe=changes
+      )
+      run.num_epochs = self.config.final.epochs  # The recipe is tuned at the final budget.
+      scores[name] = _last(self.train(f'recipe/{name}', run))
+    best = max(sorted(scores), key=lambda n: scores[n])
+    return best, dict(self.config.recipes[best])
+
+  def sweep(
+    self, student: str, method: str, recipe: dict, fixed: dict, *, lp_dimensions: bool
+  ) -> dict[str, Any]:
+    """Sweeps `method`'s weight for `student` (then, with `lp_dimensions`, LP's k and bandwidth
+    scale at the best weight), with `fixed` settings; returns the best point's changes, its
+    validation accuracy, and every point tried, per dimension."""
+    spec = METHODS[method]
+    point = dict(spec.fixed, **fixed)
+    dims = [(spec.weight, self.config.grids[method])]
+    if lp_dimensions:
+      dims += [(key, self.config.grids[key.split('.')[1]]) for key in LP_DIMENSIONS]
+      # The base values, named in every point, so a later dimension's sweep finds the earlier
+      # one's best point among the runs already trained.
+      point.update({key: self.config.base.distill[key.split('.')[1]] for key in LP_DIMENSIONS})
+    tried = []
+    for key, grid in dims:
+      point[key], dimension = self._sweep_dimension(student, method, recipe, point, key, list(grid))
+      tried.append(dimension)
+    score = next(r['val_accuracy'] for r in tried[-1]['rows'] if r['chosen'])
+    return {'changes': point, 'dimensions': tried, 'val_accuracy': score}
+
+  def _sweep_dimension(self, student, method, recipe, point, key, grid):
+    values, scores, status = sorted(grid), {}, 'bracketed'
+    for attempt in range(self.config.sweep.max_extensions + 1):
+      for value in values:
+        if value not in scores:
+          scores[value] = self._sweep_point(student, method, recipe, dict(point, **{key: value}))
+      best = max(values, key=lambda v: (scores[v], -values.index(v)))
+      edge = values.index(best)
+      if 0 < edge < len(values) - 1 or len(values) == 1:
+        break
+      new = extend(values, edge, key)
+      if new is None or attempt == self.config.sweep.max_extensions:
+        status = 'hard bound' if new is None else 'edge after extensions'
+        break
+      values = sorted([*values, new])
+    else:
+      status = 'edge after extensions'
+    rows = [
+      {'value': v, 'val_accuracy': scores[v], 'chosen': v == best, 'added': v not in grid}
+      for v in values
+    ]
+    if len(values) == 1:
+      status = 'one value'
+    return best, {'key': key, 'rows': rows, 'status': status}
+
+  def _sweep_point(self, student, method, recipe, changes) -> float:
+    run = self.run_config(student, changes, seed=self.config.sweep.seed, final=False, recipe=recipe)
+    run_id = f'sweep/{student}/{method}/' + '_'.join(
+      f'{k.split(".")[-1]}{_name(v)}' for k, v in sorted(changes.items())
+    )
+    return _last(self.train(run_id, run))
+
+  def finals(self, student: str, rows: dict[str, dict], recipe: dict) -> dict[str, list]:
+    """Trains each row's seeds on the whole training split; returns its ledger records."""
+    records = {}
+    for row, changes in rows.items():
+      records[row] = [
+        self.train(
+          f'final/{student}/{row}/seed{seed}',
+          self.run_config(student, changes, seed=seed, final=True, recipe=recipe),
+        )
+        for seed in range(self.config.final.seeds)
+      ]
+    return records
 
 
-def _teacher_row(config) -> dict[str, Any]:
-  variables, meta = checkpoint.load_variables(config.base.teacher.checkpoint)
-  info = data.dataset_info(meta['dataset'])
-  test = data.load_split(meta['dataset'], config.base.test_split, config.base.data_dir or None)
-  model = models.build(meta['model'], meta['num_classes'])
-  variables = jax.tree.map(np.asarray, variables)
-  result = evaluate.evaluate(
-    model, variables, test, info=info, batch_size=config.base.eval_batch_size
-  )
-  return {'accuracy': result['accuracy'], 'model': meta['model'], 'params': meta['params']}
+def _last(record: dict[str, Any]) -> float:
+  return record['history'][-1]['test_accuracy']
+
+
+def _read_ledger(path: str) -> dict[str, dict[str, Any]]:
+  """The ledger's records by run (the latest wins). A torn last line, what a kill mid-append
+  leaves, is cut off with a warning (that run is trained again); any other bad line stops."""
+  if not path or not os.path.exists(path):
+    return {}
+  with open(path, 'rb') as f:
+    content = f.read()
+  records, good = {}, 0
+  for line in content.splitlines(keepends=True):
+    try:
+      record = json.loads(line) if line.strip() else None
+    except ValueError:
+      if good + len(line) < len(content) or line.endswith(b'\n'):
+        raise ValueError(
+          f'{path} has an unreadable record at byte {good}; fix or remove that line (the runs it '
+          'recorded are trained again).'
+        ) from None
+      report.Reporter('study').warning(f'{path} ended in a torn record; it was removed.')
+      with open(path, 'r+b') as f:
+        f.truncate(good)
+      break
+    good += len(line)
+    if record is not None:
+      records[record['run']] = record
+  return records
+
+
+def _append_ledger(path: str, record: dict[str, Any]) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _resolve(rows: tuple[str, ...], main_sweeps: dict[str, dict]) -> list[str]:
+  """Other students' row names with `CHOSEN` names replaced by the main student's best."""
+  resolved = []
+  for row in rows:
+    if row in CHOSEN:
+      candidates = [m for m in CHOSEN[row] if m in main_sweeps]
+      row = max(candidates, key=lambda m: main_sweeps[m]['val_accuracy'])
+    resolved.append(row)
+  return resolved
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=False) -> str:
-  """The whole study: sweep, final runs, page. Returns the page's path."""
-  os.makedirs(workdir, exist_ok=True)
-  best = sweep(config, workdir, allow_config_change=allow_config_change)
-  dirs = final(config, workdir, best, allow_config_change=allow_config_change)
-  summary = summarise(dirs)
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump({'best': best, 'summary': summary}, f, indent=2)
-  with open(os.path.join(workdir, 'sweep.json')) as f:
-    sweep_rows = json.load(f)['rows']
-  path = report.write_study_page(config, best, summary, sweep_rows, _teacher_row(config))
-  report.Reporter('study').say(f'Wrote {path}.')
-  return path
+  """The whole study: recipe, sweeps, finals, page. Returns the page's path."""
+  study = Study(config, workdir, allow_config_change)
+  start = time.time()
+  recipe_name, recipe = study.recipe()
+  main = config.main_student
+  sweeps, finals = {}, {}
+  for student in (main, *config.other_students):
+    methods = config.main_methods if student == main else config.other_methods
+    sweeps[student] = {}
+    for method in _resolve(tuple(methods), sweeps.get(main, {})):
+      sweeps[student][method] = _sweep_method(study, sweeps, student, method, recipe)
+    rows = {'student': {}, **{m: s['changes'] for m, s in sweeps[student].items()}}
+    finals[student] = study.finals(student, rows, recipe)
+  page = study_page.write_study_page(
+    config,
+    teacher=checkpoint.load_variables(config.base.teacher.checkpoint)[1],
+    recipe=recipe_name,
+    recipes={n: study.ledger[f'recipe/{n}'] for n in config.recipes},
+    sweeps=sweeps,
+    finals=finals,
+    wall_s=sum(r.get('wall_s', 0.0) for r in study.ledger.values()),
+  )
+  study.reporter.say(f'Wrote {page} ({time.time() - start:.0f} s this sitting).')
+  return page
+
+
+def _sweep_method(study: Study, sweeps: dict, student: str, method: str, recipe: dict) -> dict:
+  """LP's k and bandwidth scale are swept for the main student's LP row only; its graph
+  variants, and every LP row of the other students, keep the main student's best values."""
+  main = study.config.main_student
+  own_dimensions = method == 'lp' and student == main
+  fixed = {}
+  if method in ('lp', *GRAPH_VARIANTS) and not own_dimensions:
+    fixed = {k: sweeps[main]['lp']['changes'][k] for k in LP_DIMENSIONS}
+  return study.sweep(student, method, recipe, fixed, lp_dimensions=own_dimensions)

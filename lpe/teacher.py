@@ -6,6 +6,9 @@ differentiated, updated or saved with the student.
 
 import dataclasses
 import functools
+import hashlib
+import io
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from lpe import checkpoint, data, models, objectives
+from lpe import checkpoint, data, files, losses, models, objectives
 
 # The largest teacher-output cache `config.teacher.cache_outputs` builds.
 CACHE_MAX_BYTES = 2 * 2**30
@@ -78,7 +82,22 @@ def load(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtype=jnp.fl
     jnp.zeros((1, *info.image_shape)),
   )
   checkpoint.check_variables_match(variables, expected, what=f'Teacher checkpoint {path}')
+  check_finite(variables, where=path)
   return Teacher(module, jax.tree.map(jnp.asarray, variables), meta, path)
+
+
+def check_finite(variables: Any, *, where: str) -> None:
+  """Raises a ValueError naming the first array of a teacher's `variables` that holds a NaN or
+  an infinity: such a teacher gives non-finite targets, so no student could learn from it."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    array = np.asarray(leaf)
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad:
+      name = checkpoint.path_name(path)
+      raise ValueError(
+        f'The teacher {where} holds non-finite weights ({name}: {bad} of {array.size} values are '
+        'NaN or infinite); export it again from a good checkpoint, or train it again.'
+      )
 
 
 def check_features(
@@ -90,6 +109,43 @@ def check_features(
   )
 
 
+def whole_split_graph(features: np.ndarray, distill: Mapping[str, Any]) -> losses.NeighbourGraph:
+  """The teacher's kNN graph over a whole split from its `distill['feature']` outputs `[N, d]`,
+  with `distill['graph_k']` neighbours (0: `k`) and bandwidth `sigma2` (None: the graph's mean)
+  times `sigma2_scale`."""
+  return losses.teacher_graph(
+    features,
+    k=distill['graph_k'] or distill['k'],
+    sigma2=distill['sigma2'],
+    sigma2_scale=distill['sigma2_scale'],
+  )
+
+
+def precomputed(
+  config: ml_collections.ConfigDict, loaded: Teacher, split: data.Split, info: data.DatasetInfo
+) -> tuple[Any, losses.NeighbourGraph | None]:
+  """What the steps read of the teacher, computed once before training: its cached outputs on
+  `split` (`config.teacher.cache_outputs`, else None) and the whole split's kNN graph
+  (`config.distill.lp_graph` 'neighbours' or 'bank', else None)."""
+  whole_split = config.distill.lp_graph != 'batch'
+  if not objectives.active(config.distill) or not (config.teacher.cache_outputs or whole_split):
+    return None, None
+  cache = outputs_cache(
+    loaded.module,
+    loaded.variables,
+    split,
+    info=info,
+    distill=config.distill,
+    batch_size=config.eval_batch_size,
+    cache_dir=config.teacher.cache_dir,
+    teacher_id=str(loaded.meta.get('sha256', loaded.path)),
+  )
+  graph = (
+    whole_split_graph(cache[1][config.distill.feature], config.distill) if whole_split else None
+  )
+  return (cache if config.teacher.cache_outputs else None), graph
+
+
 def outputs_cache(
   teacher: nn.Module,
   variables: Mapping[str, Any],
@@ -98,11 +154,18 @@ def outputs_cache(
   info: data.DatasetInfo,
   distill: Mapping[str, Any],
   batch_size: int,
+  cache_dir: str = '',
+  teacher_id: str = '',
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """The teacher's `(logits [N, classes], {feature: [N, ...]})` for every example of `split`.
 
   Only the features the active distillation terms read are kept. Valid only while the training
-  images are not augmented (the teacher then sees exactly these images every epoch).
+  images are not augmented (the teacher then sees exactly these images every epoch). With
+  `cache_dir`, each array is also kept there as a `.npy` file named by a hash of `teacher_id`
+  (the teacher file's SHA-256), the split's bytes, the output's name and `batch_size`, and read
+  back by later runs instead of running the teacher again (a study's many runs share them).
+  Each file is written atomically (`lpe.files.write_atomic`); one that cannot be read (cut
+  short, or of another size) is computed again and rewritten, with a warning.
 
   Raises:
     ValueError: the cache would exceed `CACHE_MAX_BYTES`; the message names its size.
@@ -118,14 +181,60 @@ def outputs_cache(
       f'(logits and {", ".join(names) or "no features"} for {len(split)} examples), more than '
       f'{CACHE_MAX_BYTES / 2**30:.0f} GiB; set config.teacher.cache_outputs=False.'
     )
+  paths = _cache_paths(cache_dir, teacher_id, split, ['logits', *names], batch_size)
+  cached = {n: _load_cached(p, len(split)) for n, p in paths.items()}
+  arrays = {n: a for n, a in cached.items() if a is not None}
+  missing = [n for n in ['logits', *names] if n not in arrays]
+  if missing:
+    computed = _forward_split(teacher, variables, split, info, missing, batch_size)
+    arrays.update(computed)
+    for name, array in computed.items():
+      if name in paths:
+        _save_atomically(paths[name], array)
+  return arrays['logits'], {n: arrays[n] for n in names}
+
+
+def _forward_split(teacher, variables, split, info, names, batch_size) -> dict[str, np.ndarray]:
+  """`{name: [N, ...]}` of the teacher's outputs `names` ('logits' or feature names)."""
 
   @jax.jit
   def forward(variables, images):
     logits, features = teacher.apply(variables, data.preprocess(images, info), train=False)
-    return logits, {n: features[n] for n in names}
+    return {n: logits if n == 'logits' else features[n] for n in names}
 
   chunks = []
   for images, _, mask in data.eval_batches(split, batch_size=batch_size):
     outputs = forward(variables, images)
     chunks.append(jax.tree.map(lambda a, m=mask: np.asarray(a)[m], outputs))
   return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+
+
+def _cache_paths(cache_dir, teacher_id, split, names, batch_size) -> dict[str, str]:
+  if not cache_dir:
+    return {}
+  digest = hashlib.sha256(teacher_id.encode())
+  digest.update(np.ascontiguousarray(split.images).tobytes())
+  digest.update(np.ascontiguousarray(split.labels).tobytes())
+  key = digest.hexdigest()[:20]
+  return {n: os.path.join(cache_dir, f'{key}-{n}-b{batch_size}.npy') for n in names}
+
+
+def _save_atomically(path: str, array: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  files.write_atomic(path, buffer.getvalue())
+
+
+def _load_cached(path: str, rows: int) -> np.ndarray | None:
+  """A cached output, or None when there is none or it is unreadable (then computed again)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    array = np.load(path)
+    if len(array) != rows:
+      raise ValueError(f'{len(array)} rows for a split of {rows}')
+  except (OSError, ValueError, EOFError) as error:
+    logging.warning('%s is unreadable (%s); computing it again.', path, files.first_line(error))
+    return None
+  return array

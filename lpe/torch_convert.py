@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from lpe import checkpoint, data, models
+from lpe import checkpoint, data, models, sources
 from lpe.state import count_params
 
 TORCH_REQUIREMENT = 'torch==2.13.0'
@@ -80,14 +80,18 @@ def convert_pth(
       'imagenet_resnet50'.
     output_path: The `.msgpack` file to write; its metadata goes beside it as `.json`.
     num_classes: The classifier's outputs; must match the state_dict and `dataset`.
-    dataset: The lpe dataset the teacher was trained on (one of `lpe.data.DATASETS`), whose
-      normalisation the teacher's inputs get.
+    dataset: The dataset the teacher was trained on (a TFDS name, `folder:PATH` or `npz:PATH`),
+      whose normalisation its inputs get; for `imagenet*`, torchvision's constants at 224 pixels.
 
   Returns:
     The metadata written beside the variables: model, dataset, num_classes, params,
     test_accuracy (None) and source (the absolute path of `pth_path`), plus its sha256.
   """
-  info = data.dataset_info(dataset)
+  imagenet = dataset.startswith('imagenet')  # torchvision's weights: its size and constants.
+  inputs = dict(image_size=sources.IMAGENET_SIZE if imagenet else 0)
+  if imagenet:
+    inputs.update(mean=sources.IMAGENET_MEAN, std=sources.IMAGENET_STD)
+  info = data.dataset_info(dataset, **inputs)
   if info.num_classes != num_classes:
     raise ValueError(
       f'num_classes={num_classes} but {dataset} has {info.num_classes} classes; pass the dataset '
@@ -99,6 +103,10 @@ def convert_pth(
     'model': model_name,
     'dataset': dataset,
     'num_classes': num_classes,
+    'image_size': inputs['image_size'],
+    'mean': list(info.mean),
+    'std': list(info.std),
+    'augment': 'imagenet' if imagenet else 'none',  # How it is evaluated: the centre crop.
     'params': count_params(variables['params']),
     'test_accuracy': None,
     'source': os.path.abspath(pth_path),

@@ -32,8 +32,10 @@ from lpe import (
   objectives,
   parallel,
   report,
+  sources,
   state,
   step,
+  stream,
   teacher,
 )
 from lpe import config as config_lib
@@ -54,7 +56,8 @@ class Run:
   student: nn.Module
   teacher: teacher.Teacher | None
   place: parallel.Placement
-  feed: feed_lib.Feed
+  feed: feed_lib.Feed | stream.StreamFeed
+  train_data: data.Split | None  # None when the training split streams.
   step_fn: Any  # The compiled `lpe.step.train_step`.
   step_teacher_variables: Any  # What the step reads of the teacher (None with cached outputs).
   evaluate: evaluate.Evaluator
@@ -66,7 +69,11 @@ class Run:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  allow_optimizer_change: bool = False,
 ) -> dict[str, Any]:
   """Trains `config.model` on `config.dataset`, resuming from `workdir`, and evaluates it.
 
@@ -74,35 +81,74 @@ def train_and_evaluate(
   TensorBoard events, and at the end model.msgpack/model.json (the exported model) and
   result.json; every process takes part in the orbax checkpoints. Running the same command again
   resumes from the latest good checkpoint; a finished run returns its saved result. The config
-  is checked (and the teacher and data loaded) before anything is written; a workdir that holds a
-  run made with another config is refused unless `allow_config_change` (see
+  and the workdir are checked (and the teacher and data loaded) before anything is written; one
+  run at a time holds the workdir (`lpe.workdir.lock`). A workdir that holds a run made with
+  another config is refused unless `allow_config_change`, or `allow_optimizer_change` when only
+  the optimizer's settings changed (`lpe.config.OPTIMIZER_FIELDS`; see
   `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
 
   A SIGTERM saves the state and raises `Preempted` (exit status 143); a non-finite step raises
-  `NonFiniteLossError` without saving (or is skipped with `config.skip_nonfinite_batches`).
+  `NonFiniteLossError` without saving (or is skipped with `config.skip_nonfinite_batches`); a
+  full or read-only disk raises `lpe.files.StorageError`, keeping the checkpoints.
 
   Returns:
     The result: model, params, final and best test accuracy, epochs and training time.
   """
   parallel.maybe_initialize_distributed(config)
   config_lib.validate(config, jax.device_count())
-  changes = workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
-  finished = workdir_lib.finished_result(workdir, config)
+  workdir_lib.check_usable(workdir)
+  workdir_lib.check_not_in_use(workdir)
+  allowed = dict(
+    allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
+  )
+  finished, changes = _finished_or_changes(config, workdir, allowed, say=True)
   if finished is not None:
-    logging.info('%s already finished; returning its result.', workdir)
     return finished
   run = prepare(config, workdir)
-  if run.reporter.active:
-    os.makedirs(workdir, exist_ok=True)
-  manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints)
-  writer = metrics_io.MetricsWriter(workdir)
-  try:
-    train_state = restore_or_start(run, manager, changes, writer)
-    train_state = train(run, train_state, manager, writer)
-  finally:
-    manager.wait_until_finished()
-    writer.close()
-  return finish(run, train_state)
+  with workdir_lib.lock(workdir), workdir_lib.storage_faults(workdir):
+    # Checked again under the lock: another run may have written the workdir meanwhile.
+    finished, changes = _finished_or_changes(config, workdir, allowed)
+    if finished is not None:
+      return finished
+    manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints)
+    writer = metrics_io.MetricsWriter(workdir)
+    try:
+      train_state = restore_or_start(run, manager, changes, writer)
+      train_state = train(run, train_state, manager, writer)
+    finally:
+      run.feed.close()
+      manager.wait_until_finished()
+      writer.close()
+    return finish(run, train_state)
+
+
+def _finished_or_changes(
+  config: ml_collections.ConfigDict, workdir: str, allowed: dict[str, bool], *, say: bool = False
+) -> tuple[dict[str, Any] | None, list[str]]:
+  """The saved result when the run in `workdir` is finished, and the allowed config changes.
+
+  A finished run is not trained again; with changed fields, that is said, since they were not
+  applied (only a larger num_epochs trains more). `say`: print the warnings of an unreadable
+  result.json (once per run).
+  """
+  changes = workdir_lib.check_config(config, workdir, **allowed)
+  reporter = _reporter(config, workdir)
+  warn = reporter.warning if say else None
+  finished = workdir_lib.finished_result(workdir, config, warn=warn)
+  if finished is None:
+    return None, changes
+  logging.info('%s already finished; returning its result.', workdir)
+  if changes:
+    reporter.warning(
+      f'{workdir} holds a finished run of {config.num_epochs} epochs, so nothing was retrained '
+      f'and the changed fields ({"; ".join(changes)}) were not applied; to train with them, use '
+      'another --workdir (or a larger num_epochs to train more epochs).'
+    )
+  return finished, changes
+
+
+def _reporter(config: ml_collections.ConfigDict, workdir: str) -> report.Reporter:
+  return report.Reporter(config.name or os.path.basename(os.path.normpath(workdir)))
 
 
 def conv_impl(config: ml_collections.ConfigDict) -> str:
@@ -119,38 +165,28 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
   Raises ValueError (or a data or checkpoint error) for anything that cannot run.
   """
-  info = data.dataset_info(config.dataset)
+  info = data.info_of(config)
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   distilling = bool(objectives.active(config.distill))
   # A configured teacher is also loaded without distillation, for the evaluation diagnostics
   # (agreement, neighbourhood preservation, CKA); only distilling steps run it.
   loaded = teacher.load(config, info, dtype) if distilling or config.teacher.checkpoint else None
-  train_data, test_data = _load_splits(config)
   place = parallel.Placement(config.parallelism)
-  sync_bn = config.parallelism == 'pmap' and config.sync_batch_stats
-  student = models.build(
-    config.model,
-    info.num_classes,
-    dtype=dtype,
-    bn_axis_name=parallel.AXIS if sync_bn else None,
-    conv_impl=conv_impl(config),
-  )
-  cache = None
+  streamed, test_data = _streams(config, info, place)
+  train_data = None
+  if streamed is None:
+    train_data, test_data = _load_splits(config)
+  student = _build_student(config, info, dtype)
+  cache = graph = None
   if loaded is not None:
     teacher.check_features(config.distill, student, loaded.module, info.image_shape)
-    if distilling and config.teacher.cache_outputs:
-      cache = teacher.outputs_cache(
-        loaded.module,
-        loaded.variables,
-        train_data,
-        info=info,
-        distill=config.distill,
-        batch_size=config.eval_batch_size,
-      )
+    if train_data is not None:
+      cache, graph = teacher.precomputed(config, loaded, train_data, info)
   eval_teacher = None
   if loaded is not None:
     eval_teacher = (loaded.module, jax.device_put(loaded.variables, place.replicated))
-  step_teacher = eval_teacher[1] if distilling and cache is None else None
+  needs_teacher = objectives.needs_teacher(config.distill)
+  step_teacher = eval_teacher[1] if needs_teacher and cache is None else None
   return Run(
     config=config,
     workdir=workdir,
@@ -158,8 +194,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     student=student,
     teacher=loaded,
     place=place,
-    feed=feed_lib.Feed(config, train_data, place, cache),
-    step_fn=place.compile(step.make_train_step(config, student, loaded and loaded.module, info)),
+    train_data=train_data,
+    feed=feed_lib.Feed(config, train_data, place, cache, graph) if streamed is None else streamed,
+    step_fn=place.compile(
+      step.make_train_step(
+        config,
+        student,
+        loaded and loaded.module,
+        info,
+        augmentation='none' if streamed else config.augment,  # Streamed images come augmented.
+      )
+    ),
     step_teacher_variables=None if step_teacher is None else place.state(step_teacher),
     evaluate=evaluate.Evaluator(
       student.clone(bn_axis_name=None),
@@ -171,8 +216,32 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
       k=config.distill.k,
       feature=config.distill.feature,
     ),
-    reporter=report.Reporter(config.name or os.path.basename(os.path.normpath(workdir))),
+    reporter=_reporter(config, workdir),
   )
+
+
+def _build_student(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtype) -> Any:
+  sync_bn = config.parallelism == 'pmap' and config.sync_batch_stats
+  return models.build(
+    config.model,
+    info.num_classes,
+    dtype=dtype,
+    bn_axis_name=parallel.AXIS if sync_bn else None,
+    conv_impl=conv_impl(config),
+  )
+
+
+def _streams(
+  config: ml_collections.ConfigDict, info: data.DatasetInfo, place: parallel.Placement
+) -> tuple[stream.StreamFeed | None, stream.EvalStream | None]:
+  """The streamed training feed and test split when the training split streams, else Nones."""
+  if config.input not in ('auto', 'stream'):
+    return None, None
+  size = len(sources.open_split(config.dataset, config.train_split, config.data_dir or None))
+  if not stream.streams(config, size, info):
+    return None, None
+  stream.check_config(config)  # 'auto' chose to stream: what streaming cannot do stops here.
+  return stream.open_streams(config, info, place)
 
 
 def _load_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Split]:
@@ -180,9 +249,11 @@ def _load_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Sp
   shard = None
   if feed_lib.per_process_data(config):
     shard = (jax.process_index(), jax.process_count())
-  data_dir = config.data_dir or None
-  train_split = data.load_split(config.dataset, config.train_split, data_dir, shard=shard)
-  return train_split, data.load_split(config.dataset, config.test_split, data_dir)
+  data_dir, size = config.data_dir or None, config.image_size
+  train_split = data.load_split(
+    config.dataset, config.train_split, data_dir, shard=shard, image_size=size
+  )
+  return train_split, data.load_split(config.dataset, config.test_split, data_dir, image_size=size)
 
 
 def restore_or_start(
@@ -190,10 +261,16 @@ def restore_or_start(
 ) -> state.TrainState:
   """The latest good checkpoint's state, or a fresh one; then writes config.json.
 
-  An epoch whose checkpoint was saved but whose record was lost with a killed process gets its
-  record back: its test accuracy is recomputed exactly from the checkpoint.
+  First removes what killed writes left: temporary files, and a torn last line of metrics.jsonl
+  (with a warning). An epoch whose checkpoint was saved but whose record was lost with a killed
+  process gets its record back: its test accuracy is recomputed exactly from the checkpoint.
   """
   config, reporter = run.config, run.reporter
+  if reporter.active:
+    workdir_lib.remove_temporaries(run.workdir)
+    torn = metrics_io.repair_metrics(run.workdir)
+    if torn:
+      reporter.warning(torn)
   fresh = state.create_train_state(
     run.student,
     config,
@@ -201,6 +278,16 @@ def restore_or_start(
     run.info.image_shape,
     run.feed.steps_per_epoch,
   )
+  if config.distill.lp_graph == 'bank':  # Filled by one pass of the initial student.
+    bank = state.embeddings(
+      run.student,
+      state.variables_of(fresh),
+      run.train_data,
+      info=run.info,
+      feature=config.distill.feature,
+      batch_size=config.eval_batch_size,
+    )
+    fresh = fresh.replace(bank=bank)
   fresh = jax.device_put(fresh, run.place.replicated)
   restored = checkpoint.restore_latest(manager, fresh, warn=reporter.warning)
   if restored is not None:
@@ -216,7 +303,7 @@ def restore_or_start(
     evaluation = run.evaluate(state.variables_of(train_state))
     record = {'epoch': at // per_epoch, 'step': at, **evaluate.record_fields(evaluation)}
     # The epoch's training means and time were lost with the process.
-    writer.write({**record, 'epoch_time_s': 0.0, 'recovered': True})
+    writer.write({**record, 'steps_averaged': 0, 'epoch_time_s': 0.0, 'recovered': True})
     reporter.record_recovered(at // per_epoch)
   return train_state
 
@@ -264,12 +351,14 @@ def run_epoch(
     end = hooks.StepEnd(at, epoch, offset, offset == per_epoch, loop_hooks.stopping())
     loop_hooks.after_step(end, train_state, metrics)
   train_time = time.time() - t0
-  means, skipped = loop_hooks.end_epoch(at, train_state)
+  means, averaged, skipped = loop_hooks.end_epoch(at, train_state)
   evaluation = run.evaluate(state.variables_of(run.place.canonical(train_state)))
   record = {
     'epoch': epoch + 1,
     'step': at,
     **{f'train_{k}': v for k, v in means.items()},
+    # The steps the train_* means cover: fewer than the epoch's after a resume or skipped steps.
+    'steps_averaged': averaged,
     **evaluate.record_fields(evaluation),
     'epoch_time_s': train_time,
   }
@@ -289,6 +378,11 @@ def finish(run: Run, train_state: state.TrainState) -> dict[str, Any]:
     'model': config.model,
     'dataset': config.dataset,
     'num_classes': run.info.num_classes,
+    # What the model's inputs are, for evaluating the exported model (`lpe.experiment`).
+    'image_size': config.image_size,
+    'mean': list(run.info.mean),
+    'std': list(run.info.std),
+    'augment': config.augment,
     'params': state.count_params(train_state.params),
     'extra_params': state.count_params(train_state.aux_params),
     'objective': objectives.describe(config.distill),

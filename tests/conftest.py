@@ -59,3 +59,121 @@ def small_config(fashion_data_dir):
   config.checkpoint_every_steps = 3
   config.learning_rate = 3e-3
   return config
+
+
+@pytest.fixture(scope='module')
+def persistent_compilation_cache(request):
+  """JAX's persistent compilation cache, in .pytest_cache, for a module of many small runs.
+
+  A short run is nearly all compiling (each parameter shape's init, the train and eval steps),
+  and runs of the same shapes compile the same programs, so with the cache the module runs
+  several times faster. It is not pruned (a size limit needs the `filelock` package):
+  `pytest --cache-clear` empties it.
+  """
+  import jax  # Here, not at the top: nothing in conftest imports jax before the tests do.
+  from jax.experimental.compilation_cache import compilation_cache
+
+  options = {
+    'jax_compilation_cache_dir': str(request.config.cache.mkdir('jax_compilation_cache')),
+    'jax_persistent_cache_min_compile_time_secs': 0.0,  # Most compiles are small init ops.
+  }
+  previous = {name: getattr(jax.config, name) for name in options}
+  for name, value in options.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # Takes the new directory even if JAX already compiled.
+  yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def _band_image(rng, label: int, height: int, width: int, channels: int) -> np.ndarray:
+  """Noise with a bright horizontal band whose height says the class (as `_write_idx`)."""
+  image = rng.integers(0, 60, (height, width, channels)).astype(np.uint8)
+  top = (2 + 3 * label) * height // 32
+  image[top : top + max(1, height // 10), width // 8 : -width // 8 or None] = 220
+  return image
+
+
+def write_image_folder(root, *, classes=3, per_class=(12, 4), sizes=((20, 20),), seed=0) -> str:
+  """`root/{train,test}/class_<i>/<n>.png|.jpg`: RGB images of `sizes` (cycled), PNG and JPEG."""
+  import PIL.Image
+
+  rng = np.random.default_rng(seed)
+  for split, count in zip(('train', 'test'), per_class, strict=True):
+    for label in range(classes):
+      folder = os.path.join(root, split, f'class_{label}')
+      os.makedirs(folder, exist_ok=True)
+      for i in range(count):
+        h, w = sizes[i % len(sizes)]
+        pil = PIL.Image.fromarray(_band_image(rng, label, h, w, 3))
+        pil.save(os.path.join(folder, f'{i}.{"png" if i % 2 else "jpg"}'), quality=95)
+  return str(root)
+
+
+def write_npz(path, *, classes=3, train=48, test=12, shape=(16, 16, 1), seed=0) -> str:
+  """One .npz with train/test images and labels, learnable like the other fixtures."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, n in (('train', train), ('test', test)):
+    labels = np.arange(n) % classes
+    arrays[f'{split}_images'] = np.stack([_band_image(rng, c, *shape) for c in labels])
+    arrays[f'{split}_labels'] = labels.astype(np.int64)
+  np.savez(path, **arrays)
+  return str(path)
+
+
+TINY_IMAGES = 'lpe_tiny_images'  # A TFDS dataset of ImageNet-like JPEGs of mixed sizes.
+TINY_TRAIN, TINY_TEST, TINY_CLASSES = 96, 24, 4
+
+
+def prepare_tiny_images(data_dir: str) -> None:
+  """Prepares `TINY_IMAGES` in TFDS's array_record format in `data_dir`: RGB JPEGs from 24 to 64
+  pixels a side, any aspect ratio, read back like any prepared TFDS dataset (by name)."""
+  import io
+
+  import PIL.Image
+  import tensorflow_datasets as tfds
+
+  def jpeg(image):
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image).save(buffer, format='JPEG', quality=90)
+    buffer.seek(0)
+    return buffer  # Stored as these bytes: TFDS does not re-encode a file object.
+
+  class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    name = TINY_IMAGES
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      features = tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+          'label': tfds.features.ClassLabel(num_classes=TINY_CLASSES),
+        }
+      )
+      return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {
+        'train': self._generate_examples(TINY_TRAIN, seed=3),
+        'test': self._generate_examples(TINY_TEST, seed=4),
+      }
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        label = i % TINY_CLASSES
+        h, w = (int(x) for x in rng.integers(24, 65, 2))
+        yield i, {'image': jpeg(_band_image(rng, label, h, w, 3)), 'label': label}
+
+  TinyImages(data_dir=data_dir, file_format='array_record').download_and_prepare()
+
+
+@pytest.fixture(scope='session')
+def tiny_images_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding `TINY_IMAGES`."""
+  data_dir = str(tmp_path_factory.mktemp('tiny_images'))
+  prepare_tiny_images(data_dir)
+  return data_dir

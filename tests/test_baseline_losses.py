@@ -33,13 +33,17 @@ def _normal(seed: int, *shape: int) -> np.ndarray:
 
 
 def _ref_kd(s: np.ndarray, t: np.ndarray, temperature: float) -> np.ndarray:
+  def log_softmax(z):
+    z = z - z.max()
+    return z - math.log(np.exp(z).sum())
+
   out = np.zeros(s.shape[0])
   for i in range(s.shape[0]):
-    zs = s[i].astype(np.float64) / temperature
-    zt = t[i].astype(np.float64) / temperature
-    q = np.exp(zs - zs.max()) / np.exp(zs - zs.max()).sum()
-    p = np.exp(zt - zt.max()) / np.exp(zt - zt.max()).sum()
-    out[i] = sum(p[c] * (math.log(p[c]) - math.log(q[c])) for c in range(len(p)))
+    log_q = log_softmax(s[i].astype(np.float64) / temperature)
+    log_p = log_softmax(t[i].astype(np.float64) / temperature)
+    p = np.exp(log_p)
+    # 0 log 0 = 0: classes with p = 0 (to float64 precision) contribute nothing.
+    out[i] = sum(p[c] * (log_p[c] - log_q[c]) for c in range(len(p)) if p[c] > 0)
   return out * temperature**2
 
 
@@ -213,6 +217,44 @@ def test_relational_losses_with_duplicate_and_zero_rows_match_reference():
   np.testing.assert_allclose(sp, _ref_sp(s, t), rtol=RTOL)
 
 
+# Features far from 1: squares overflow float32 above about 1e19. The relational losses and the
+# attention maps are scale-invariant (bar their tiny clamps), so they must not care.
+EXTREME_SCALES = [1e19, 2.0**100, 2e37]
+
+
+@pytest.mark.parametrize('scale', EXTREME_SCALES)
+def test_scale_invariant_losses_at_extreme_magnitudes_match_reference(scale):
+  big = lambda x: (x.astype(np.float64) * scale).astype(np.float32)
+  s, t = big(_normal(40, 5, 4)), big(_normal(41, 5, 2, 3))
+  np.testing.assert_allclose(jax.jit(rkd_loss)(s, t), _ref_rkd(s, t, 25.0, 50.0), rtol=1e-4)
+  np.testing.assert_allclose(jax.jit(similarity_preserving_loss)(s, t), _ref_sp(s, t), rtol=RTOL)
+  np.testing.assert_allclose(jax.jit(pkt_loss)(s, t), _ref_pkt(s, t, 1e-7), rtol=1e-4, atol=ATOL)
+  # Only one side far from 1.
+  s = _normal(40, 5, 4)
+  np.testing.assert_allclose(jax.jit(rkd_loss)(s, t), _ref_rkd(s, t, 25.0, 50.0), rtol=1e-4)
+  np.testing.assert_allclose(jax.jit(similarity_preserving_loss)(s, t), _ref_sp(s, t), rtol=RTOL)
+  np.testing.assert_allclose(jax.jit(pkt_loss)(s, t), _ref_pkt(s, t, 1e-7), rtol=1e-4, atol=ATOL)
+  s, t = big(_normal(42, 3, 4, 4, 2)), big(_normal(43, 3, 2, 2, 5))
+  for p in (2.0, 3.0):
+    got = jax.jit(lambda a, b, p=p: attention_transfer_loss(a, b, p=p))(s, t)
+    np.testing.assert_allclose(got, _ref_at(s, t, p), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize('temperature', [4.0, 1.0, 0.5])
+def test_kd_at_extreme_logits_matches_reference(temperature):
+  """Logits near float32's limit: x - max(x) and x / T overflow, but are the limit there."""
+  s, t = _normal(44, 4, 6), _normal(45, 4, 6)
+  # Logits up to +-3e38: x - max(x) overflows to -inf (p = 0 there), as does x / 0.5.
+  t_big = np.clip(t.astype(np.float64) * 2e38, -3e38, 3e38).astype(np.float32)
+  t_big[0, :2] = [3e38, -3e38]
+  kd = jax.jit(kd_loss, static_argnames='temperature')
+  for student, teacher in [(s, t_big), (1e30 * s, t), (1e30 * s, t_big)]:
+    got = kd(student, teacher, temperature=temperature)
+    want = _ref_kd(student, teacher, temperature)
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+
+
 def test_bfloat16_inputs_compute_in_float32():
   s, t = _normal(18, 4, 3, 3, 5), _normal(19, 4, 3, 3, 5)
   sb, tb = jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16)
@@ -368,3 +410,9 @@ def test_docstring_examples_run():
   result = doctest.testmod(baselines, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0
   assert result.failed == 0
+
+
+def test_kd_loss_defaults_to_temperature_4():
+  rng = np.random.default_rng(7)
+  s, t = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  np.testing.assert_array_equal(kd_loss(s, t), kd_loss(s, t, temperature=4.0))

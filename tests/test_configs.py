@@ -17,15 +17,15 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 from absl import flags
-from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
+from lpe import checkpoint, data, experiment, models, objectives, train
 from lpe import config as config_lib
-from lpe import data, experiment, objectives, train
 
 # ml_collections loads config files with the deprecated importlib `load_module`.
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
@@ -67,11 +67,11 @@ def _runs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """The training runs of a config: itself, a comparison's `runs`, or a study's `base` run."""
   if 'runs' in config:
     return [config.runs[name] for name in config.runs]
-  return [config.base] if 'grid' in config else [config]
+  return [config.base] if 'grids' in config else [config]
 
 
 def _single_run(config: ml_collections.ConfigDict) -> bool:
-  return 'runs' not in config and 'grid' not in config
+  return 'runs' not in config and 'grids' not in config
 
 
 def _distilling(run: ml_collections.ConfigDict) -> bool:
@@ -128,6 +128,8 @@ def test_missing_cifar_stops_before_any_work(tmp_path):
 
 def _shrink(run: ml_collections.ConfigDict, data_dir: str) -> None:
   run.data_dir = data_dir
+  run.image_size = min(run.image_size, 64)  # ImageNet's nets at 64 pixels: their shapes, faster.
+  run.input_workers = 0
   run.num_epochs = 1
   run.steps_per_epoch_limit = 1
   run.batch_size = 8
@@ -140,29 +142,7 @@ def _trained_config(name: str) -> ml_collections.ConfigDict:
   """What the one-step test trains: the config, or a study's base run (lpe.study's tests own the
   sweep itself, which is dozens of runs)."""
   config = _load(name)
-  return config.base if 'grid' in config else config
-
-
-@pytest.fixture(scope='module')
-def persistent_compilation_cache(request):
-  """JAX's persistent compilation cache, in .pytest_cache, for this module's one-step runs.
-
-  A one-step run is nearly all compiling (each parameter shape's init, the train and eval
-  steps), so with the cache warm the module runs several times faster. It is not pruned (a size
-  limit needs the `filelock` package): `pytest --cache-clear` empties it.
-  """
-  options = {
-    'jax_compilation_cache_dir': str(request.config.cache.mkdir('jax_compilation_cache')),
-    'jax_persistent_cache_min_compile_time_secs': 0.0,  # Most compiles are small init ops.
-  }
-  previous = {name: getattr(jax.config, name) for name in options}
-  for name, value in options.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()  # Takes the new directory even if JAX already compiled.
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+  return config.base if 'grids' in config else config
 
 
 @pytest.fixture(scope='module')
@@ -176,8 +156,10 @@ def run_one_step(tmp_path_factory, persistent_compilation_cache):
       config = _trained_config(name)
       for r in _runs(config):
         _shrink(r, str(root / 'tfds'))
-        if _distilling(r):
+        if _distilling(r) and r.teacher.checkpoint.startswith('runs/'):
           r.teacher.checkpoint = run(_teacher_config(r.teacher.model, r.dataset))[0]
+        elif _distilling(r):  # A teacher converted from elsewhere: random weights of its model.
+          r.teacher.checkpoint = _random_teacher(r, str(root / 'teachers'))
       if config.get('teacher_checkpoint'):
         teacher = _teacher_config(config.runs.teacher.model, config.runs.teacher.dataset)
         config.teacher_checkpoint = run(teacher)[0]
@@ -188,6 +170,17 @@ def run_one_step(tmp_path_factory, persistent_compilation_cache):
     return done[name]
 
   return run
+
+
+def _random_teacher(run: ml_collections.ConfigDict, folder: str) -> str:
+  """Exports randomly initialised `run.teacher.model` variables as a teacher file."""
+  info = data.info_of(run)
+  module = models.build(run.teacher.model, info.num_classes)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False)
+  path = os.path.join(folder, f'{run.teacher.model}.msgpack')
+  meta = {'model': run.teacher.model, 'dataset': run.dataset, 'num_classes': info.num_classes}
+  checkpoint.export_variables(path, variables, dict(meta, params=1, test_accuracy=None))
+  return path
 
 
 def _trained_runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, object]]:

@@ -66,9 +66,11 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
     data.load_split('mnist', 'train', str(tmp_path))
 
 
-def test_unknown_dataset_lists_supported():
-  with pytest.raises(ValueError, match='supported datasets are: mnist, fashion_mnist'):
-    data.dataset_info('imagenet')
+def test_an_unknown_dataset_name_is_one_sentence_with_close_matches(tmp_path):
+  with pytest.raises(ValueError, match='is not a TFDS dataset') as error:
+    data.dataset_info('fashion_mnistt', str(tmp_path))
+  assert 'did you mean fashion_mnist' in str(error.value)
+  assert str(error.value).count('. ') == 0 and str(error.value).endswith('?')
 
 
 def _split(n):

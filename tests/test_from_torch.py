@@ -7,7 +7,10 @@ embedding in eval mode; a .pth file round-trips through `convert_pth` and `load_
 """
 
 import argparse
+import json
 import math
+import os
+import subprocess
 import sys
 
 import jax
@@ -243,3 +246,48 @@ def test_convert_pth_rejects_a_pickled_model(twins, tmp_path):
     torch_convert.convert_pth(
       str(pth), 'resnet8', str(tmp_path / 'm.msgpack'), num_classes=10, dataset='cifar10'
     )
+
+
+def _launch_convert(args: list[str], python: str = sys.executable) -> subprocess.CompletedProcess:
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run(
+    [python, os.path.join(repo, 'launch.py'), '--mode=convert_torch', *args],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_launch_convert_torch_names_missing_flags_and_a_missing_torch(tmp_path):
+  proc = _launch_convert(['--model=resnet8'])
+  assert proc.returncode != 0 and '--checkpoint, --dataset, --num_classes, --output' in (
+    proc.stdout + proc.stderr
+  )
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    args = [f'--checkpoint={tmp_path / "x.pth"}', '--model=resnet8', '--dataset=cifar10']
+    proc = _launch_convert([*args, '--num_classes=10', f'--output={tmp_path / "t.msgpack"}'])
+    assert proc.returncode == 1 and 'pip install torch==2.13.0' in proc.stderr
+
+
+def test_launch_convert_torch_writes_the_teacher(twins, tmp_path):
+  import torch
+
+  net = twins.randomize(twins.repdistiller_resnet(8, [16, 16, 32, 64], 10), seed=4)
+  torch.save({'model': net.state_dict()}, tmp_path / 'ckpt.pth')
+  output = tmp_path / 'teacher.msgpack'
+  proc = _launch_convert(
+    [
+      f'--checkpoint={tmp_path / "ckpt.pth"}',
+      '--model=resnet8',
+      '--dataset=cifar10',
+      '--num_classes=10',
+      f'--output={output}',
+    ]
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  variables, meta = checkpoint.load_variables(str(output))
+  assert meta['model'] == 'resnet8' and json.loads(proc.stdout)['sha256'] == meta['sha256']
+  jax.tree.map(np.testing.assert_array_equal, variables, from_torch('resnet8', net.state_dict()))

@@ -407,3 +407,12 @@ def test_jit_does_not_retrace_for_same_shapes():
   first = step(*args)
   moved = step(student + 1.0, ids[::-1], nbrs[::-1], 2.0 * weights, ~mask, *args[5:])
   assert not np.array_equal(first[0], moved[0])
+
+
+def test_teacher_graph_sigma2_scale_multiplies_the_bandwidth():
+  features = np.random.default_rng(4).normal(size=(40, 6)).astype(np.float32)
+  plain = teacher_graph(features, k=3)
+  wide = teacher_graph(features, k=3, sigma2_scale=3.0)
+  np.testing.assert_array_equal(plain.indices, wide.indices)
+  assert wide.sigma2 == pytest.approx(3.0 * plain.sigma2)
+  np.testing.assert_allclose(wide.weights, plain.weights ** (1 / 3.0), rtol=1e-5)

@@ -5,6 +5,8 @@ must give exactly the batches, and so exactly the parameters, of the host path; 
 outputs must equal the teacher's per-step forward pass.
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -156,7 +158,9 @@ def test_teacher_cache_with_a_feature_the_teacher_lacks_is_a_clear_error(
 
 def test_unknown_input_path_is_refused(small_config):
   small_config.input = 'gpu'
-  with pytest.raises(ValueError, match="config.input='gpu' is unknown; use auto, device or host"):
+  with pytest.raises(
+    ValueError, match="config.input='gpu' is unknown; use auto, device, host or stream"
+  ):
     config_lib.validate(small_config, 1)
 
 
@@ -173,3 +177,56 @@ def test_per_process_data_under_jit_refuses_device_held_data(small_config, monke
   small_config.parallelism = 'pmap'
   config_lib.validate(small_config, 2)
   assert feed.input_path(small_config, split) == 'device'
+
+
+def test_teacher_cache_files_are_reused_by_later_runs(
+  fashion_data_dir, teacher_dir, tmp_path, monkeypatch
+):
+  from lpe import models
+
+  split = data.load_split('fashion_mnist', 'train', fashion_data_dir)
+  info = data.dataset_info('fashion_mnist')
+  module = models.build('cnn_student', 10)
+  variables, meta = checkpoint.load_variables(teacher_dir)
+  kwargs = dict(info=info, batch_size=96, cache_dir=str(tmp_path / 'cache'), teacher_id='t1')
+  lp_only = {'lp_weight': 1.0, 'feature': 'embedding'}
+  first = teacher.outputs_cache(module, variables, split, distill=lp_only, **kwargs)
+  assert len(list((tmp_path / 'cache').iterdir())) == 2  # logits and embedding
+  calls = []
+  original = teacher._forward_split
+  monkeypatch.setattr(teacher, '_forward_split', lambda *a: calls.append(a[4]) or original(*a))
+  again = teacher.outputs_cache(module, variables, split, distill=lp_only, **kwargs)
+  assert calls == []  # Read back, not recomputed.
+  np.testing.assert_array_equal(first[0], again[0])
+  np.testing.assert_array_equal(first[1]['embedding'], again[1]['embedding'])
+  with_at = dict(lp_only, at_weight=1.0, at_features=['stage1'])
+  teacher.outputs_cache(module, variables, split, distill=with_at, **kwargs)
+  assert calls == [['stage1']]  # Only the missing feature runs the teacher.
+  teacher.outputs_cache(module, variables, split, distill=lp_only, **dict(kwargs, teacher_id='t2'))
+  assert calls[-1] == ['logits', 'embedding']  # Another teacher has files of its own.
+
+
+def test_corrupt_teacher_cache_file_is_computed_again_and_rewritten(
+  fashion_data_dir, teacher_dir, tmp_path
+):
+  from lpe import models
+
+  split = data.load_split('fashion_mnist', 'train', fashion_data_dir)
+  module = models.build('cnn_student', 10)
+  variables, _ = checkpoint.load_variables(teacher_dir)
+  kwargs = dict(
+    info=data.dataset_info('fashion_mnist'),
+    batch_size=96,
+    cache_dir=str(tmp_path),
+    teacher_id='t1',
+    distill={'lp_weight': 1.0, 'feature': 'embedding'},
+  )
+  first = teacher.outputs_cache(module, variables, split, **kwargs)
+  names = sorted(os.listdir(tmp_path))
+  assert len(names) == 2 and not [n for n in names if 'tmp' in n]
+  logits = str(tmp_path / next(n for n in names if '-logits-' in n))
+  os.truncate(logits, os.path.getsize(logits) // 2)  # What a kill mid-write once left.
+  again = teacher.outputs_cache(module, variables, split, **kwargs)
+  np.testing.assert_array_equal(first[0], again[0])
+  np.testing.assert_array_equal(np.load(logits), first[0])  # Rewritten whole.
+  assert sorted(os.listdir(tmp_path)) == names

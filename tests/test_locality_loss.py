@@ -13,6 +13,7 @@ import lpe.losses.locality
 from lpe.losses import knn_graph, locality_preserving_loss, pairwise_sq_distances
 
 N = 10
+F32_MAX = np.finfo(np.float32).max
 jitted_loss = jax.jit(locality_preserving_loss, static_argnames=('k',))
 
 
@@ -199,6 +200,63 @@ def test_bfloat16_inputs_give_float32_output():
   np.testing.assert_allclose(loss, jitted_loss(student, teacher, k=3), rtol=5e-2, atol=1e-3)
 
 
+# Teacher features far from 1: distances overflow float32 above about 1e19 and underflow below
+# about 1e-19. (scale, sigma2): the given sigma2 is 0.5 * scale^2, which float32 holds.
+EXTREME_SCALES = [(2.0**64, None), (2.0**64, 'given'), (1e19, None), (1e19, 'given'), (1e-25, None)]
+
+
+@pytest.mark.parametrize('scale, sigma2', EXTREME_SCALES)
+def test_loss_and_graph_at_extreme_teacher_magnitudes_match_reference(scale, sigma2):
+  student, teacher, mask = make_inputs(seed=12)
+  teacher = (teacher.astype(np.float64) * scale).astype(np.float32)
+  sigma2 = None if sigma2 is None else 0.5 * scale**2
+  for where in (None, mask):
+    loss = jitted_loss(student, teacher, k=3, sigma2=sigma2, where=where)
+    expected = reference_loss(student, teacher, 3, sigma2, where)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+  indices, sq_dist = knn_graph(teacher, k=3)
+  dist, neighbours = reference_graph(teacher, 3)
+  np.testing.assert_array_equal(indices, neighbours)
+  # Distances beyond float32's range read as its largest value (or 0 below it); the rest are
+  # right.
+  expected_dist = np.minimum(np.take_along_axis(dist, np.asarray(indices), 1), F32_MAX)
+  np.testing.assert_allclose(sq_dist, expected_dist, rtol=1e-5, atol=np.finfo(np.float32).tiny)
+
+
+@pytest.mark.parametrize('exponent', [-60, 40, 100])
+def test_power_of_two_teacher_scale_changes_no_bit(exponent):
+  """The graph and D / sigma2 are computed in units of a power of two: scaling by one is exact."""
+  student, teacher, mask = make_inputs(seed=13)
+  factor = np.float32(2.0**exponent)
+  value_and_grad = jax.jit(jax.value_and_grad(mean_loss), static_argnames='k')
+  for sigma2 in (None, 0.5) if exponent < 64 else (None,):  # sigma2 * factor^2 must fit.
+    scaled_sigma2 = None if sigma2 is None else sigma2 * float(factor) ** 2
+    value, grad = value_and_grad(student, teacher, k=3, sigma2=sigma2, where=mask)
+    scaled = value_and_grad(student, teacher * factor, k=3, sigma2=scaled_sigma2, where=mask)
+    np.testing.assert_array_equal(scaled[0], value)
+    np.testing.assert_array_equal(scaled[1], grad)
+  indices, sq_dist = knn_graph(teacher, k=3)
+  scaled_indices, scaled_sq_dist = knn_graph(teacher * factor, k=3)
+  np.testing.assert_array_equal(scaled_indices, indices)
+  expected = np.minimum(np.asarray(sq_dist, np.float64) * float(factor) ** 2, F32_MAX)
+  np.testing.assert_array_equal(scaled_sq_dist, expected.astype(np.float32))
+
+
+def test_pairwise_sq_distances_at_extreme_magnitudes():
+  rng = np.random.default_rng(14)
+  # ||x||^2 (about 8e38) overflows, the distances (at most 2.6e38) do not.
+  x, y = (1e19 * (1.0 + rng.uniform(-0.4, 0.4, size=(2, N, 4)))).astype(np.float32)
+  expected = np.sum((x[:, None].astype(np.float64) - y[None]) ** 2, axis=-1)
+  # The expansion cancels: its float32 error grows with ||x||^2 / D.
+  np.testing.assert_allclose(pairwise_sq_distances(x, y), expected, rtol=1e-4)
+  x = np.float32(1e-18) * make_inputs()[0]
+  expected = np.sum((x[:, None].astype(np.float64) - x[None]) ** 2, axis=-1)
+  np.testing.assert_allclose(pairwise_sq_distances(x), expected, rtol=1e-5)
+  huge = pairwise_sq_distances(np.float32(1e20) * make_inputs()[0])  # 1e40: beyond float32.
+  assert np.isposinf(huge[~np.eye(N, dtype=bool)]).all()
+  np.testing.assert_array_equal(np.diag(huge), 0.0)
+
+
 # --- locality_preserving_loss: gradients -----------------------------------------------------
 
 
@@ -362,3 +420,22 @@ def test_jit_does_not_retrace_for_same_shapes():
   loss_fn(student + 1.0, 2.0 * teacher, ~mask)
   with pytest.raises(AssertionError):
     loss_fn(student[:8], teacher[:8], mask[:8])  # A new shape must retrace.
+
+
+def test_sigma2_scale_multiplies_the_default_and_the_given_bandwidth():
+  rng = np.random.default_rng(3)
+  s, t = rng.normal(size=(12, 3)), rng.normal(size=(12, 5))
+  indices, sq_dist = knn_graph(t, k=3)
+  mean = float(np.mean(sq_dist))
+  scaled = locality_preserving_loss(s, t, k=3, sigma2_scale=2.5)
+  np.testing.assert_allclose(
+    scaled, locality_preserving_loss(s, t, k=3, sigma2=2.5 * mean), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    locality_preserving_loss(s, t, k=3, sigma2=0.5, sigma2_scale=4.0),
+    locality_preserving_loss(s, t, k=3, sigma2=2.0),
+    rtol=1e-6,
+  )
+  assert not np.allclose(scaled, locality_preserving_loss(s, t, k=3))
+  with pytest.raises(ValueError, match='sigma2_scale must be a Python number > 0'):
+    locality_preserving_loss(s, t, k=3, sigma2_scale=0.0)

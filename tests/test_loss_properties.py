@@ -1,11 +1,14 @@
 """Property-based tests of the distillation losses (hypothesis): random shapes, dtypes, masks and
-hyper-parameters find no failure other than the documented ValueErrors, and finite inputs give
-finite losses and finite gradients.
+hyper-parameters find no failure other than the documented ValueErrors, finite inputs give
+finite losses and finite gradients, a NaN or inf anywhere gives a non-finite loss, and
+`knn_graph` never lists a row as its own neighbour.
 
-Inputs are finite with |x| <= 1e4 (float16's range is 6.5e4; far larger float32 values overflow
-the squared distances, which the losses do not claim to survive). Shapes come from small sets so
-that the jitted functions compile a bounded number of times. `derandomize=True` makes every run
-try the same examples; `pytest --hypothesis-show-statistics` reports how many ran.
+Inputs are finite with |x| <= 1e4 (float16's range is 6.5e4), and scaled up to about 1e34 in
+float32 for the losses that are scale-invariant (the relational ones, attention, KD logits and
+the LP teacher; FitNet's squared error and the LP student distances are not, and overflow).
+Shapes come from small sets so that the jitted functions compile a bounded number of times.
+`derandomize=True` makes every run try the same examples; `pytest --hypothesis-show-statistics`
+reports how many ran.
 """
 
 import functools
@@ -201,3 +204,111 @@ def test_baselines_raise_only_the_documented_value_errors(which, n, teacher_n, r
   else:
     with pytest.raises(ValueError):
       loss(student, teacher)
+
+
+# --- bad input and scale ------------------------------------------------------------------------
+
+_SHAPES = {
+  'kd': ((10,), (10,)),
+  'fitnet': ((2, 2, 3), (2, 2, 3)),
+  'attention': ((4, 4, 3), (2, 2, 2)),
+  'sp': ((4,), (2, 2, 2)),
+  'rkd': ((4,), (2, 2, 2)),
+  'pkt': ((4,), (2, 2, 2)),
+  'lp': ((4,), (3,)),
+}
+_HYPER = {'kd': 4.0, 'attention': 2.0, 'pkt': 1e-7}
+
+
+@functools.partial(jax.jit, static_argnames=('name',))
+def _loss(student, teacher, *, name):
+  if name == 'lp':
+    return losses.locality_preserving_loss(student, teacher, k=2)
+  return _BASELINES[name](student, teacher, _HYPER.get(name))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_a_nonfinite_input_anywhere_gives_a_nonfinite_loss(data):
+  """Per-example losses: that example's loss; relational losses and LP: the batch's."""
+  name = data.draw(st.sampled_from(sorted(_SHAPES)))
+  n = data.draw(st.sampled_from([3, 8]))
+  student, teacher = (data.draw(arrays((n, *shape), jnp.float32)) for shape in _SHAPES[name])
+  side = data.draw(st.sampled_from(['student', 'teacher']))
+  # A -inf logit is a probability of 0 for kd_loss (documented): finite where that is.
+  bad = data.draw(st.sampled_from([np.nan, np.inf] + ([] if name == 'kd' else [-np.inf])))
+  x = np.array(student if side == 'student' else teacher)
+  row = data.draw(st.integers(0, n - 1))
+  x[row].reshape(-1)[data.draw(st.integers(0, x[0].size - 1))] = bad
+  student, teacher = (x, teacher) if side == 'student' else (student, x)
+  value = np.asarray(_loss(student, teacher, name=name))
+  if value.ndim:
+    assert not np.isfinite(value[row]), (name, side, bad, value)
+  assert not np.isfinite(value.mean()), (name, side, bad, value)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_knn_graph_never_lists_a_row_as_its_own_neighbour(data):
+  n = data.draw(st.sampled_from(BATCHES))
+  teacher = np.array(data.draw(arrays((n, data.draw(st.sampled_from(WIDTHS))), jnp.float32)))
+  teacher = teacher * np.float32(2.0 ** data.draw(st.integers(0, 110)))
+  for _ in range(data.draw(st.integers(0, 2))):  # Non-finite or huge entries anywhere.
+    value = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 3e38, -3e38]))
+    teacher.reshape(-1)[data.draw(st.integers(0, teacher.size - 1))] = value
+  k = data.draw(st.integers(1, n - 1))
+  where = data.draw(st.none() | st.lists(st.booleans(), min_size=n, max_size=n).map(np.array))
+  block_size = data.draw(st.sampled_from([0, 1, 2]))
+  indices, sq_dist = _graph(teacher, where, k=k, block_size=block_size)
+  indices, sq_dist = np.asarray(indices), np.asarray(sq_dist)
+  assert not (indices == np.arange(n)[:, None]).any(), indices
+  assert ((0 <= indices) & (indices < n)).all()
+  # Filled slots: min(k, other valid rows) per valid row, none for masked rows.
+  valid = np.ones(n, bool) if where is None else where
+  filled = (sq_dist != np.inf).sum(axis=1)
+  np.testing.assert_array_equal(filled, np.where(valid, np.minimum(k, valid.sum() - 1), 0))
+  held = sq_dist[sq_dist != np.inf]
+  if np.isfinite(teacher[valid]).all():
+    assert np.isfinite(held).all()  # Distances beyond float32's range saturate.
+  else:
+    assert np.isnan(held).all()  # The graph is undefined.
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'block_size'))
+def _graph(teacher, where, *, k, block_size):
+  return losses.knn_graph(teacher, k=k, where=where, block_size=block_size)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_locality_preserving_loss_is_unchanged_by_power_of_two_teacher_scales(data):
+  n = data.draw(st.sampled_from(BATCHES))
+  student = data.draw(arrays((n, data.draw(st.sampled_from(WIDTHS))), jnp.float32))
+  teacher = data.draw(arrays((n, data.draw(st.sampled_from(WIDTHS))), jnp.float32))
+  k = data.draw(st.integers(1, n - 1))
+  where = data.draw(st.none() | st.lists(st.booleans(), min_size=n, max_size=n).map(np.array))
+  factor = np.float32(2.0 ** data.draw(st.integers(-20, 110)))
+  loss, grad = _lp(student, teacher, where, None, k=k)
+  scaled_loss, scaled_grad = _lp(student, teacher * factor, where, None, k=k)
+  # Exact but for features that the scaling moves across float32's smallest normal.
+  np.testing.assert_allclose(scaled_loss, loss, rtol=1e-6, atol=1e-30)
+  np.testing.assert_allclose(scaled_grad, grad, rtol=1e-6, atol=1e-30)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_scale_invariant_losses_stay_finite_at_large_magnitudes(data):
+  """Finite inputs up to about 1e34 (and their gradients): no overflow to inf or NaN."""
+  name = data.draw(st.sampled_from(['kd', 'attention', 'sp', 'rkd', 'pkt', 'lp']))
+  n = data.draw(st.sampled_from([3, 8]))
+  student, teacher = (data.draw(arrays((n, *shape), jnp.float32)) for shape in _SHAPES[name])
+  scale = lambda: np.float32(2.0 ** data.draw(st.integers(0, 100)))
+  teacher = teacher * scale()
+  if name != 'lp':  # LP's student distances are not scale-free: they may overflow.
+    student = student * scale()
+  hyper = data.draw(st.floats(0.5, 8.0)) if name == 'kd' else _HYPER.get(name, 0.0)
+  if name == 'lp':
+    value, grad = _lp(student, teacher, None, None, k=2)
+  else:
+    value, grad = _baseline(student, teacher, hyper, name=name)
+  assert _finite(value) and _finite(grad), (name, value, grad)

@@ -130,6 +130,29 @@ def test_device_count_does_not_change_the_run(fashion_data_dir, small_teacher, t
     np.testing.assert_allclose(b, cached, atol=2e-5)
 
 
+@pytest.mark.parametrize('lp_graph', ['neighbours', 'bank'])
+def test_graph_lp_gives_the_same_run_on_1_and_4_devices(
+  fashion_data_dir, small_teacher, tmp_path, lp_graph
+):
+  """LP over the whole split's graph (neighbour-aware batches, or the memory bank that every
+  device's rows update) through launch.py: 1 device, and 4 under jit and under pmap."""
+  outs = {}
+  for name, devices, mode in (('1', 1, 'jit'), ('4_jit', 4, 'jit'), ('4_pmap', 4, 'pmap')):
+    workdir = tmp_path / name
+    args = _run_args(fashion_data_dir, workdir, small_teacher) + [
+      f'--config.parallelism={mode}',
+      f'--config.distill.lp_graph={lp_graph}',
+    ]
+    proc = _launch(args, devices)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert ' lp ' in out  # The LP term trained.
+    outs[name] = _leaves(_params(str(workdir)))
+  for a, b, c in zip(*outs.values(), strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    np.testing.assert_allclose(a, c, atol=2e-5)
+
+
 def _leaves(tree):
   import jax
 

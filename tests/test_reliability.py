@@ -1,11 +1,14 @@
 """Reliability: kills, preemption, corrupt checkpoints, non-finite losses, validation, determinism.
 
-`pytest -k "resume or preempt or kill or corrupt or nan"` selects the fault tests. Runs share one
+`pytest -k "resume or preempt or kill or corrupt or nan or lock or atomic"` selects the fault
+tests. Runs share one
 uninterrupted run (`reference`) and one run preempted in process (`preempted`); the kill test
 runs launch.py and a small driver in subprocesses, since a SIGKILL can only be tested on a
 process of its own.
 """
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -22,7 +25,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lpe import checkpoint, data, experiment, metrics_io, models, state, step, train
+from lpe import checkpoint, data, experiment, files, metrics_io, models, state, step, train
 from lpe import config as config_lib
 from lpe import workdir as workdir_lib
 from tests import faults
@@ -231,6 +234,8 @@ def test_preempt_in_process_then_resume_is_bitwise_equal(preempted, reference, t
   assert _leaves_equal(_params(workdir), _params(reference))
   with open(os.path.join(reference, 'result.json')) as f:
     assert result['test_accuracy'] == json.load(f)['test_accuracy']
+  # Epoch 2's training means cover the 5 steps trained after the resume (12 to 16), and say so.
+  assert [r['steps_averaged'] for r in metrics_io.read_metrics(workdir)] == [8, 5]
 
 
 def test_sigterm_while_a_step_is_logged_saves_the_step_it_announces(
@@ -393,6 +398,226 @@ def test_evaluate_saved_with_another_architecture_is_a_clear_error(reference, tm
     experiment.evaluate_saved(os.path.join(workdir, 'model.msgpack'))
 
 
+# --- One run per workdir, and the workdir's files ----------------------------------------------
+
+
+def _copy(source: str, tmp_path) -> str:
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  return workdir
+
+
+def _saved_config(workdir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _listing(workdir: str) -> list[tuple[str, int]]:
+  """Every file under `workdir` with its size."""
+  paths = [os.path.join(root, n) for root, _, names in os.walk(workdir) for n in names]
+  return sorted((os.path.relpath(p, workdir), os.path.getsize(p)) for p in paths)
+
+
+def _no_data(*args, **kwargs):
+  raise AssertionError('data was loaded')
+
+
+def test_lock_refuses_a_second_run_before_loading_data_and_at_its_first_write(
+  preempted, tmp_path, monkeypatch
+):
+  """Two processes on one workdir once both trained (duplicate epoch records, or a crash on the
+  other's half-written checkpoint). The second is refused at once, naming the holder; when both
+  start together and pass that check, the lock taken at the first write refuses it."""
+  workdir = _copy(preempted, tmp_path)
+  config = _saved_config(workdir)
+  holder = faults.hold_lock(workdir)
+  before = _listing(workdir)
+  try:
+    with monkeypatch.context() as patch:
+      patch.setattr(data, 'load_split', _no_data)
+      with pytest.raises(workdir_lib.WorkdirInUseError, match=f'PID {holder.pid}, started'):
+        train.train_and_evaluate(config, workdir)
+    monkeypatch.setattr(workdir_lib, 'check_not_in_use', lambda workdir: None)
+    with pytest.raises(workdir_lib.WorkdirInUseError, match=f'PID {holder.pid}, started'):
+      train.train_and_evaluate(config, workdir)
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  assert _listing(workdir) == before  # Nothing trained or written.
+
+
+def test_lock_refuses_a_workdir_that_is_a_file_or_uncreatable_before_loading_data(
+  fashion_data_dir, tmp_path, monkeypatch
+):
+  monkeypatch.setattr(data, 'load_split', _no_data)
+  a_file = tmp_path / 'file'
+  a_file.write_text('not a workdir')
+  config = _config(fashion_data_dir)
+  with pytest.raises(files.StorageError, match=f'The workdir {a_file} is a file, not a folder'):
+    train.train_and_evaluate(config, str(a_file))
+  with pytest.raises(files.StorageError, match=f'cannot be created: {a_file} is a file'):
+    train.train_and_evaluate(config, str(a_file / 'run'))
+  assert a_file.read_text() == 'not a workdir'
+
+
+def test_corrupt_result_json_and_a_torn_metrics_line_are_repaired_on_rerun(
+  reference, tmp_path, capsys
+):
+  """What a kill or a full disk left in files once written in place used to block every rerun
+  (`Error: Expecting value: line 1 column 1 (char 0)`); now the rerun repairs them."""
+  workdir = _copy(reference, tmp_path)
+  result_path, metrics_path = (os.path.join(workdir, n) for n in ('result.json', 'metrics.jsonl'))
+  os.truncate(result_path, os.path.getsize(result_path) // 2)
+  with open(metrics_path, 'rb') as f:
+    last = f.read().splitlines(keepends=True)[-1]
+  os.truncate(metrics_path, os.path.getsize(metrics_path) - len(last) // 2)  # Epoch 2's, torn.
+  result = train.train_and_evaluate(_saved_config(workdir), workdir)
+  out = capsys.readouterr().out
+  assert f'Warning: {result_path} is unreadable (JSONDecodeError' in out, out
+  assert 'it is rebuilt from checkpoint 16' in out
+  assert f'Warning: {metrics_path} ended in a torn line' in out
+  assert 'epoch 2 record recovered from its checkpoint' in out
+  records = metrics_io.read_metrics(workdir)
+  assert [r['epoch'] for r in records] == [1, 2] and records[1]['recovered']
+  assert records[1]['test_accuracy'] == metrics_io.read_metrics(reference)[1]['test_accuracy']
+  assert _leaves_equal(_params(workdir), _params(reference))
+  assert train.train_and_evaluate(_saved_config(workdir), workdir) == result  # Whole again.
+
+
+def test_resume_of_a_finished_run_with_a_changed_config_says_nothing_was_retrained(
+  reference, tmp_path, capsys
+):
+  workdir = _copy(reference, tmp_path)
+  before = _listing(workdir)
+  config = _saved_config(workdir)
+  config.distill.k = 10
+  result = experiment.run(config, workdir, allow_config_change=True)
+  out = capsys.readouterr().out
+  assert (
+    'holds a finished run of 2 epochs, so nothing was retrained and the changed fields '
+    '(distill.k: 5 -> 10) were not applied' in out
+  ), out
+  with open(os.path.join(workdir, 'result.json')) as f:
+    assert result == json.load(f)
+  assert _listing(workdir) == before
+
+
+def _fsync_full_for(name: str):
+  """An `os.fsync` that fails as on a full disk for files whose name starts with `name`."""
+  fsync = os.fsync
+
+  def fsync_or_full(fd):
+    if os.path.basename(os.readlink(f'/proc/self/fd/{fd}')).startswith(name):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    fsync(fd)
+
+  return fsync_or_full
+
+
+def test_atomic_export_on_a_full_disk_keeps_the_checkpoints_and_leaves_no_temporary_file(
+  reference, tmp_path, monkeypatch
+):
+  """A full disk at export once ended in 464 lines of tracebacks and a 0-byte
+  model.msgpack.tmp; now one sentence, the checkpoints kept, and the rerun exports."""
+  workdir = _copy(reference, tmp_path)
+  for name in ('model.msgpack', 'model.json', 'result.json'):
+    os.remove(os.path.join(workdir, name))
+  with monkeypatch.context() as patch:
+    patch.setattr(os, 'fsync', _fsync_full_for('model.msgpack'))
+    with pytest.raises(files.StorageError) as error:
+      train.train_and_evaluate(_saved_config(workdir), workdir)
+  assert str(error.value) == (
+    f'Could not write {workdir}/model.msgpack: the disk is full (No space left on device); the '
+    'checkpoints up to step 16 are kept; free some space, then run the same command again.'
+  )
+  names = os.listdir(workdir)
+  assert not [n for n in names if n.endswith('.tmp')] and 'model.msgpack' not in names
+  assert _steps(workdir) == _steps(reference)
+  train.train_and_evaluate(_saved_config(workdir), workdir)
+  assert _leaves_equal(_params(workdir), _params(reference))
+
+
+def _user_namespaces() -> bool:
+  """Whether this machine lets an unprivileged process mount a tmpfs of its own (to fill)."""
+  probe = ['unshare', '--user', '--map-root-user', '--mount', 'true']
+  try:
+    return subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+# Runs launch.py on a read-only tmpfs, on a tmpfs filled so that the export cannot fit, and on
+# one too small for the first checkpoint.
+_FULL_DISK = """
+set -e
+mount -t tmpfs -o size=16m tmpfs "$FULL"
+cp -a "$SOURCE/." "$FULL/run"
+rm "$FULL/run/model.msgpack" "$FULL/run/model.json" "$FULL/run/result.json"
+used=$(df -k --output=used "$FULL" | tail -1)
+mount -o remount,size=$((used + 48))k "$FULL"  # Room for config.json, not for the model.
+mount -t tmpfs -o ro tmpfs "$READ_ONLY"
+mount -t tmpfs -o size=200k tmpfs "$SMALL"  # Less than one checkpoint.
+set +e
+echo '=== read-only'; $LAUNCH --workdir="$READ_ONLY/run" 2>&1; echo "rc=$?"
+echo '=== full'; $LAUNCH --workdir="$FULL/run" 2>&1; echo "rc=$?"
+echo '=== left'; ls -a "$FULL/run"; ls "$FULL/run/checkpoints"
+echo '=== save'; $LAUNCH --workdir="$SMALL/run" 2>&1; echo "rc=$?"
+"""
+
+
+@pytest.mark.skipif(not _user_namespaces(), reason='needs unprivileged user namespaces (unshare)')
+def test_atomic_export_on_a_really_full_or_read_only_disk_stops_launch_in_one_line(
+  fashion_data_dir, reference, compile_cache, tmp_path
+):
+  """The same faults on real filesystems, in a user namespace of their own: a tmpfs mounted
+  read-only, one with room for the run's checkpoints but not its exported model, and one too
+  small for the first checkpoint (orbax's background threads fail; their tracebacks, hundreds
+  of lines, are cut to one line each)."""
+  import shlex
+
+  overrides = dict(OVERRIDES, data_dir=fashion_data_dir)
+  launch = [sys.executable, 'launch.py', '--config=configs/fashion_mnist_student.py']
+  launch += [f'--config.{k}={v}' for k, v in overrides.items()]
+  mounts = {n: tmp_path / n.lower() for n in ('FULL', 'READ_ONLY', 'SMALL')}
+  for folder in mounts.values():
+    folder.mkdir()
+  env = dict(
+    os.environ,
+    PYTHONPATH=REPO,
+    SOURCE=reference,
+    LAUNCH=shlex.join(launch),
+    JAX_COMPILATION_CACHE_DIR=compile_cache,
+    **{k: str(v) for k, v in mounts.items()},
+  )
+  proc = subprocess.run(
+    ['unshare', '--user', '--map-root-user', '--mount', 'bash', '-c', _FULL_DISK],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  out = proc.stdout + proc.stderr
+  read_only, full, left, save = (part.strip() for part in out.split('=== ')[1:])
+  run = mounts['READ_ONLY'] / 'run'
+  assert read_only.endswith(
+    f'Error: {mounts["READ_ONLY"]} (where the workdir {run} would go) is on a read-only '
+    'filesystem; pass a workdir on a writable disk.\nrc=1'
+  ), out
+  assert 'Traceback' not in full and full.endswith('rc=1'), out
+  assert (
+    f'Error: Could not write {mounts["FULL"]}/run/model.msgpack: the disk is full (No space '
+    'left on device); the checkpoints up to step 16 are kept' in full
+  ), out
+  assert '.tmp' not in left and 'model.msgpack' not in left, out
+  assert left.split()[-3:] == [str(s) for s in _steps(reference)], out
+  assert 'Traceback' not in save and save.endswith('rc=1') and len(save.splitlines()) < 12, out
+  assert (
+    f'Error: Could not write {mounts["SMALL"]}/run/checkpoints/3.orbax-checkpoint-tmp/' in save
+    and 'the disk is full (No space left on device); no checkpoint is saved' in save
+  ), out
+
+
 # --- Non-finite losses -------------------------------------------------------------------------
 
 
@@ -447,7 +672,8 @@ def test_nan_from_a_huge_learning_rate_stops_at_step_1(fashion_data_dir, tmp_pat
 def test_nan_batches_are_skipped_and_counted_when_configured(
   fashion_data_dir, tmp_path, monkeypatch, capsys
 ):
-  config = _config(fashion_data_dir, skip_nonfinite_batches=True)
+  # 2 of epoch 1's 8 batches: allowed by a share of 0.25 (not by the default 0.1).
+  config = _config(fashion_data_dir, skip_nonfinite_batches=True, max_skipped_fraction=0.25)
   _poison(monkeypatch, config, [2, 3, 11])
   workdir = str(tmp_path / 'run')
   result = train.train_and_evaluate(config, workdir)
@@ -473,6 +699,63 @@ def test_nan_step_with_skip_keeps_the_old_state_but_counts_the_step():
     new, metrics = step_fn(start, None, images, labels)
   assert float(metrics['finite']) == 0.0 and int(new.step) == 1
   assert _leaves_equal(new.params, start.params) and _leaves_equal(new.opt_state, start.opt_state)
+
+
+def test_nan_stop_advice_resumes_from_the_last_good_checkpoint_with_a_lower_learning_rate(
+  fashion_data_dir, tmp_path, monkeypatch, compile_cache
+):
+  """The advice after a non-finite stop once did not work (a lower learning rate was refused as
+  a config change); the command it names now resumes from the last good checkpoint."""
+  config = _config(fashion_data_dir)
+  workdir = str(tmp_path / 'run')
+  with monkeypatch.context() as patch:
+    _poison(patch, config, [5])
+    with pytest.raises(train.NonFiniteLossError) as error:
+      train.train_and_evaluate(config, workdir)
+  advice = re.search(
+    r'to resume from step 3 with a lower learning rate, run the same command with '
+    r'(--allow_optimizer_change --config\.learning_rate=(\S+)) \(allow_optimizer_change=True',
+    str(error.value),
+  )
+  assert advice and float(advice.group(2)) == pytest.approx(3e-4), str(error.value)
+  lower = _config(fashion_data_dir, learning_rate=float(advice.group(2)))
+  with pytest.raises(
+    ValueError, match=r'another config \(learning_rate: 0.003 -> 0.0003\).*--allow_optimizer_change'
+  ):
+    train.train_and_evaluate(lower, workdir)  # Without the option: refused, naming it.
+  lower.num_epochs = 3
+  with pytest.raises(ValueError, match=r'another config \(num_epochs: 2 -> 3\)'):
+    train.train_and_evaluate(lower, workdir, allow_optimizer_change=True)  # Only the optimizer.
+
+  overrides = dict(OVERRIDES, data_dir=fashion_data_dir)
+  del overrides['learning_rate']
+  command = ['launch.py', '--config=configs/fashion_mnist_student.py', f'--workdir={workdir}']
+  command += [f'--config.{k}={v}' for k, v in overrides.items()] + advice.group(1).split()
+  proc = _popen(command, compile_cache)
+  out = _finish(proc)
+  assert proc.returncode == 0, out
+  assert f'Resuming {workdir} from step 3.' in out
+  assert 'continuing with a changed config: learning_rate: 0.003 -> 0.0003' in out
+  assert [r['epoch'] for r in metrics_io.read_metrics(workdir)] == [1, 2]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(workdir)))
+
+
+def test_nan_skipping_stops_once_more_than_max_skipped_fraction_of_an_epoch_is_skipped(
+  fashion_data_dir, tmp_path, monkeypatch
+):
+  """Skipping once went on through 35 of 40 batches and exported a 7% model with exit 0."""
+  config = _config(fashion_data_dir, skip_nonfinite_batches=True, max_skipped_fraction=0.25)
+  _poison(monkeypatch, config, [2, 3, 4])
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(
+    train.NonFiniteLossError,
+    match=r'\[student\] 3 of the 8 batches of epoch 1 were non-finite and skipped by step 4, '
+    r'more than config.max_skipped_fraction allows, so the run stopped without saving \(last '
+    r'good checkpoint: step 3\); to resume from step 3 with a lower learning rate',
+  ):
+    train.train_and_evaluate(config, workdir)
+  assert _steps(workdir) == [3]  # Two skipped by step 3 were allowed; its state was saved.
+  assert not os.path.exists(os.path.join(workdir, 'model.msgpack'))
 
 
 # --- Validation before any work ----------------------------------------------------------------
@@ -555,6 +838,62 @@ def test_missing_or_incompatible_teacher_stops_before_any_write(
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_nan_teacher_weights_or_an_unreadable_teacher_file_stop_before_any_write(
+  fashion_data_dir, tmp_path
+):
+  """A NaN teacher once trained to exit 0; a truncated one failed with `Unpack failed:
+  incomplete input`, naming no file."""
+  path = str(tmp_path / 'teacher.msgpack')
+  model = models.build('cnn_student', 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  meta = {'model': 'cnn_student', 'dataset': 'fashion_mnist', 'num_classes': 10}
+  config = _config(fashion_data_dir)
+  config.distill.lp_weight = 0.1
+  config.teacher.checkpoint, config.teacher.model = path, 'cnn_student'
+  run = str(tmp_path / 'run')
+
+  nan = jax.tree.map(np.asarray, variables)
+  nan['params']['head']['bias'] = np.full_like(nan['params']['head']['bias'], np.nan)
+  checkpoint.export_variables(path, nan, meta)
+  with pytest.raises(ValueError, match=rf'The teacher {path} holds non-finite weights \(params/'):
+    train.train_and_evaluate(config, run)
+
+  checkpoint.export_variables(path, variables, meta)  # Cut short, then hashed as it is.
+  os.truncate(path, os.path.getsize(path) // 2)
+  meta_path = str(tmp_path / 'teacher.json')
+  with open(path, 'rb') as f:
+    files.write_json(meta_path, dict(meta, sha256=hashlib.sha256(f.read()).hexdigest()))
+  with pytest.raises(ValueError, match=rf'{path} cannot be read as an exported model \(.*export'):
+    train.train_and_evaluate(config, run)
+
+  os.truncate(meta_path, 10)
+  with pytest.raises(ValueError, match=rf'{meta_path} is unreadable \(JSONDecodeError'):
+    train.train_and_evaluate(config, run)
+  assert not os.path.exists(run)
+
+
+@pytest.mark.parametrize(
+  'flag, error',
+  [
+    ('--config.learning_rate=-0.1', 'config.learning_rate must be > 0, got -0.1; fix its value.'),
+    ('--config.learning_rate=nan', 'config.learning_rate must be a finite number > 0, got nan'),
+    ('--config.steps_per_epoch_limit=-5', 'config.steps_per_epoch_limit must be >= 0, got -5'),
+    ('--workdir=launch.py', 'The workdir launch.py is a file, not a folder'),
+  ],
+)
+def test_nan_negative_values_and_a_file_as_workdir_stop_launch_in_one_line(
+  fashion_data_dir, tmp_path, flag, error
+):
+  """These once trained to a useless model with exit 0, or ended in a traceback."""
+  workdir = str(tmp_path / 'run')
+  args = ['launch.py', '--config=configs/fashion_mnist_student.py', f'--workdir={workdir}', flag]
+  proc = _popen([*args, f'--config.data_dir={fashion_data_dir}'])
+  out = _finish(proc)
+  assert proc.returncode == 1 and 'Traceback' not in out, out
+  assert out.strip().splitlines()[-1].startswith(f'Error: {error}'), out
+  assert not os.path.exists(workdir)
 
 
 def test_unavailable_dataset_stops_before_any_write(tmp_path):

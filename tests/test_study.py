@@ -1,15 +1,101 @@
-"""The method study (sweep on validation, seeds, page) runs end to end in its quick mode."""
+"""The method study: grids that bracket the optimum, paired statistics, the ledger, the page."""
 
 import json
+import math
 import os
 
-import ml_collections
+import numpy as np
+import pytest
+from scipy import stats
 
 from configs import fashion_mnist_student, fashion_mnist_study
-from lpe import experiment, report, train
+from lpe import experiment, study, study_page, train
 
 
-def test_quick_study_writes_the_page(fashion_data_dir, tmp_path):
+def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
+  values, baseline = [0.91, 0.92, 0.905, 0.915, 0.93], [0.90, 0.91, 0.90, 0.91, 0.915]
+  diffs = np.subtract(values, baseline)
+  mean, low, high = study_page.paired_interval(values, baseline)
+  half = stats.t.ppf(0.975, 4) * diffs.std(ddof=1) / math.sqrt(5)
+  assert mean == pytest.approx(diffs.mean())
+  assert (low, high) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+  assert low > 0  # These five pairs all improve: the interval excludes 0.
+  assert math.isnan(study_page.paired_interval([0.9], [0.8])[1])
+
+
+@pytest.mark.parametrize(
+  'values, edge, key, expected',
+  [
+    ([0.03, 0.1, 0.3], 2, 'distill.lp_weight', 0.9),
+    ([0.03, 0.1, 0.3], 0, 'distill.lp_weight', 0.009),
+    ([5], 0, 'distill.kd_weight', 0.5),
+    ([3, 5, 10], 2, 'distill.k', 20),
+    ([3, 5, 10], 0, 'distill.k', 1),
+    ([1, 3], 0, 'distill.k', None),  # k = 1 is a hard bound.
+  ],
+)
+def test_extend_continues_the_grid_past_its_edge(values, edge, key, expected):
+  got = study.extend(values, edge, key)
+  assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+class _FakeStudy(study.Study):
+  """A study whose runs are not trained: each point's validation accuracy is `score(changes)`."""
+
+  def __init__(self, config, score):
+    super().__init__(config, '/nonexistent', False)
+    self.score, self.trained = score, []
+
+  def train(self, run_id, config):  # As the ledger does, a run trains once.
+    if run_id not in self.ledger:
+      self.trained.append(run_id)
+      self.ledger[run_id] = {'history': [{'test_accuracy': self.score(config)}], 'result': {}}
+    return self.ledger[run_id]
+
+
+def _config(tmp_path):
+  config = fashion_mnist_study.get_config('quick')
+  config.ledger = str(tmp_path / 'ledger.jsonl')
+  config.grids.lp = (0.03, 0.1, 0.3)
+  config.grids.k = (3, 5, 10)
+  config.grids.sigma2_scale = (0.5, 1.0, 2.0)
+  config.sweep.max_extensions = 3
+  return config
+
+
+def test_a_best_value_on_an_edge_extends_the_grid_until_it_is_bracketed(tmp_path):
+  # Validation accuracy peaks at lp_weight 3 (the grid reaches 2.7 and 8.1), k 5 and scale 1.
+  def score(run):
+    d = run.distill
+    return 0.9 - abs(math.log10(d.lp_weight / 3.0)) - abs(d.k - 5) / 100 - abs(d.sigma2_scale - 1)
+
+  fake = _FakeStudy(_config(tmp_path), score)
+  result = fake.sweep('cnn_student', 'lp', {}, {}, lp_dimensions=True)
+  assert result['changes']['distill.lp_weight'] == pytest.approx(2.7)
+  assert result['changes']['distill.k'] == 5 and result['changes']['distill.sigma2_scale'] == 1.0
+  weights = result['dimensions'][0]['rows']
+  assert [round(r['value'], 6) for r in weights] == [0.03, 0.1, 0.3, 0.9, 2.7, 8.1]
+  chosen = [r for r in weights if r['chosen']]
+  assert len(chosen) == 1 and 0 < weights.index(chosen[0]) < len(weights) - 1
+  assert [r['added'] for r in weights] == [False, False, False, True, True, True]
+  # k and the scale were swept at the best weight, and each point trained once.
+  assert len(fake.trained) == 6 + 2 + 2
+
+
+def test_an_optimum_at_a_hard_bound_is_marked_and_stops(tmp_path):
+  fake = _FakeStudy(_config(tmp_path), lambda run: 0.9 - run.distill.k / 100)
+  result = fake.sweep('cnn_student', 'lp', {}, {}, lp_dimensions=True)
+  ks = result['dimensions'][1]
+  assert [r['value'] for r in ks['rows']] == [1, 3, 5, 10] and ks['rows'][0]['chosen']
+  assert ks['status'] == 'hard bound'
+  # The weight did not matter: its best stayed on the edge after every extension, and says so.
+  weights = result['dimensions'][0]
+  assert weights['status'] == 'edge after extensions' and len(weights['rows']) == 3 + 3
+
+
+def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
+  fashion_data_dir, tmp_path, monkeypatch, persistent_compilation_cache
+):
   teacher = fashion_mnist_student.get_config()
   teacher.data_dir, teacher.num_epochs, teacher.steps_per_epoch_limit = fashion_data_dir, 1, 4
   teacher.batch_size, teacher.eval_batch_size = 32, 26
@@ -19,27 +105,52 @@ def test_quick_study_writes_the_page(fashion_data_dir, tmp_path):
   base = config.base
   base.data_dir, base.batch_size, base.eval_batch_size = fashion_data_dir, 32, 26
   base.teacher.model, base.teacher.checkpoint = 'cnn_student', str(tmp_path / 'teacher')
-  # Two methods keep the test short; with both, the LP+KD row is built from their best weights.
-  config.grid = ml_collections.ConfigDict({'lp': (0.1, 1.0), 'kd': (1.0,)})
-  config.sweep.steps_per_epoch_limit = 3
-  config.final.steps_per_epoch_limit = 3
+  base.distill.at_features = ('stage1',)
+  # One value per grid but KD's, whose two points show the sweep choosing on validation.
+  config.recipes = {'adam_1e3': config.recipes.adam_1e3}
+  config.main_methods = ('kd', 'sp', 'lp', 'lp_bank')
+  for name in ('sp', 'lp', 'lp_bank'):
+    config.grids[name] = config.grids[name][:1]
+  config.grids.k, config.grids.sigma2_scale = (4,), (1.0,)
+  config.sweep.train_split, config.sweep.val_split = 'train[:384]', 'train[384:]'
+  config.sweep.max_extensions = 0
   config.page = str(tmp_path / 'docs' / 'page.md')
+  config.ledger = str(tmp_path / 'docs' / 'runs.jsonl')
   path = experiment.run(config, str(tmp_path / 'study'))
 
   assert path == config.page
   text = open(path).read()
-  for row in ('| teacher |', '| student alone |', '| KD |', '| LP |', '| LP+KD |'):
+  for row in ('| student alone |', '| KD |', '| LP |', '| SP |', 'memory bank', '## `cnn_tiny`'):
     assert row in text, row
-  assert '±' in text and 'lp_w0.1_k5' in text and 'lp_w1_k5' in text
-  assert os.path.exists(tmp_path / 'docs' / 'page_accuracy.png')
-  assert os.path.exists(tmp_path / 'docs' / 'page_curves.png')
-  with open(tmp_path / 'study' / 'sweep.json') as f:
-    sweep = json.load(f)
-  assert set(sweep['best']) == {'lp', 'kd'}
-  # The best LP weight is the one with the higher validation accuracy.
-  lp_rows = [r for r in sweep['rows'] if r['method'] == 'lp']
-  assert sweep['best']['lp']['run'] == max(lp_rows, key=lambda r: r['val_accuracy'])['run']
-  # Every final run trained with its own seed, two seeds per row.
-  for row in ('student', 'lp', 'kd', 'lp_kd'):
-    assert sorted(os.listdir(tmp_path / 'study' / 'final' / row)) == ['seed0', 'seed1']
-  assert report.LABELS['lp_kd'] == 'LP+KD'
+  assert '±' in text and '[' in text  # Mean ± std, and paired intervals.
+  for plot in ('gain_vs_size', 'paired', 'curves', 'recipes'):
+    assert os.path.exists(tmp_path / 'docs' / f'page_{plot}.png'), plot
+  with open(config.ledger) as f:
+    records = [json.loads(line) for line in f]
+  runs = {r['run'] for r in records}
+  assert len(runs) == len(records)  # Each run trained once.
+  assert {'final/cnn_student/lp/seed0', 'final/cnn_student/lp/seed1'} <= runs
+  assert 'final/cnn_tiny/sp/seed1' in runs  # cnn_tiny's best relational baseline: the only one.
+  kd = [r for r in records if r['run'].startswith('sweep/cnn_student/kd/')]
+  best = max(kd, key=lambda r: r['history'][-1]['test_accuracy'])['run'].split('kd_weight')[1]
+  assert 'final/cnn_student/kd/seed0' in runs and f'**{best}:' in text
+
+  # Run again (a new sitting, even without the workdir): nothing trains, the same page comes back.
+  def refuse(*args, **kwargs):
+    raise AssertionError('a run in the ledger was trained again')
+
+  monkeypatch.setattr(train, 'train_and_evaluate', refuse)
+  os.rename(tmp_path / 'study', tmp_path / 'study_moved')
+  assert experiment.run(config, str(tmp_path / 'study')) == path
+  assert open(path).read() == text
+
+
+def test_a_torn_last_ledger_record_is_cut_and_a_bad_middle_one_stops(tmp_path):
+  ledger = tmp_path / 'runs.jsonl'
+  good = json.dumps({'run': 'a', 'digest': 'x'}) + '\n'
+  ledger.write_text(good + '{"run": "b", "dig')  # A kill mid-append.
+  assert set(study._read_ledger(str(ledger))) == {'a'}
+  assert ledger.read_text() == good
+  ledger.write_text('{"run": "b", "dig\n' + good)
+  with pytest.raises(ValueError, match='unreadable record at byte 0'):
+    study._read_ledger(str(ledger))

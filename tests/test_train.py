@@ -137,7 +137,7 @@ def test_teacher_mismatch_and_corruption_are_clear_errors(small_config, tmp_path
     ('batch_size', 60, 'does not divide'),
     ('num_epochs', 0, 'positive integer'),
     ('model', 'resnet9000', 'Unknown model'),
-    ('dataset', 'imagenet', 'Unknown dataset'),
+    ('dataset', 'imagenet', 'is not a TFDS dataset'),
     ('optimizer', 'lion', 'optimizer'),
   ],
 )

@@ -13,6 +13,13 @@ All losses compute in float32 (bfloat16 inputs are upcast) with full-precision m
 gradient to the teacher argument (`jax.lax.stop_gradient`), and check shapes before any work.
 Hyper-parameters are keyword-only; those that must be positive are checked when they are concrete
 Python or NumPy numbers (a traced value under `jit` cannot be checked).
+
+Bad input is never hidden: a NaN or inf feature makes the loss of its example (per-example losses)
+or of the batch (relational losses) non-finite; `kd_loss` reads a `-inf` logit as probability 0
+(see there). Finite features of any magnitude give the right value wherever the maths is
+scale-invariant (relational losses, attention maps, logits): those are computed on inputs divided
+by a power of two near their largest magnitude, which is exact, so ordinary inputs give the same
+values as the plain formulas.
 """
 
 from collections.abc import Sequence
@@ -22,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpe.losses.locality import pairwise_sq_distances
+from lpe.losses.locality import _F32_TINY, _power_of_two_scale, pairwise_sq_distances
 
 __all__ = [
   'FitNetRegressor',
@@ -79,14 +86,39 @@ def _relational_inputs(
   return student, teacher
 
 
-def _l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """`x / max(||x||_2, 1e-12)` along `axis`, as `torch.nn.functional.normalize`.
+def _nan_unless_finite(loss: jax.Array, *inputs: jax.Array) -> jax.Array:
+  """`loss` where every input row (relational: the whole batch) is finite, NaN elsewhere.
 
-  Written as `x / sqrt(max(||x||^2, eps^2))`, the same value, so that the gradient at a zero
-  vector is finite (the norm's gradient is cut where the clamp is active).
+  Stated rather than left to the arithmetic, which can lose a non-finite value (`rsqrt(inf) = 0`,
+  a clamp, an underflowing weight).
   """
+  finite = jnp.ones(np.shape(loss), bool)
+  for x in inputs:
+    x_finite = jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+    finite &= x_finite if np.ndim(loss) else x_finite.all()
+  return jnp.where(finite, loss, jnp.nan)
+
+
+def _l2_normalize(
+  x: jax.Array, axis: int = -1, sq_eps: float | jax.Array = _NORMALIZE_EPS**2
+) -> jax.Array:
+  """`x / max(||x||_2, sqrt(sq_eps))` along `axis`, as `torch.nn.functional.normalize`.
+
+  Written as `x * rsqrt(max(||x||^2, eps^2))`, the same value, with the norm's gradient cut
+  where the clamp is active, so that the gradient at a zero vector is finite. Each vector is
+  first divided by a power of two near its largest entry (exact), so that `||x||^2` neither
+  overflows nor underflows; the clamp still applies to the norm in `x`'s units (floored at the
+  smallest normal float32, which only zero vectors reach).
+  """
+  scale = _power_of_two_scale(x, axis)
+  x = x / scale
   sq_norm = jnp.sum(x * x, axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq_norm, _NORMALIZE_EPS**2))
+  clamp = jax.lax.stop_gradient(jnp.maximum(sq_eps / scale / scale, _F32_TINY))
+  # rsqrt's slope at a small clamp overflows float32 (it is about clamp^-1.5): keep it off the
+  # gradient path, where 0 * inf would be NaN.
+  above = sq_norm > clamp
+  inv_norm = jnp.where(above, jax.lax.rsqrt(jnp.where(above, sq_norm, 1.0)), jax.lax.rsqrt(clamp))
+  return x * inv_norm
 
 
 def _smooth_l1(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -96,7 +128,7 @@ def _smooth_l1(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def kd_loss(
-  student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float
+  student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 4.0
 ) -> jax.Array:
   """Hinton's knowledge-distillation loss per example: a tempered KL divergence.
 
@@ -106,10 +138,22 @@ def kd_loss(
   divides by the batch size, so it equals `kd_loss(...).mean()`. The `T^2` factor keeps gradient
   magnitudes independent of `T`.
 
+  The log-softmax subtracts each row's largest logit before dividing by `T`, so finite logits of
+  any magnitude and any `T` work; classes with `p = 0` contribute 0 (`0 log 0 = 0`, as
+  `kl_div`). Non-finite logits:
+
+  - `-inf` is probability 0, exactly the limit, and the usual way to mask a class: a `-inf`
+    teacher logit drops the class from the sum; a `-inf` student logit costs nothing where
+    `p = 0` and makes the loss `+inf` where `p > 0` (the KL is infinite).
+  - `NaN` or `+inf` anywhere in a row makes that row's loss NaN. `+inf` is not read as a one-hot
+    target: a float32 network gives it only by overflowing, which the trainer's non-finite guard
+    should see, and with two `+inf` logits the limit is undefined. For one-hot targets use
+    cross-entropy, or large finite logits (which this computes exactly).
+
   Args:
     student_logits: `[n, classes]` student logits (any float dtype; bfloat16 is upcast).
     teacher_logits: `[n, classes]` teacher logits; no gradient flows to them.
-    temperature: softmax temperature `T > 0` (RepDistiller uses 4).
+    temperature: softmax temperature `T > 0`; 4 by default, as RepDistiller and CRD use.
 
   Returns:
     `[n]` float32 per-example losses.
@@ -138,11 +182,24 @@ def kd_loss(
   _check_positive(fn, 'temperature', temperature)
   student = jnp.asarray(student_logits, jnp.float32)
   teacher = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
-  log_q = jax.nn.log_softmax(student / temperature, axis=-1)
-  log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
-  # exp(log_p) underflows to exactly 0 where p is negligible, so 0 * finite = 0 as in kl_div.
-  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-  return kl * temperature**2
+  log_q = _tempered_log_softmax(student, temperature)
+  log_p = _tempered_log_softmax(teacher, temperature)
+  p = jnp.exp(log_p)
+  # Where p = 0 (a -inf logit, or exp underflowing), the term is 0 even if log_p or log_q is
+  # -inf; a NaN p is not 0 and stays.
+  kl = jnp.sum(jnp.where(p == 0, 0.0, p * (log_p - log_q)), axis=-1)
+  bad = lambda x: jnp.any(jnp.isnan(x) | (x == jnp.inf), axis=-1)
+  return jnp.where(bad(student) | bad(teacher), jnp.nan, kl * temperature**2)
+
+
+def _tempered_log_softmax(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
+  """`log_softmax(logits / T)` along the last axis, computed as `log_softmax((x - max x) / T)`.
+
+  The same value, but `x / T` cannot overflow for finite `x` (`x - max x <= 0`, and where it
+  overflows to `-inf` the probability is 0 to float32 precision anyway).
+  """
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  return jax.nn.log_softmax((logits - top) / temperature, axis=-1)
 
 
 def fitnet_loss(student_hint: jax.Array, teacher_hint: jax.Array) -> jax.Array:
@@ -151,6 +208,7 @@ def fitnet_loss(student_hint: jax.Array, teacher_hint: jax.Array) -> jax.Array:
   `loss_i = mean_k (s_ik - t_ik)^2` over the flattened features of example `i`, so the batch
   mean equals RepDistiller's `HintLoss` (`nn.MSELoss()`). The student hint must already have the
   teacher's shape: map it with `FitNetRegressor` (whose parameters are trained with the student).
+  The error is not scale-invariant: a squared error beyond float32's range gives `inf`.
 
   Args:
     student_hint: `[n, ...]` regressed student features (e.g. NHWC maps or `[n, d]` vectors).
@@ -269,10 +327,18 @@ def _adaptive_avg_pool(x: jax.Array, height: int, width: int) -> jax.Array:
   return jnp.einsum('nhwc,ph,qw->npqc', x, pool_h, pool_w, precision=_HIGHEST)
 
 
-def _attention_map(x: jax.Array, p: float) -> jax.Array:
-  """`[n, h*w]` L2-normalised spatial attention: channel mean of `|x|^p`, flattened."""
-  attention = jnp.mean(jnp.abs(x) ** p, axis=-1)
-  return _l2_normalize(attention.reshape(attention.shape[0], -1))
+def _attention_map(x: jax.Array, p: float | jax.Array) -> jax.Array:
+  """`[n, h*w]` L2-normalised spatial attention: channel mean of `|x|^p`, flattened.
+
+  Each example's map is first divided by a power of two `m` near its largest entry: the
+  normalised attention is the same, but `|x|^p` no longer overflows (or underflows). The clamp of
+  the normalisation stays in the original units: `eps / m^p`.
+  """
+  scale = _power_of_two_scale(x, axis=(1, 2, 3))  # [n, 1, 1, 1]
+  attention = jnp.mean(jnp.abs(x / scale) ** p, axis=-1)
+  log2_eps = float(np.log2(_NORMALIZE_EPS))
+  sq_eps = jnp.exp2(2.0 * (log2_eps - p * jnp.log2(scale.reshape(-1, 1))))
+  return _l2_normalize(attention.reshape(attention.shape[0], -1), sq_eps=sq_eps)
 
 
 def attention_transfer_loss(
@@ -326,11 +392,18 @@ def attention_transfer_loss(
   width = min(student.shape[2], teacher.shape[2])
   a_s = _attention_map(_adaptive_avg_pool(student, height, width), p)
   a_t = _attention_map(_adaptive_avg_pool(teacher, height, width), p)
-  return jnp.mean(jnp.square(a_s - a_t), axis=1)
+  return _nan_unless_finite(jnp.mean(jnp.square(a_s - a_t), axis=1), student, teacher)
 
 
 def _row_normalized_gram(x: jax.Array) -> jax.Array:
-  return _l2_normalize(jnp.matmul(x, x.T, precision=_HIGHEST), axis=1)
+  """`G = x x^T` with rows L2-normalised (clamp 1e-12), computed on `x / s`, `s` a power of two.
+
+  Row normalisation cancels the common factor `s^2` exactly; the clamp is rescaled to match.
+  """
+  scale = _power_of_two_scale(x)
+  x = x / scale
+  sq_eps = _NORMALIZE_EPS**2 / scale / scale / scale / scale  # Underflows only for huge x.
+  return _l2_normalize(jnp.matmul(x, x.T, precision=_HIGHEST), axis=1, sq_eps=sq_eps)
 
 
 def similarity_preserving_loss(student_map: jax.Array, teacher_map: jax.Array) -> jax.Array:
@@ -363,17 +436,21 @@ def similarity_preserving_loss(student_map: jax.Array, teacher_map: jax.Array) -
   student, teacher = _relational_inputs('similarity_preserving_loss', student_map, teacher_map)
   n = student.shape[0]
   diff = _row_normalized_gram(student) - _row_normalized_gram(teacher)
-  return jnp.sum(jnp.square(diff)) / (n * n)
+  return _nan_unless_finite(jnp.sum(jnp.square(diff)) / (n * n), student, teacher)
 
 
 def _rkd_distances(x: jax.Array) -> jax.Array:
   """Distances normalised by their mean over the positive entries, as RepDistiller's `pdist`.
 
   `d_ij = sqrt(max(||x_i - x_j||^2, 1e-12))` off the diagonal and 0 on it. The clamp keeps the
-  square root's gradient finite (and cuts it where active) for coincident rows.
+  square root's gradient finite (and cuts it where active) for coincident rows. Computed on
+  `x / s` with `s` a power of two (and the clamp divided by `s^2`, floored at the smallest
+  normal float32), which the mean normalisation cancels exactly.
   """
   n = x.shape[0]
-  dist = jnp.sqrt(jnp.maximum(pairwise_sq_distances(x), 1e-12))
+  scale = _power_of_two_scale(x)
+  clamp = jnp.maximum(1e-12 / scale / scale, _F32_TINY)
+  dist = jnp.sqrt(jnp.maximum(pairwise_sq_distances(x / scale), clamp))
   dist = jnp.where(jnp.eye(n, dtype=bool), 0.0, dist)
   positive = dist > 0
   mean = jnp.sum(jnp.where(positive, dist, 0.0)) / jnp.sum(positive)
@@ -383,9 +460,13 @@ def _rkd_distances(x: jax.Array) -> jax.Array:
 def _rkd_angles(x: jax.Array) -> jax.Array:
   """`[n, n, n]` cosines `<e_ij, e_ik>` of the unit difference vectors `e_ij = unit(x_j - x_i)`.
 
-  A zero difference (`j = i`, or duplicate rows) gives a zero vector, as F.normalize.
+  A zero difference (`j = i`, or duplicate rows) gives a zero vector, as F.normalize. The
+  differences are taken on `x / s` (`s` a power of two), so they cannot overflow.
   """
-  unit = _l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
+  scale = _power_of_two_scale(x)
+  x = x / scale
+  sq_eps = _NORMALIZE_EPS**2 / scale / scale
+  unit = _l2_normalize(x[None, :, :] - x[:, None, :], axis=-1, sq_eps=sq_eps[..., None])
   return jnp.einsum('ijd,ikd->ijk', unit, unit, precision=_HIGHEST)
 
 
@@ -439,15 +520,21 @@ def rkd_loss(
   student, teacher = _relational_inputs('rkd_loss', student_features, teacher_features, min_batch=2)
   loss_d = _smooth_l1(_rkd_distances(student), _rkd_distances(teacher))
   loss_a = _smooth_l1(_rkd_angles(student), _rkd_angles(teacher))
-  return distance_weight * loss_d + angle_weight * loss_a
+  return _nan_unless_finite(distance_weight * loss_d + angle_weight * loss_a, student, teacher)
 
 
-def _pkt_probabilities(x: jax.Array, eps: float) -> jax.Array:
-  """Rows of the cosine kernel `(cos + 1) / 2`, each normalised to sum to 1."""
+def _pkt_probabilities(x: jax.Array, eps: float | jax.Array) -> jax.Array:
+  """Rows of the cosine kernel `(cos + 1) / 2`, each normalised to sum to 1.
+
+  `x_i / (||x_i|| + eps)` is computed as `(x_i / m) / (||x_i / m|| + eps / m)` with `m` a power
+  of two near the row's largest entry: the same value, without overflow in `||x_i||^2`.
+  """
+  scale = _power_of_two_scale(x, axis=1)
+  x = x / scale
   sq_norm = jnp.sum(x * x, axis=1, keepdims=True)
   # sqrt has an infinite gradient at 0: take it only on positive values (zero rows stay 0).
   norm = jnp.where(sq_norm > 0, jnp.sqrt(jnp.where(sq_norm > 0, sq_norm, 1.0)), 0.0)
-  unit = x / (norm + eps)
+  unit = x / (norm + eps / scale)
   kernel = (jnp.matmul(unit, unit.T, precision=_HIGHEST) + 1.0) / 2.0
   return kernel / jnp.sum(kernel, axis=1, keepdims=True)
 
@@ -492,4 +579,4 @@ def pkt_loss(
   _check_positive(fn, 'eps', eps)
   p_s = _pkt_probabilities(student, eps)
   p_t = _pkt_probabilities(teacher, eps)
-  return jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps)))
+  return _nan_unless_finite(jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps))), student, teacher)

@@ -117,8 +117,9 @@ def _symmetric_blockwise_knn(
     excluded = (rows[:, None] == cols[None, :]) | (rows[:, None] >= n) | (cols[None, :] >= n)
     dist = jnp.where(excluded, jnp.inf, dist)
     state = update(state, i, dist, j)
-    # A diagonal tile has no transposed half to add.
-    return update(state, j, jnp.where(i == j, jnp.inf, dist.T), i)
+    # A diagonal tile has no transposed half to add. A `cond`, not an all-inf tile: with one
+    # tile XLA unrolls the loop and would spend seconds constant-folding the sort of that tile.
+    return jax.lax.cond(i == j, lambda s: s, lambda s: update(s, j, dist.T, i), state)
 
   state = (
     jnp.full((num_blocks * block, k), jnp.inf, jnp.float32),
@@ -133,6 +134,7 @@ def teacher_graph(
   *,
   k: int,
   sigma2: float | None = None,
+  sigma2_scale: float = 1.0,
   block_size: int = GRAPH_BLOCK_SIZE,
 ) -> NeighbourGraph:
   """The teacher's directed kNN graph over a whole split, with heat-kernel weights.
@@ -141,8 +143,8 @@ def teacher_graph(
 
     G(i)       = the k indices j != i with the smallest D[i, j], nearest first; ties go to the
                  lower index (as `knn_graph`)
-    sigma2_G   = sigma2, or by default the mean of D[i, j] over all i and j in G(i)
-                 (1 if that mean is 0, as `locality_preserving_loss`)
+    sigma2_G   = sigma2_scale * (sigma2, or by default the mean of D[i, j] over all i and
+                 j in G(i); 1 if that mean is 0, as `locality_preserving_loss`)
     a[i, j]    = exp(-D[i, j] / sigma2_G)
 
   Computed once, outside any training step, in `[block_size, block_size]` tiles of `D` (peak
@@ -154,6 +156,8 @@ def teacher_graph(
     features: `[N, d]` float array of teacher embeddings of the whole split (NumPy or JAX).
     k: neighbours per example, a Python int with `1 <= k < N`.
     sigma2: heat-kernel bandwidth (> 0), or None for the mean kNN distance above.
+    sigma2_scale: a number > 0 that multiplies that bandwidth (as in `locality_preserving_loss`);
+      the returned `sigma2` is the product.
     block_size: rows per tile, a positive Python int (capped at `N`). The graph does not depend
       on it beyond float32 rounding of the matmul.
 
@@ -178,6 +182,8 @@ def teacher_graph(
     )
   if not isinstance(block_size, Integral) or isinstance(block_size, bool) or block_size < 1:
     raise ValueError(f'block_size must be a positive Python int, got {block_size!r}.')
+  if not (isinstance(sigma2_scale, Real) and 0 < sigma2_scale < np.inf):
+    raise ValueError(f'sigma2_scale must be a number > 0, got {sigma2_scale!r}.')
   if sigma2 is not None and not (isinstance(sigma2, Real) and sigma2 > 0):
     raise ValueError(f'sigma2 must be > 0, got {sigma2!r}; pass None for the mean kNN distance.')
   if not np.all(np.isfinite(features)):
@@ -190,6 +196,7 @@ def teacher_graph(
   if sigma2 is None:
     mean = float(np.mean(sq_distances))
     sigma2 = mean if mean > 0 else 1.0
+  sigma2 = float(sigma2) * sigma2_scale
   weights = np.exp(-sq_distances / float(sigma2)).astype(np.float32)
   return NeighbourGraph(np.asarray(indices, np.int32), weights, float(sigma2))
 

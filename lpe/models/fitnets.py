@@ -124,6 +124,14 @@ def fitnet4(num_classes: int, **kwargs) -> nn.Module:
   return FitNet(num_classes, groups=((32, 32, 32, 48, 48), (80,) * 6, (128,) * 6), **kwargs)
 
 
+@register('fitnet_28')
+def fitnet_28(num_classes: int, **kwargs) -> nn.Module:
+  """A thin, deep FitNet sized for 28x28 images (MNIST, Fashion-MNIST): 8,8 | 16,16 | 32,32,64,
+  seven 3x3 convs with BatchNorm and ReLU (about 37K parameters at 10 classes), a 64-wide pooled
+  embedding."""
+  return FitNet(num_classes, groups=((8, 8), (16, 16), (32, 32, 64)), **kwargs)
+
+
 def _with_maxout(factory):
   def build(num_classes: int, **kwargs) -> nn.Module:
     return factory(num_classes, maxout=True, **kwargs)

@@ -1,0 +1,287 @@
+"""A method study's results page (markdown) and its plots, written from the study's ledger.
+
+Every number on the page is read from the ledger records of `lpe.study` (each run's epoch
+records and result); nothing is computed here but means, spreads and paired t-intervals.
+"""
+
+import math
+import os
+import statistics
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from lpe import files, report
+
+Records = list[dict[str, Any]]
+
+
+def paired_interval(
+  values: list[float], baseline: list[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+  """`(mean, low, high)` of the per-seed differences `values - baseline`: the mean and its
+  t-interval (two-sided, `confidence`) over the pairs; `(mean, nan, nan)` for fewer than 2."""
+  diffs = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
+  mean = float(np.mean(diffs))
+  if len(diffs) < 2:
+    return mean, math.nan, math.nan
+  half = (
+    stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1)
+    * np.std(diffs, ddof=1)
+    / math.sqrt(len(diffs))
+  )
+  return mean, mean - float(half), mean + float(half)
+
+
+def summarise(records: Records) -> dict[str, Any]:
+  """One final row's seeds: accuracies (last and best epoch), curves, diagnostics, sizes."""
+  histories = [r['history'] for r in records]
+  result = records[0]['result']
+  return {
+    'last': [h[-1]['test_accuracy'] for h in histories],
+    'best': [max(e['test_accuracy'] for e in h) for h in histories],
+    'curves': [[e['test_accuracy'] for e in h] for h in histories],
+    'kept': [h[-1].get('test_neighbourhood_preservation', math.nan) for h in histories],
+    'cka': [h[-1].get('test_cka', math.nan) for h in histories],
+    'epoch_time': statistics.fmean(e['epoch_time_s'] for h in histories for e in h),
+    'params': result['params'],
+    'extra_params': result.get('extra_params', 0),
+    'objective': result.get('objective', ''),
+  }
+
+
+def _pct(values: list[float]) -> str:
+  mean = 100 * statistics.fmean(values)
+  std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+  return f'{mean:.2f} ± {std:.2f}'
+
+
+def _plain(values: list[float]) -> str:
+  if any(math.isnan(v) for v in values):
+    return '-'
+  return f'{statistics.fmean(values):.3f}'
+
+
+def _interval(values: list[float], baseline: list[float]) -> tuple[str, str]:
+  """`'+0.41 [+0.10, +0.72]'` (percentage points) and whether the interval excludes 0."""
+  mean, low, high = (100 * x for x in paired_interval(values, baseline))
+  if math.isnan(low):
+    return f'{mean:+.2f}', 'one seed'
+  verdict = 'better' if low > 0 else 'worse' if high < 0 else 'not resolved'
+  return f'{mean:+.2f} [{low:+.2f}, {high:+.2f}]', verdict
+
+
+def student_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+  """The markdown table of one student's final rows."""
+  lines = [
+    '| method | objective | last epoch (%) | best epoch (%) | last vs student alone, pp [95% CI] '
+    '| verdict | last vs KD, pp [95% CI] | kept | CKA | extra params | epoch (s) |',
+    '|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|',
+  ]
+  alone, kd = rows['student']['last'], rows.get('kd', {}).get('last')
+  for name, s in rows.items():
+    vs_alone, verdict = ('-', '') if name == 'student' else _interval(s['last'], alone)
+    vs_kd = '-' if kd is None or name in ('kd', 'student') else _interval(s['last'], kd)[0]
+    lines.append(
+      f'| {report.LABELS[name]} | {s["objective"]} | {_pct(s["last"])} | {_pct(s["best"])} '
+      f'| {vs_alone} | {verdict} | {vs_kd} | {_plain(s["kept"])} | {_plain(s["cka"])} '
+      f'| {s["extra_params"]:,} | {s["epoch_time"]:.1f} |'
+    )
+  return lines
+
+
+def sweep_tables(student: str, sweeps: dict[str, dict[str, Any]]) -> list[str]:
+  """Every sweep point of one student: value and validation accuracy, the chosen one bold."""
+  lines = []
+  for method, sweep in sweeps.items():
+    for dimension in sweep['dimensions']:
+      key = dimension['key'].split('.')[-1]
+      cells = []
+      for row in dimension['rows']:
+        text = f'{row["value"]:g}: {100 * row["val_accuracy"]:.2f}'
+        text += ' (added)' if row['added'] else ''
+        cells.append(f'**{text}**' if row['chosen'] else text)
+      lines.append(
+        f'| {student} | {report.LABELS[method]} | {key} | {"; ".join(cells)} '
+        f'| {dimension["status"]} |'
+      )
+  return lines
+
+
+def _plot_gain_vs_size(summaries, path: str) -> None:
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  methods = sorted({m for rows in summaries.values() for m in rows if m != 'student'})
+  for method in methods:
+    points = []
+    for rows in summaries.values():
+      if method in rows:
+        mean, low, high = paired_interval(rows[method]['last'], rows['student']['last'])
+        points.append((rows['student']['params'], 100 * mean, 100 * (mean - low)))
+    if len(points) > 1 or method in ('kd', 'lp'):
+      x, y, err = (np.array(v) for v in zip(*sorted(points), strict=True))
+      ax.errorbar(x, y, yerr=np.nan_to_num(err), marker='o', capsize=3, label=report.LABELS[method])
+  ax.axhline(0, color='black', linewidth=0.8)
+  ax.set_xscale('log')
+  ax.set_xlabel('student parameters')
+  ax.set_ylabel('gain over the student alone (pp, 95% CI)')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _plot_paired(rows, path: str) -> None:
+  import matplotlib.pyplot as plt
+
+  methods = [m for m in rows if m != 'student']
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for i, method in enumerate(methods):
+    diffs = 100 * (np.array(rows[method]['last']) - np.array(rows['student']['last']))
+    ax.scatter(np.full(len(diffs), i), diffs, color='tab:blue', s=14)
+    mean, low, high = (
+      100 * v for v in paired_interval(rows[method]['last'], rows['student']['last'])
+    )
+    ax.errorbar(
+      i + 0.2, mean, yerr=[[mean - low], [high - mean]], color='tab:red', capsize=3, marker='_'
+    )
+  ax.axhline(0, color='black', linewidth=0.8)
+  ax.set_xticks(range(len(methods)), [report.LABELS[m] for m in methods], rotation=30, ha='right')
+  ax.set_ylabel('last-epoch accuracy minus the student alone, same seed (pp)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _plot_curves(curves: dict[str, list[list[float]]], path: str, ylabel: str) -> None:
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for name, runs in curves.items():
+    mean = 100 * np.mean(np.asarray(runs), axis=0)
+    ax.plot(np.arange(1, len(mean) + 1), mean, marker='.', label=report.LABELS.get(name, name))
+  ax.set_xlabel('epoch')
+  ax.set_ylabel(ylabel)
+  ax.legend(ncol=2, fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_plots(config, summaries, recipes: dict[str, dict], folder: str, stem: str) -> dict:
+  """The page's plots as PNG files beside it; returns their file names by role."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  main = summaries[config.main_student]
+  names = {r: f'{stem}_{r}.png' for r in ('gain_vs_size', 'paired', 'curves', 'recipes')}
+  _plot_gain_vs_size(summaries, os.path.join(folder, names['gain_vs_size']))
+  _plot_paired(main, os.path.join(folder, names['paired']))
+  _plot_curves(
+    {m: s['curves'] for m, s in main.items()},
+    os.path.join(folder, names['curves']),
+    'test accuracy (%), mean over seeds',
+  )
+  recipe_curves = {n: [[e['test_accuracy'] for e in r['history']]] for n, r in recipes.items()}
+  _plot_curves(recipe_curves, os.path.join(folder, names['recipes']), 'validation accuracy (%)')
+  return names
+
+
+def _setting(config, teacher, recipe, summaries, wall_s) -> list[str]:
+  main = summaries[config.main_student]
+  base, final, sweep = config.base, config.final, config.sweep
+  changes = ', '.join(f'{k}={v}' for k, v in sorted(config.recipes[recipe].items()))
+  students = ', '.join(
+    f'`{name}` ({rows["student"]["params"]:,} parameters)' for name, rows in summaries.items()
+  )
+  return [
+    f'Produced by `{config.command}` ({config.description}). All its runs took '
+    f'{wall_s / 3600:.1f} hours of wall time on 2 CPU cores (the sum over runs, across sittings; '
+    f'the runs are recorded in `{config.ledger}`, so the command resumes where it stopped).',
+    '',
+    f'Teacher: `{teacher["model"]}` ({teacher["params"]:,} parameters, '
+    f'{100 * teacher["test_accuracy"]:.2f}% test accuracy, `{base.teacher.checkpoint}`), '
+    f'{100 * (teacher["test_accuracy"] - statistics.fmean(main["student"]["last"])):.2f} points '
+    f'above the main student alone. Students: {students}.',
+    '',
+    f'Recipe (chosen on validation, below): `{recipe}` ({changes}), {final.epochs} epochs, batch '
+    f"{base.batch_size}, no augmentation (the teacher's outputs are cached), the same for every "
+    f'method. Final rows: {final.seeds} seeds (0..{final.seeds - 1}), trained on the whole '
+    'training split and scored on the whole test split after every epoch; mean ± standard '
+    'deviation over seeds. Differences are paired by seed (the same initialisation and data '
+    'order) with a 95% t-interval over the pairs; "better"/"worse" means the interval excludes 0. '
+    f'Sweeps: one seed ({sweep.seed}), {sweep.epochs} epochs, trained on `{sweep.train_split}` '
+    f'and scored on `{sweep.val_split}`. "kept": the mean fraction of each test image\'s k '
+    f'nearest teacher neighbours among its k nearest student neighbours (k={base.distill.k}, test '
+    f'batches of {base.eval_batch_size}); CKA: linear CKA of the embeddings.',
+  ]
+
+
+def write_study_page(config, *, teacher, recipe, recipes, sweeps, finals, wall_s) -> str:
+  """Writes the study's page and plots; returns the page's path.
+
+  Args:
+    config: The study config (`page`, `title`, `command`, `base`, `final`, `sweep`, ...).
+    teacher: The teacher's `model.json` (model, params, test_accuracy).
+    recipe: The chosen recipe's name; `recipes`: each recipe run's ledger record.
+    sweeps: Per student and method, `Study.sweep`'s result.
+    finals: Per student and row, its seeds' ledger records.
+    wall_s: The wall time of every run of the study.
+  """
+  page = config.page
+  folder = os.path.dirname(os.path.abspath(page))
+  os.makedirs(folder, exist_ok=True)
+  stem = os.path.splitext(os.path.basename(page))[0]
+  summaries = {s: {row: summarise(r) for row, r in rows.items()} for s, rows in finals.items()}
+  plots = write_plots(config, summaries, recipes, folder, stem)
+  lines = [f'# {config.title}', '', *_setting(config, teacher, recipe, summaries, wall_s), '']
+  for student, rows in summaries.items():
+    role = 'main student, every method' if student == config.main_student else 'subset'
+    lines += ['', f'## `{student}` ({role})', '', *student_table(rows)]
+  lines += [
+    '',
+    '## Plots',
+    '',
+    f'![gain over the student alone against student size]({plots["gain_vs_size"]})',
+    '',
+    f'![per-seed paired differences, main student]({plots["paired"]})',
+    '',
+    f'![learning curves, main student]({plots["curves"]})',
+    '',
+    '## Recipe',
+    '',
+    'The student alone with each candidate recipe, trained on the validation split for the final '
+    'budget (the curve shows where it plateaus):',
+    '',
+    f'![recipe candidates]({plots["recipes"]})',
+    '',
+    '| recipe | settings | last-epoch validation accuracy (%) |',
+    '|---|---|---:|',
+  ]
+  for name, record in recipes.items():
+    settings = ', '.join(f'{k}={v}' for k, v in sorted(config.recipes[name].items()))
+    mark = '**' if name == recipe else ''
+    accuracy = 100 * record['history'][-1]['test_accuracy']
+    lines.append(f'| {mark}{name}{mark} | {settings} | {mark}{accuracy:.2f}{mark} |')
+  lines += [
+    '',
+    '## Sweeps',
+    '',
+    'Validation accuracy (%) of every point; bold: chosen; "(added)": a point past the edge of '
+    'the starting grid, added because the best value lay on that edge. "optimum": bracketed (a '
+    'better-scoring neighbour on neither side), at a hard bound (k = 1), still on an edge after '
+    'the last extension, or one value (not swept).',
+    '',
+    '| student | method | setting | value: validation accuracy | optimum |',
+    '|---|---|---|---|---|',
+  ]
+  for student, methods in sweeps.items():
+    lines += sweep_tables(student, methods)
+  notes = config.notes_file
+  if notes and os.path.exists(notes):
+    with open(notes) as f:
+      lines += ['', f.read().strip()]
+  files.write_atomic(page, '\n'.join(lines) + '\n')
+  return page

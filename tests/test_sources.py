@@ -1,0 +1,152 @@
+"""The dataset forms (issue 13, item 2): any TFDS image-classification dataset by name, a folder
+of class-named images (`folder:PATH`) and one .npz (`npz:PATH`), with their errors; a folder and
+an .npz dataset train through launch.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lpe import data, sources
+from tests.conftest import (
+  TINY_CLASSES,
+  TINY_IMAGES,
+  TINY_TRAIN,
+  write_image_folder,
+  write_npz,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_folder_dataset_reads_sorted_classes_and_both_splits(tmp_path):
+  root = write_image_folder(tmp_path / 'pets', classes=3, per_class=(4, 2), sizes=((20, 24),))
+  os.rename(os.path.join(root, 'train', 'class_0'), os.path.join(root, 'train', 'zebra'))
+  os.rename(os.path.join(root, 'test', 'class_0'), os.path.join(root, 'test', 'zebra'))
+  info = data.dataset_info(f'folder:{root}')
+  assert info.num_classes == 3 and info.image_shape == (20, 24, 3)
+  train = data.load_split(f'folder:{root}', 'train')
+  assert train.images.shape == (12, 20, 24, 3) and train.images.dtype == np.uint8
+  # Classes sorted by name: class_1, class_2, zebra.
+  np.testing.assert_array_equal(train.labels, np.repeat([0, 1, 2], 4))
+  assert len(data.load_split(f'folder:{root}', 'test')) == 6
+  pixels = train.images.reshape(-1, 3) / 255.0  # Every train image, so the exact constants.
+  np.testing.assert_allclose(info.mean, pixels.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(info.std, pixels.std(0), rtol=1e-5)
+  assert os.listdir(os.path.join(root, 'lpe_cache')) == ['folder-train-stats-20x24.json']
+
+
+def test_a_folder_of_mixed_sizes_needs_image_size(tmp_path):
+  root = write_image_folder(tmp_path / 'mixed', sizes=((20, 20), (30, 16)))
+  with pytest.raises(ValueError, match='mixes image sizes .* set config.image_size'):
+    data.dataset_info(f'folder:{root}')
+  info = data.dataset_info(f'folder:{root}', image_size=12)
+  assert info.image_shape == (12, 12, 3)
+  split = data.load_split(f'folder:{root}', 'train', image_size=12)
+  assert split.images.shape == (36, 12, 12, 3)
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+  root = write_image_folder(tmp_path / 'empty', classes=2)
+  os.makedirs(os.path.join(root, 'train', 'nothing_here'))
+  with pytest.raises(ValueError, match='nothing_here holds no PNG or JPEG images; add some or'):
+    data.dataset_info(f'folder:{root}')
+
+
+def test_an_npz_dataset_and_its_errors(tmp_path):
+  path = write_npz(tmp_path / 'd.npz', classes=3, train=30, test=9, shape=(16, 16, 1))
+  info = data.dataset_info(f'npz:{path}')
+  assert info.num_classes == 3 and info.image_shape == (16, 16, 1)
+  split = data.load_split(f'npz:{path}', 'test')
+  assert split.images.shape == (9, 16, 16, 1) and split.labels.dtype == np.int32
+  with np.load(path) as f:
+    arrays = dict(f)
+  np.savez(tmp_path / 'bad.npz', **dict(arrays, test_labels=arrays['test_labels'] + 5))
+  with pytest.raises(ValueError, match='test_labels run from 5 to 7, out of the range 0..2'):
+    data.dataset_info(f'npz:{tmp_path / "bad.npz"}')
+  np.savez(tmp_path / 'float.npz', **dict(arrays, train_images=arrays['train_images'] / 255))
+  with pytest.raises(ValueError, match='train_images must be uint8'):
+    data.dataset_info(f'npz:{tmp_path / "float.npz"}')
+
+
+def test_any_prepared_tfds_dataset_by_name(tiny_images_dir):
+  with pytest.raises(ValueError, match='images differ in size; set config.image_size'):
+    data.dataset_info(TINY_IMAGES, tiny_images_dir)
+  info = data.dataset_info(TINY_IMAGES, tiny_images_dir, image_size=32)
+  assert info.num_classes == TINY_CLASSES and info.image_shape == (32, 32, 3)
+  cached = os.path.join(tiny_images_dir, 'lpe_cache', f'{TINY_IMAGES}-train-stats-32x32.json')
+  with open(cached) as f:
+    assert tuple(json.load(f)['mean']) == info.mean  # Computed once, then read back.
+  given = data.dataset_info(TINY_IMAGES, tiny_images_dir, image_size=32, mean=(0.5,) * 3)
+  assert given.mean == (0.5,) * 3 and given.std == info.std
+  split = data.load_split(TINY_IMAGES, 'train', tiny_images_dir, image_size=32)
+  assert split.images.shape == (TINY_TRAIN, 32, 32, 3)
+
+
+def test_an_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(data.DatasetUnavailableError, match='tfds build imagenet2012 .*manual_dir'):
+    data.load_split('imagenet2012', 'train', str(tmp_path))
+  # Its classes come from TFDS's code, so a config with its constants is checked without the data.
+  info = data.dataset_info(
+    'imagenet2012',
+    str(tmp_path),
+    image_size=224,
+    mean=sources.IMAGENET_MEAN,
+    std=sources.IMAGENET_STD,
+  )
+  assert info.num_classes == 1000 and info.image_shape == (224, 224, 3)
+
+
+def _launch(args: list[str]) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, 'launch.py'), *args],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+@pytest.mark.parametrize('form', ['folder', 'npz'])
+def test_a_folder_or_npz_dataset_trains_through_launch(tmp_path, form):
+  if form == 'folder':
+    dataset = f'folder:{write_image_folder(tmp_path / "images", per_class=(16, 4))}'
+  else:
+    dataset = f'npz:{write_npz(tmp_path / "images.npz", train=48, test=12)}'
+  workdir = tmp_path / 'run'
+  flags = [
+    '--config=configs/fashion_mnist_student.py',
+    f'--workdir={workdir}',
+    f'--config.dataset={dataset}',
+    '--config.num_epochs=2',
+    '--config.batch_size=16',
+    '--config.eval_batch_size=12',
+  ]
+  proc = _launch(flags)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  with open(workdir / 'result.json') as f:
+    result = json.load(f)
+  assert result['dataset'] == dataset and result['num_classes'] == 3
+  assert 0 <= result['test_accuracy'] <= 1
+  evaluated = _launch(['--mode=evaluate', f'--workdir={workdir / "model.msgpack"}'])
+  assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+  assert json.loads(evaluated.stdout)['accuracy'] == result['test_accuracy']
+
+
+def test_a_wrong_tfds_name_fails_in_one_sentence(tmp_path):
+  proc = _launch(
+    [
+      '--config=configs/fashion_mnist_student.py',
+      f'--workdir={tmp_path / "run"}',
+      '--config.dataset=cifar_10',
+      f'--config.data_dir={tmp_path}',
+    ]
+  )
+  assert proc.returncode == 1
+  lines = (proc.stdout + proc.stderr).strip().splitlines()
+  assert lines[-1].startswith("Error: config.dataset='cifar_10' is not a TFDS dataset"), lines
+  assert 'did you mean cifar10' in lines[-1]
