@@ -77,7 +77,7 @@ class BatchNormCNN(Model):
       for j in range(self.convs_per_stage):
         x = nn.relu(norm(name=f'bn{i + 1}_{j}')(conv(width, 3, name=f'conv{i + 1}_{j}')(x)))
       if i < 2:
-        x = max_pool_2x2(x)
+        x = max_pool_2x2(x, self.conv_impl)
       features[f'stage{i + 1}'] = x
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.embedding_width, dtype=self.dtype, name='embed')(x))
