@@ -285,16 +285,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=
       sweeps[student][method] = _sweep_method(study, sweeps, student, method, recipe)
     rows = {'student': {}, **{m: s['changes'] for m, s in sweeps[student].items()}}
     finals[student] = study.finals(student, rows, recipe)
-  page = study_page.write_study_page(
-    config,
-    teacher=checkpoint.load_variables(config.base.teacher.checkpoint)[1],
-    recipe=recipe_name,
-    recipes={n: study.ledger[f'recipe/{n}'] for n in config.recipes},
-    sweeps=sweeps,
-    finals=finals,
-    wall_s=sum(r.get('wall_s', 0.0) for r in study.ledger.values()),
-  )
-  study.reporter.say(f'Wrote {page} ({time.time() - start:.0f} s this sitting).')
+    # The page after each student, so a study stopped part-way shows what it has finished.
+    pending = [s for s in (main, *config.other_students) if s not in finals]
+    page = study_page.write_study_page(
+      config,
+      teacher=checkpoint.load_variables(config.base.teacher.checkpoint)[1],
+      recipe=recipe_name,
+      recipes={n: study.ledger[f'recipe/{n}'] for n in config.recipes},
+      sweeps=sweeps,
+      finals=finals,
+      wall_s=sum(r.get('wall_s', 0.0) for r in study.ledger.values()),
+      pending=pending,
+    )
+    study.reporter.say(f'Wrote {page} ({time.time() - start:.0f} s this sitting).')
   return page
 
 

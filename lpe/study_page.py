@@ -219,7 +219,9 @@ def _setting(config, teacher, recipe, summaries, wall_s) -> list[str]:
   ]
 
 
-def write_study_page(config, *, teacher, recipe, recipes, sweeps, finals, wall_s) -> str:
+def write_study_page(
+  config, *, teacher, recipe, recipes, sweeps, finals, wall_s, pending=()
+) -> str:
   """Writes the study's page and plots; returns the page's path.
 
   Args:
@@ -229,6 +231,7 @@ def write_study_page(config, *, teacher, recipe, recipes, sweeps, finals, wall_s
     sweeps: Per student and method, `Study.sweep`'s result.
     finals: Per student and row, its seeds' ledger records.
     wall_s: The wall time of every run of the study.
+    pending: Students whose runs are not finished yet; the page says so at its top.
   """
   page = config.page
   folder = os.path.dirname(os.path.abspath(page))
@@ -236,7 +239,15 @@ def write_study_page(config, *, teacher, recipe, recipes, sweeps, finals, wall_s
   stem = os.path.splitext(os.path.basename(page))[0]
   summaries = {s: {row: summarise(r) for row, r in rows.items()} for s, rows in finals.items()}
   plots = write_plots(config, summaries, recipes, folder, stem)
-  lines = [f'# {config.title}', '', *_setting(config, teacher, recipe, summaries, wall_s), '']
+  lines = [f'# {config.title}', '']
+  if pending:
+    names = ', '.join(f'`{s}`' for s in pending)
+    lines += [
+      f'**In progress**: the runs of {names} are not finished yet; this page shows the students '
+      'whose final runs are all done. Rerun the command below to continue.',
+      '',
+    ]
+  lines += [*_setting(config, teacher, recipe, summaries, wall_s), '']
   for student, rows in summaries.items():
     role = 'main student, every method' if student == config.main_student else 'subset'
     lines += ['', f'## `{student}` ({role})', '', *student_table(rows)]

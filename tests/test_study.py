@@ -116,10 +116,24 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   config.sweep.max_extensions = 0
   config.page = str(tmp_path / 'docs' / 'page.md')
   config.ledger = str(tmp_path / 'docs' / 'runs.jsonl')
+  written = []  # The page after each student: (pending students, text).
+  write = study_page.write_study_page
+
+  def spy(*args, **kwargs):
+    page = write(*args, **kwargs)
+    written.append((list(kwargs.get('pending', ())), open(page).read()))
+    return page
+
+  monkeypatch.setattr(study_page, 'write_study_page', spy)
   path = experiment.run(config, str(tmp_path / 'study'))
 
   assert path == config.page
   text = open(path).read()
+  # Part-way, the page shows the main student and names the one still to come.
+  assert [pending for pending, _ in written] == [['cnn_tiny'], []]
+  assert '**In progress**' in written[0][1] and '`cnn_tiny`' in written[0][1]
+  assert '| LP |' in written[0][1] and '## `cnn_tiny`' not in written[0][1]
+  assert '**In progress**' not in text
   for row in ('| student alone |', '| KD |', '| LP |', '| SP |', 'memory bank', '## `cnn_tiny`'):
     assert row in text, row
   assert '±' in text and '[' in text  # Mean ± std, and paired intervals.
