@@ -15,6 +15,9 @@ command resumes (also in another sitting, from a fresh clone) without repeating 
 gives the study's total wall time on 2 CPU cores.
 
 - default: the study as the page reports it.
+`--config.page_only=True` trains nothing and writes the page of the students whose runs are all
+in the ledger (while the study runs in another process, or after it stopped part-way).
+
 - 'quick': a smoke test of the whole pipeline (two recipes, short grids, two seeds, a few steps
   per epoch), writing runs/quick/page.md and its own ledger; far too short to mean anything.
 """
@@ -111,6 +114,8 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
   config.notes_file = 'docs/results/fashion_mnist_study_notes.md'
   config.command = COMMAND
   config.description = 'the full study'
+  # True: train nothing, write the page of the students whose runs are all in the ledger.
+  config.page_only = False
   if mode == 'quick':
     config.recipes = ml_collections.ConfigDict(
       {k: config.recipes[k] for k in ('adam_1e3', 'adam_3e3')}

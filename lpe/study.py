@@ -124,6 +124,8 @@ class Study:
     record = self.ledger.get(run_id)
     if record is not None and record['digest'] == digest:
       return record
+    if self.config.page_only:
+      raise _NotInLedger(run_id)
     config.name = run_id
     workdir = os.path.join(self.workdir, 'runs', run_id)
     start = time.time()
@@ -219,6 +221,10 @@ class Study:
     return records
 
 
+class _NotInLedger(Exception):
+  """`page_only`: a run the page needs is not in the ledger."""
+
+
 def _last(record: dict[str, Any]) -> float:
   return record['history'][-1]['test_accuracy']
 
@@ -272,33 +278,57 @@ def _resolve(rows: tuple[str, ...], main_sweeps: dict[str, dict]) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=False) -> str:
-  """The whole study: recipe, sweeps, finals, page. Returns the page's path."""
+  """The whole study: recipe, sweeps, finals, page. Returns the page's path.
+
+  With `config.page_only`, nothing trains: the page shows the students whose runs are all in the
+  ledger (a study stopped part-way, or running in another process).
+  """
   study = Study(config, workdir, allow_config_change)
   start = time.time()
-  recipe_name, recipe = study.recipe()
-  main = config.main_student
-  sweeps, finals = {}, {}
-  for student in (main, *config.other_students):
-    methods = config.main_methods if student == main else config.other_methods
-    sweeps[student] = {}
-    for method in _resolve(tuple(methods), sweeps.get(main, {})):
-      sweeps[student][method] = _sweep_method(study, sweeps, student, method, recipe)
-    rows = {'student': {}, **{m: s['changes'] for m, s in sweeps[student].items()}}
-    finals[student] = study.finals(student, rows, recipe)
-    # The page after each student, so a study stopped part-way shows what it has finished.
-    pending = [s for s in (main, *config.other_students) if s not in finals]
-    page = study_page.write_study_page(
-      config,
-      teacher=checkpoint.load_variables(config.base.teacher.checkpoint)[1],
-      recipe=recipe_name,
-      recipes={n: study.ledger[f'recipe/{n}'] for n in config.recipes},
-      sweeps=sweeps,
-      finals=finals,
-      wall_s=sum(r.get('wall_s', 0.0) for r in study.ledger.values()),
-      pending=pending,
-    )
-    study.reporter.say(f'Wrote {page} ({time.time() - start:.0f} s this sitting).')
+  students = (config.main_student, *config.other_students)
+  sweeps, finals, page = {}, {}, None
+  try:
+    recipe_name, recipe = study.recipe()
+    for student in students:
+      sweeps[student] = {}
+      _student_runs(study, sweeps, finals, student, recipe)
+      # The page after each student, so a study stopped part-way shows what it has finished.
+      page = _write_page(study, recipe_name, sweeps, finals, students)
+      study.reporter.say(f'Wrote {page} ({time.time() - start:.0f} s this sitting).')
+  except _NotInLedger as missing:
+    sweeps = {s: v for s, v in sweeps.items() if s in finals}
+    if not finals:
+      raise ValueError(
+        f'page_only: {config.ledger} does not hold {missing} yet, and the page needs every final '
+        f'run of {config.main_student}; run the study without page_only first.'
+      ) from None
+    page = _write_page(study, recipe_name, sweeps, finals, students)
+    study.reporter.say(f'Wrote {page} from the ledger (page_only; next run: {missing}).')
   return page
+
+
+def _student_runs(study: Study, sweeps: dict, finals: dict, student: str, recipe: dict) -> None:
+  """Sweeps, then trains the final rows of, one student; fills `sweeps` and `finals`."""
+  config = study.config
+  methods = config.main_methods if student == config.main_student else config.other_methods
+  for method in _resolve(tuple(methods), sweeps.get(config.main_student, {})):
+    sweeps[student][method] = _sweep_method(study, sweeps, student, method, recipe)
+  rows = {'student': {}, **{m: s['changes'] for m, s in sweeps[student].items()}}
+  finals[student] = study.finals(student, rows, recipe)
+
+
+def _write_page(study: Study, recipe_name: str, sweeps, finals, students) -> str:
+  config = study.config
+  return study_page.write_study_page(
+    config,
+    teacher=checkpoint.load_variables(config.base.teacher.checkpoint)[1],
+    recipe=recipe_name,
+    recipes={n: study.ledger[f'recipe/{n}'] for n in config.recipes},
+    sweeps=sweeps,
+    finals=finals,
+    wall_s=sum(r.get('wall_s', 0.0) for r in study.ledger.values()),
+    pending=[s for s in students if s not in finals],
+  )
 
 
 def _sweep_method(study: Study, sweeps: dict, student: str, method: str, recipe: dict) -> dict:

@@ -158,6 +158,27 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   assert experiment.run(config, str(tmp_path / 'study')) == path
   assert open(path).read() == text
 
+  # page_only, with cnn_tiny's last final missing from the ledger: the page of the main student,
+  # marked in progress, and nothing trained.
+  with open(config.ledger) as f:
+    kept = [line for line in f if json.loads(line)['run'] != 'final/cnn_tiny/sp/seed1']
+  with open(config.ledger, 'w') as f:
+    f.writelines(kept)
+  config.page_only = True
+  assert experiment.run(config, str(tmp_path / 'study')) == path
+  partial = open(path).read()
+  assert '**In progress**' in partial and '## `cnn_tiny`' not in partial
+
+  def main_table(page):
+    return page.split('## `cnn_student`')[1].split('## Plots')[0]
+
+  assert main_table(partial) == main_table(written[0][1])
+  # Without the main student's finals there is no page to write; the error says what to run.
+  with open(config.ledger, 'w') as f:
+    f.writelines(line for line in kept if not json.loads(line)['run'].startswith('final/'))
+  with pytest.raises(ValueError, match='run the study without page_only'):
+    experiment.run(config, str(tmp_path / 'study'))
+
 
 def test_a_torn_last_ledger_record_is_cut_and_a_bad_middle_one_stops(tmp_path):
   ledger = tmp_path / 'runs.jsonl'
