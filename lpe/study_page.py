@@ -251,7 +251,18 @@ def write_study_page(
   for student, rows in summaries.items():
     role = 'main student, every method' if student == config.main_student else 'subset'
     lines += ['', f'## `{student}` ({role})', '', *student_table(rows)]
-  lines += [
+  lines += _plots_section(plots) + _recipe_section(config, recipe, recipes, plots['recipes'])
+  lines += _sweeps_section(sweeps)
+  notes = config.notes_file
+  if notes and os.path.exists(notes):
+    with open(notes) as f:
+      lines += ['', f.read().strip()]
+  files.write_atomic(page, '\n'.join(lines) + '\n')
+  return page
+
+
+def _plots_section(plots: dict[str, str]) -> list[str]:
+  return [
     '',
     '## Plots',
     '',
@@ -260,13 +271,18 @@ def write_study_page(
     f'![per-seed paired differences, main student]({plots["paired"]})',
     '',
     f'![learning curves, main student]({plots["curves"]})',
+  ]
+
+
+def _recipe_section(config, recipe: str, recipes: dict[str, dict], plot: str) -> list[str]:
+  lines = [
     '',
     '## Recipe',
     '',
     'The student alone with each candidate recipe, trained on the validation split for the final '
     'budget (the curve shows where it plateaus):',
     '',
-    f'![recipe candidates]({plots["recipes"]})',
+    f'![recipe candidates]({plot})',
     '',
     '| recipe | settings | last-epoch validation accuracy (%) |',
     '|---|---|---:|',
@@ -276,7 +292,11 @@ def write_study_page(
     mark = '**' if name == recipe else ''
     accuracy = 100 * record['history'][-1]['test_accuracy']
     lines.append(f'| {mark}{name}{mark} | {settings} | {mark}{accuracy:.2f}{mark} |')
-  lines += [
+  return lines
+
+
+def _sweeps_section(sweeps: dict[str, dict]) -> list[str]:
+  lines = [
     '',
     '## Sweeps',
     '',
@@ -290,9 +310,4 @@ def write_study_page(
   ]
   for student, methods in sweeps.items():
     lines += sweep_tables(student, methods)
-  notes = config.notes_file
-  if notes and os.path.exists(notes):
-    with open(notes) as f:
-      lines += ['', f.read().strip()]
-  files.write_atomic(page, '\n'.join(lines) + '\n')
-  return page
+  return lines
