@@ -23,6 +23,7 @@ ledger, committed as results come in, carries the study across machines and sitt
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Any
@@ -129,7 +130,14 @@ class Study:
     config.name = run_id
     workdir = os.path.join(self.workdir, 'runs', run_id)
     start = time.time()
-    result = train.train_and_evaluate(config, workdir, allow_config_change=self.allow)
+    diverged = None
+    try:
+      result = train.train_and_evaluate(config, workdir, allow_config_change=self.allow)
+    except train.NonFiniteLossError as error:
+      # A result of the study, not a crash of it: the point scores below every other, and
+      # a final row says how many seeds diverged.
+      result, diverged = None, str(error)
+      self.reporter.warning(f'{run_id} diverged: {error}')
     record = {
       'run': run_id,
       'digest': digest,
@@ -137,6 +145,8 @@ class Study:
       'result': result,
       'wall_s': time.time() - start,
     }
+    if diverged is not None:
+      record['diverged'] = diverged
     _append_ledger(self.config.ledger, record)
     self.ledger[run_id] = record
     return record
@@ -226,6 +236,9 @@ class _NotInLedger(Exception):
 
 
 def _last(record: dict[str, Any]) -> float:
+  """The run's last-epoch accuracy; -inf for a run that diverged (it ranks below every other)."""
+  if record.get('diverged'):
+    return -math.inf
   return record['history'][-1]['test_accuracy']
 
 

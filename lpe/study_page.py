@@ -23,6 +23,9 @@ def paired_interval(
   """`(mean, low, high)` of the per-seed differences `values - baseline`: the mean and its
   t-interval (two-sided, `confidence`) over the pairs; `(mean, nan, nan)` for fewer than 2."""
   diffs = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
+  diffs = diffs[~np.isnan(diffs)]  # A pair with a diverged run (NaN) is left out.
+  if len(diffs) == 0:
+    return math.nan, math.nan, math.nan
   mean = float(np.mean(diffs))
   if len(diffs) < 2:
     return mean, math.nan, math.nan
@@ -35,30 +38,48 @@ def paired_interval(
 
 
 def summarise(records: Records) -> dict[str, Any]:
-  """One final row's seeds: accuracies (last and best epoch), curves, diagnostics, sizes."""
-  histories = [r['history'] for r in records]
-  result = records[0]['result']
+  """One final row's seeds: accuracies (last and best epoch), curves, diagnostics, sizes.
+
+  A seed that diverged (`lpe.study` records it with `diverged`) counts in `diverged` and is NaN
+  in the per-seed lists, so means, spreads and paired intervals are over the other seeds.
+  """
+  done = [r['history'] if not r.get('diverged') else None for r in records]
+  finished = [h for h in done if h]
+  result = next((r['result'] for r in records if r['result']), None)
+  if result is None:
+    raise ValueError(f'every seed of {records[0]["run"].rsplit("/", 1)[0]} diverged.')
+
+  def each(value):
+    return [value(h) if h else math.nan for h in done]
+
   return {
-    'last': [h[-1]['test_accuracy'] for h in histories],
-    'best': [max(e['test_accuracy'] for e in h) for h in histories],
-    'curves': [[e['test_accuracy'] for e in h] for h in histories],
-    'kept': [h[-1].get('test_neighbourhood_preservation', math.nan) for h in histories],
-    'cka': [h[-1].get('test_cka', math.nan) for h in histories],
-    'epoch_time': statistics.fmean(e['epoch_time_s'] for h in histories for e in h),
+    'last': each(lambda h: h[-1]['test_accuracy']),
+    'best': each(lambda h: max(e['test_accuracy'] for e in h)),
+    'curves': [[e['test_accuracy'] for e in h] for h in finished],
+    'kept': each(lambda h: h[-1].get('test_neighbourhood_preservation', math.nan)),
+    'cka': each(lambda h: h[-1].get('test_cka', math.nan)),
+    'epoch_time': statistics.fmean(e['epoch_time_s'] for h in finished for e in h),
     'params': result['params'],
     'extra_params': result.get('extra_params', 0),
     'objective': result.get('objective', ''),
+    'diverged': len(records) - len(finished),
   }
 
 
+def _finite(values: list[float]) -> list[float]:
+  return [v for v in values if not math.isnan(v)]
+
+
 def _pct(values: list[float]) -> str:
+  values = _finite(values)
   mean = 100 * statistics.fmean(values)
   std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
   return f'{mean:.2f} ± {std:.2f}'
 
 
 def _plain(values: list[float]) -> str:
-  if any(math.isnan(v) for v in values):
+  values = _finite(values)
+  if not values:
     return '-'
   return f'{statistics.fmean(values):.3f}'
 
@@ -83,8 +104,11 @@ def student_table(rows: dict[str, dict[str, Any]]) -> list[str]:
   for name, s in rows.items():
     vs_alone, verdict = ('-', '') if name == 'student' else _interval(s['last'], alone)
     vs_kd = '-' if kd is None or name in ('kd', 'student') else _interval(s['last'], kd)[0]
+    label = report.LABELS[name]
+    if s['diverged']:
+      label += f' ({s["diverged"]} of {len(s["last"])} seeds diverged)'
     lines.append(
-      f'| {report.LABELS[name]} | {s["objective"]} | {_pct(s["last"])} | {_pct(s["best"])} '
+      f'| {label} | {s["objective"]} | {_pct(s["last"])} | {_pct(s["best"])} '
       f'| {vs_alone} | {verdict} | {vs_kd} | {_plain(s["kept"])} | {_plain(s["cka"])} '
       f'| {s["extra_params"]:,} | {s["epoch_time"]:.1f} |'
     )
@@ -99,7 +123,8 @@ def sweep_tables(student: str, sweeps: dict[str, dict[str, Any]]) -> list[str]:
       key = dimension['key'].split('.')[-1]
       cells = []
       for row in dimension['rows']:
-        text = f'{row["value"]:g}: {100 * row["val_accuracy"]:.2f}'
+        score = row['val_accuracy']
+        text = f'{row["value"]:g}: ' + ('diverged' if math.isinf(score) else f'{100 * score:.2f}')
         text += ' (added)' if row['added'] else ''
         cells.append(f'**{text}**' if row['chosen'] else text)
       lines.append(
@@ -184,13 +209,16 @@ def write_plots(config, summaries, recipes: dict[str, dict], folder: str, stem: 
     os.path.join(folder, names['curves']),
     'test accuracy (%), mean over seeds',
   )
-  recipe_curves = {n: [[e['test_accuracy'] for e in r['history']]] for n, r in recipes.items()}
+  recipe_curves = {
+    n: [[e['test_accuracy'] for e in r['history']]] for n, r in recipes.items() if r['history']
+  }
   _plot_curves(recipe_curves, os.path.join(folder, names['recipes']), 'validation accuracy (%)')
   return names
 
 
 def _setting(config, teacher, recipe, summaries, wall_s) -> list[str]:
   main = summaries[config.main_student]
+  alone = statistics.fmean(_finite(main['student']['last']))
   base, final, sweep = config.base, config.final, config.sweep
   changes = ', '.join(f'{k}={v}' for k, v in sorted(config.recipes[recipe].items()))
   students = ', '.join(
@@ -203,7 +231,7 @@ def _setting(config, teacher, recipe, summaries, wall_s) -> list[str]:
     '',
     f'Teacher: `{teacher["model"]}` ({teacher["params"]:,} parameters, '
     f'{100 * teacher["test_accuracy"]:.2f}% test accuracy, `{base.teacher.checkpoint}`), '
-    f'{100 * (teacher["test_accuracy"] - statistics.fmean(main["student"]["last"])):.2f} points '
+    f'{100 * (teacher["test_accuracy"] - alone):.2f} points '
     f'above the main student alone. Students: {students}.',
     '',
     f'Recipe (chosen on validation, below): `{recipe}` ({changes}), {final.epochs} epochs, batch '
@@ -290,8 +318,10 @@ def _recipe_section(config, recipe: str, recipes: dict[str, dict], plot: str) ->
   for name, record in recipes.items():
     settings = ', '.join(f'{k}={v}' for k, v in sorted(config.recipes[name].items()))
     mark = '**' if name == recipe else ''
-    accuracy = 100 * record['history'][-1]['test_accuracy']
-    lines.append(f'| {mark}{name}{mark} | {settings} | {mark}{accuracy:.2f}{mark} |')
+    accuracy = 'diverged'
+    if not record.get('diverged'):
+      accuracy = f'{100 * record["history"][-1]["test_accuracy"]:.2f}'
+    lines.append(f'| {mark}{name}{mark} | {settings} | {mark}{accuracy}{mark} |')
   return lines
 
 

@@ -93,6 +93,52 @@ def test_an_optimum_at_a_hard_bound_is_marked_and_stops(tmp_path):
   assert weights['status'] == 'edge after extensions' and len(weights['rows']) == 3 + 3
 
 
+def test_a_diverged_run_is_a_recorded_result_that_ranks_last(tmp_path, monkeypatch):
+  """A sweep point whose training goes non-finite is recorded (ledger and page) as diverged and
+  never chosen; the study goes on."""
+
+  def fake_train(config, workdir, **kwargs):
+    if config.distill.kd_weight >= 1.0:
+      raise train.NonFiniteLossError('step 3 gave a non-finite loss')
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      f.write(json.dumps({'epoch': 1, 'test_accuracy': 0.8 + config.distill.kd_weight}) + '\n')
+    return {'params': 1}
+
+  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
+  config = _config(tmp_path)
+  config.grids.kd = (0.1, 0.3, 1.0)
+  config.sweep.max_extensions = 0
+  real = study.Study(config, str(tmp_path / 'study'), False)
+  result = real.sweep('cnn_student', 'kd', {}, {}, lp_dimensions=False)
+  assert result['changes']['distill.kd_weight'] == 0.3
+  rows = result['dimensions'][0]['rows']
+  assert rows[2]['val_accuracy'] == -math.inf
+  with open(config.ledger) as f:
+    records = {r['run']: r for r in map(json.loads, f)}
+  assert 'non-finite' in records['sweep/cnn_student/kd/kd_weight1']['diverged']
+  table = '\n'.join(study_page.sweep_tables('cnn_student', {'kd': result}))
+  assert '1: diverged' in table and '**0.3: 110.00**' in table
+
+
+def test_a_final_row_with_a_diverged_seed_counts_it_and_pairs_the_others():
+  def record(seed, accuracy):
+    history = [{'test_accuracy': accuracy, 'epoch_time_s': 1.0}]
+    return {'run': f'final/s/kd/seed{seed}', 'history': history, 'result': {'params': 5}}
+
+  alone = study_page.summarise([record(s, 0.90 + s / 1000) for s in range(5)])
+  kd = [record(s, 0.91 + s / 1000) for s in range(5)]
+  kd[2] = dict(kd[2], diverged='step 7 gave a non-finite loss', result=None)
+  summary = study_page.summarise(kd)
+  assert summary['diverged'] == 1 and math.isnan(summary['last'][2])
+  mean, low, high = study_page.paired_interval(summary['last'], alone['last'])
+  assert mean == pytest.approx(0.01) and low == pytest.approx(0.01)  # Four equal pairs.
+  table = '\n'.join(study_page.student_table({'student': alone, 'kd': summary}))
+  assert 'KD (1 of 5 seeds diverged)' in table and '91.20 ± 0.18' in table  # Seeds 0, 1, 3, 4.
+  with pytest.raises(ValueError, match='every seed of final/s/kd diverged'):
+    study_page.summarise([dict(r, diverged='x', result=None) for r in kd])
+
+
 def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   fashion_data_dir, tmp_path, monkeypatch, persistent_compilation_cache
 ):
