@@ -309,13 +309,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=
       page = _write_page(study, recipe_name, sweeps, finals, students)
       study.reporter.say(f'Wrote {page} ({time.time() - start:.0f} s this sitting).')
   except _NotInLedger as missing:
-    sweeps = {s: v for s, v in sweeps.items() if s in finals}
-    if not finals:
+    if not all(f'recipe/{n}' in study.ledger for n in config.recipes):
       raise ValueError(
-        f'page_only: {config.ledger} does not hold {missing} yet, and the page needs every final '
-        f'run of {config.main_student}; run the study without page_only first.'
+        f'page_only: {config.ledger} does not hold {missing} yet, and the page needs at least '
+        'the recipe runs; run the study without page_only first.'
       ) from None
-    page = _write_page(study, recipe_name, sweeps, finals, students)
+    # Every finished sweep and final row (a sweep being trained is left out).
+    sweeps = {s: v for s, v in sweeps.items() if v}
+    page = _write_page(study, study.recipe()[0], sweeps, finals, students)
     study.reporter.say(f'Wrote {page} from the ledger (page_only; next run: {missing}).')
   return page
 

@@ -200,15 +200,18 @@ def write_plots(config, summaries, recipes: dict[str, dict], folder: str, stem: 
   import matplotlib
 
   matplotlib.use('Agg')
-  main = summaries[config.main_student]
   names = {r: f'{stem}_{r}.png' for r in ('gain_vs_size', 'paired', 'curves', 'recipes')}
-  _plot_gain_vs_size(summaries, os.path.join(folder, names['gain_vs_size']))
-  _plot_paired(main, os.path.join(folder, names['paired']))
-  _plot_curves(
-    {m: s['curves'] for m, s in main.items()},
-    os.path.join(folder, names['curves']),
-    'test accuracy (%), mean over seeds',
-  )
+  main = summaries.get(config.main_student)
+  if main is None:  # No final rows yet: only the recipes' curves.
+    names = {'recipes': names['recipes']}
+  else:
+    _plot_gain_vs_size(summaries, os.path.join(folder, names['gain_vs_size']))
+    _plot_paired(main, os.path.join(folder, names['paired']))
+    _plot_curves(
+      {m: s['curves'] for m, s in main.items()},
+      os.path.join(folder, names['curves']),
+      'test accuracy (%), mean over seeds',
+    )
   recipe_curves = {
     n: [[e['test_accuracy'] for e in r['history']]] for n, r in recipes.items() if r['history']
   }
@@ -217,13 +220,15 @@ def write_plots(config, summaries, recipes: dict[str, dict], folder: str, stem: 
 
 
 def _setting(config, teacher, recipe, summaries, wall_s) -> list[str]:
-  main = summaries[config.main_student]
-  alone = statistics.fmean(_finite(main['student']['last']))
   base, final, sweep = config.base, config.final, config.sweep
   changes = ', '.join(f'{k}={v}' for k, v in sorted(config.recipes[recipe].items()))
   students = ', '.join(
     f'`{name}` ({rows["student"]["params"]:,} parameters)' for name, rows in summaries.items()
   )
+  gap = "the main student's final rows are not trained yet"
+  if config.main_student in summaries:
+    alone = statistics.fmean(_finite(summaries[config.main_student]['student']['last']))
+    gap = f'{100 * (teacher["test_accuracy"] - alone):.2f} points above the main student alone'
   return [
     f'Produced by `{config.command}` ({config.description}). All its runs took '
     f'{wall_s / 3600:.1f} hours of wall time on 2 CPU cores (the sum over runs, across sittings; '
@@ -231,8 +236,7 @@ def _setting(config, teacher, recipe, summaries, wall_s) -> list[str]:
     '',
     f'Teacher: `{teacher["model"]}` ({teacher["params"]:,} parameters, '
     f'{100 * teacher["test_accuracy"]:.2f}% test accuracy, `{base.teacher.checkpoint}`), '
-    f'{100 * (teacher["test_accuracy"] - alone):.2f} points '
-    f'above the main student alone. Students: {students}.',
+    f'{gap}. Students: {students or "none finished yet"}.',
     '',
     f'Recipe (chosen on validation, below): `{recipe}` ({changes}), {final.epochs} epochs, batch '
     f"{base.batch_size}, no augmentation (the teacher's outputs are cached), the same for every "
@@ -271,15 +275,18 @@ def write_study_page(
   if pending:
     names = ', '.join(f'`{s}`' for s in pending)
     lines += [
-      f'**In progress**: the runs of {names} are not finished yet; this page shows the students '
-      'whose final runs are all done. Rerun the command below to continue.',
+      f'**In progress**: the runs of {names} are not finished yet; this page shows the finished '
+      "sweeps, and the final rows of the students whose final runs are all done. Rerun the study's "
+      'command below to continue.',
       '',
     ]
   lines += [*_setting(config, teacher, recipe, summaries, wall_s), '']
   for student, rows in summaries.items():
     role = 'main student, every method' if student == config.main_student else 'subset'
     lines += ['', f'## `{student}` ({role})', '', *student_table(rows)]
-  lines += _plots_section(plots) + _recipe_section(config, recipe, recipes, plots['recipes'])
+  if summaries:
+    lines += _plots_section(plots)
+  lines += _recipe_section(config, recipe, recipes, plots['recipes'])
   lines += _sweeps_section(sweeps)
   notes = config.notes_file
   if notes and os.path.exists(notes):

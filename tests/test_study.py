@@ -218,10 +218,21 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   def main_table(page):
     return page.split('## `cnn_student`')[1].split('## Plots')[0]
 
+  def sweeps_of(page):  # The main student's sweep rows.
+    return [line for line in page.splitlines() if line.startswith('| cnn_student |')]
+
   assert main_table(partial) == main_table(written[0][1])
-  # Without the main student's finals there is no page to write; the error says what to run.
+  # Before any final run: the recipes and the finished sweeps, no final table and no plots.
   with open(config.ledger, 'w') as f:
     f.writelines(line for line in kept if not json.loads(line)['run'].startswith('final/'))
+  assert experiment.run(config, str(tmp_path / 'study')) == path
+  early = open(path).read()
+  assert '## `cnn_student`' not in early and '## Plots' not in early
+  assert sweeps_of(early) == sweeps_of(text)
+  assert 'final rows are not trained yet' in early
+  # Without the recipe runs there is nothing to show; the error says what to run.
+  with open(config.ledger, 'w') as f:
+    f.writelines(line for line in kept if json.loads(line)['run'].startswith('sweep/'))
   with pytest.raises(ValueError, match='run the study without page_only'):
     experiment.run(config, str(tmp_path / 'study'))
 
