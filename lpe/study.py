@@ -217,18 +217,30 @@ class Study:
     )
     return _last(self.train(run_id, run))
 
-  def finals(self, student: str, rows: dict[str, dict], recipe: dict) -> dict[str, list]:
-    """Trains each row's seeds on the whole training split; returns its ledger records."""
-    records = {}
-    for row, changes in rows.items():
-      records[row] = [
-        self.train(
-          f'final/{student}/{row}/seed{seed}',
-          self.run_config(student, changes, seed=seed, final=True, recipe=recipe),
-        )
-        for seed in range(self.config.final.seeds)
-      ]
-    return records
+  def finals(
+    self, student: str, rows: dict[str, dict], recipe: dict
+  ) -> tuple[dict[str, list], bool]:
+    """Trains each row's seeds on the whole training split, seed by seed (every row's seed 0,
+    then every row's seed 1, ...), so a study stopped part-way has the same seeds of every row.
+
+    Returns:
+      Each row's ledger records and whether every seed is there. With `page_only` missing runs
+      are not trained: the records are cut to the seeds that every row has.
+    """
+    records: dict[str, list] = {row: [] for row in rows}
+    try:
+      for seed in range(self.config.final.seeds):
+        for row, changes in rows.items():
+          records[row].append(
+            self.train(
+              f'final/{student}/{row}/seed{seed}',
+              self.run_config(student, changes, seed=seed, final=True, recipe=recipe),
+            )
+          )
+    except _NotInLedger:
+      done = min(len(r) for r in records.values())
+      return {row: r[:done] for row, r in records.items()} if done else {}, False
+    return records, True
 
 
 class _NotInLedger(Exception):
@@ -293,20 +305,22 @@ def _resolve(rows: tuple[str, ...], main_sweeps: dict[str, dict]) -> list[str]:
 def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=False) -> str:
   """The whole study: recipe, sweeps, finals, page. Returns the page's path.
 
-  With `config.page_only`, nothing trains: the page shows the students whose runs are all in the
-  ledger (a study stopped part-way, or running in another process).
+  With `config.page_only`, nothing trains: the page shows what the ledger holds (a study stopped
+  part-way, or running in another process): the finished sweeps, and the final rows with the
+  seeds that every row of a student has so far.
   """
   study = Study(config, workdir, allow_config_change)
   start = time.time()
   students = (config.main_student, *config.other_students)
-  sweeps, finals, page = {}, {}, None
+  sweeps, finals, page, done = {}, {}, None, []
   try:
     recipe_name, recipe = study.recipe()
     for student in students:
       sweeps[student] = {}
       _student_runs(study, sweeps, finals, student, recipe)
+      done.append(student)
       # The page after each student, so a study stopped part-way shows what it has finished.
-      page = _write_page(study, recipe_name, sweeps, finals, students)
+      page = _write_page(study, recipe_name, sweeps, finals, students, done)
       study.reporter.say(f'Wrote {page} ({time.time() - start:.0f} s this sitting).')
   except _NotInLedger as missing:
     if not all(f'recipe/{n}' in study.ledger for n in config.recipes):
@@ -316,7 +330,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=
       ) from None
     # Every finished sweep and final row (a sweep being trained is left out).
     sweeps = {s: v for s, v in sweeps.items() if v}
-    page = _write_page(study, study.recipe()[0], sweeps, finals, students)
+    page = _write_page(study, study.recipe()[0], sweeps, finals, students, done)
     study.reporter.say(f'Wrote {page} from the ledger (page_only; next run: {missing}).')
   return page
 
@@ -328,10 +342,14 @@ def _student_runs(study: Study, sweeps: dict, finals: dict, student: str, recipe
   for method in _resolve(tuple(methods), sweeps.get(config.main_student, {})):
     sweeps[student][method] = _sweep_method(study, sweeps, student, method, recipe)
   rows = {'student': {}, **{m: s['changes'] for m, s in sweeps[student].items()}}
-  finals[student] = study.finals(student, rows, recipe)
+  records, complete = study.finals(student, rows, recipe)
+  if records:
+    finals[student] = records
+  if not complete:  # page_only: the seeds every row has so far.
+    raise _NotInLedger(f'the final runs of {student} after seed {len(records.get("student", []))}')
 
 
-def _write_page(study: Study, recipe_name: str, sweeps, finals, students) -> str:
+def _write_page(study: Study, recipe_name: str, sweeps, finals, students, done) -> str:
   config = study.config
   return study_page.write_study_page(
     config,
@@ -341,7 +359,7 @@ def _write_page(study: Study, recipe_name: str, sweeps, finals, students) -> str
     sweeps=sweeps,
     finals=finals,
     wall_s=sum(r.get('wall_s', 0.0) for r in study.ledger.values()),
-    pending=[s for s in students if s not in finals],
+    pending=[s for s in students if s not in done],
   )
 
 

@@ -276,13 +276,16 @@ def write_study_page(
     names = ', '.join(f'`{s}`' for s in pending)
     lines += [
       f'**In progress**: the runs of {names} are not finished yet; this page shows the finished '
-      "sweeps, and the final rows of the students whose final runs are all done. Rerun the study's "
-      'command below to continue.',
+      'sweeps, and each final row with the seeds that every row of its student has so far. Rerun '
+      "the study's command below to continue.",
       '',
     ]
   lines += [*_setting(config, teacher, recipe, summaries, wall_s), '']
   for student, rows in summaries.items():
     role = 'main student, every method' if student == config.main_student else 'subset'
+    seeds = len(rows['student']['last'])
+    if seeds < config.final.seeds:
+      role += f'; {seeds} of {config.final.seeds} seeds so far'
     lines += ['', f'## `{student}` ({role})', '', *student_table(rows)]
   if summaries:
     lines += _plots_section(plots)

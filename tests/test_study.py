@@ -191,6 +191,11 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   assert len(runs) == len(records)  # Each run trained once.
   assert {'final/cnn_student/lp/seed0', 'final/cnn_student/lp/seed1'} <= runs
   assert 'final/cnn_tiny/sp/seed1' in runs  # cnn_tiny's best relational baseline: the only one.
+  # Seed by seed: every row's seed 0 trains before any row's seed 1.
+  order = [r['run'] for r in records if r['run'].startswith('final/cnn_student/')]
+  assert order.index('final/cnn_student/lp_bank/seed0') < order.index(
+    'final/cnn_student/student/seed1'
+  )
   kd = [r for r in records if r['run'].startswith('sweep/cnn_student/kd/')]
   best = max(kd, key=lambda r: r['history'][-1]['test_accuracy'])['run'].split('kd_weight')[1]
   assert 'final/cnn_student/kd/seed0' in runs and f'**{best}:' in text
@@ -204,8 +209,8 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   assert experiment.run(config, str(tmp_path / 'study')) == path
   assert open(path).read() == text
 
-  # page_only, with cnn_tiny's last final missing from the ledger: the page of the main student,
-  # marked in progress, and nothing trained.
+  # page_only, with cnn_tiny's last final missing from the ledger: in progress, the main student
+  # whole, cnn_tiny's rows with the one seed they all have; nothing trained.
   with open(config.ledger) as f:
     kept = [line for line in f if json.loads(line)['run'] != 'final/cnn_tiny/sp/seed1']
   with open(config.ledger, 'w') as f:
@@ -213,10 +218,10 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   config.page_only = True
   assert experiment.run(config, str(tmp_path / 'study')) == path
   partial = open(path).read()
-  assert '**In progress**' in partial and '## `cnn_tiny`' not in partial
+  assert '**In progress**' in partial and '## `cnn_tiny` (subset; 1 of 2 seeds so far)' in partial
 
   def main_table(page):
-    return page.split('## `cnn_student`')[1].split('## Plots')[0]
+    return page.split('## `cnn_student`')[1].split('\n## ')[0]
 
   def sweeps_of(page):  # The main student's sweep rows.
     return [line for line in page.splitlines() if line.startswith('| cnn_student |')]
