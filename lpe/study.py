@@ -339,6 +339,7 @@ def _student_runs(study: Study, sweeps: dict, finals: dict, student: str, recipe
   """Sweeps, then trains the final rows of, one student; fills `sweeps` and `finals`."""
   config = study.config
   methods = config.main_methods if student == config.main_student else config.other_methods
+  sweeps[student]['student'] = _reference(study, student, recipe)
   for method in _resolve(tuple(methods), sweeps.get(config.main_student, {})):
     sweeps[student][method] = _sweep_method(study, sweeps, student, method, recipe)
   rows = {'student': {}, **{m: s['changes'] for m, s in sweeps[student].items()}}
@@ -347,6 +348,15 @@ def _student_runs(study: Study, sweeps: dict, finals: dict, student: str, recipe
     finals[student] = records
   if not complete:  # page_only: the seeds every row has so far.
     raise _NotInLedger(f'the final runs of {student} after seed {len(records.get("student", []))}')
+
+
+def _reference(study: Study, student: str, recipe: dict) -> dict:
+  """The student alone at the sweep budget (every weight 0), shown beside the sweeps."""
+  run = study.run_config(student, {}, seed=study.config.sweep.seed, final=False, recipe=recipe)
+  score = _last(study.train(f'sweep/{student}/student', run))
+  row = {'value': 0, 'val_accuracy': score, 'chosen': False, 'added': False}
+  dimension = {'key': 'no distillation', 'rows': [row], 'status': 'reference'}
+  return {'changes': {}, 'dimensions': [dimension], 'val_accuracy': score}
 
 
 def _write_page(study: Study, recipe_name: str, sweeps, finals, students, done) -> str:

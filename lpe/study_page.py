@@ -343,7 +343,8 @@ def _sweeps_section(sweeps: dict[str, dict]) -> list[str]:
     'Validation accuracy (%) of every point; bold: chosen; "(added)": a point past the edge of '
     'the starting grid, added because the best value lay on that edge. "optimum": bracketed (a '
     'better-scoring neighbour on neither side), at a hard bound (k = 1), still on an edge after '
-    'the last extension, or one value (not swept).',
+    "the last extension, or one value (not swept). Each student's first row is the student alone "
+    'at the sweep budget, for reference.',
     '',
     '| student | method | setting | value: validation accuracy | optimum |',
     '|---|---|---|---|---|',

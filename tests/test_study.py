@@ -191,6 +191,9 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   assert len(runs) == len(records)  # Each run trained once.
   assert {'final/cnn_student/lp/seed0', 'final/cnn_student/lp/seed1'} <= runs
   assert 'final/cnn_tiny/sp/seed1' in runs  # cnn_tiny's best relational baseline: the only one.
+  # The student alone at the sweep budget, once per student, shown as the sweeps' reference.
+  assert {'sweep/cnn_student/student', 'sweep/cnn_tiny/student'} <= runs
+  assert '| cnn_student | student alone | no distillation | 0: ' in text
   # Seed by seed: every row's seed 0 trains before any row's seed 1.
   order = [r['run'] for r in records if r['run'].startswith('final/cnn_student/')]
   assert order.index('final/cnn_student/lp_bank/seed0') < order.index(
