@@ -61,6 +61,20 @@ def small_config(fashion_data_dir):
   return config
 
 
+@pytest.fixture(scope='session')
+def teacher_dir(fashion_data_dir, tmp_path_factory) -> str:
+  """A `cnn_student` trained 3 steps on the tiny dataset, as a teacher workdir."""
+  from configs import fashion_mnist_student
+  from lpe import train
+
+  config = fashion_mnist_student.get_config()
+  config.data_dir, config.num_epochs, config.steps_per_epoch_limit = fashion_data_dir, 1, 3
+  config.batch_size, config.eval_batch_size = 64, 50
+  workdir = str(tmp_path_factory.mktemp('teacher') / 'run')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
 @pytest.fixture(scope='module')
 def persistent_compilation_cache(request):
   """JAX's persistent compilation cache, in .pytest_cache, for a module of many small runs.

@@ -16,18 +16,6 @@ from tests import faults
 STEPS_PER_EPOCH = 8  # conftest's 512 training examples in batches of 64.
 
 
-@pytest.fixture(scope='module')
-def teacher_dir(fashion_data_dir, tmp_path_factory) -> str:
-  from configs import fashion_mnist_student
-
-  config = fashion_mnist_student.get_config()
-  config.data_dir, config.num_epochs, config.steps_per_epoch_limit = fashion_data_dir, 1, 3
-  config.batch_size, config.eval_batch_size = 64, 50
-  workdir = str(tmp_path_factory.mktemp('teacher') / 'run')
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
-
 def _config(small_config, teacher_dir, lp_graph: str):
   config = small_config.copy_and_resolve_references()
   config.teacher.model, config.teacher.checkpoint = 'cnn_student', teacher_dir

@@ -27,18 +27,6 @@ def _run(config, workdir: str, **overrides) -> list[np.ndarray]:
   return _params(workdir)
 
 
-@pytest.fixture(scope='module')
-def teacher_dir(fashion_data_dir, tmp_path_factory) -> str:
-  from configs import fashion_mnist_student
-
-  config = fashion_mnist_student.get_config()
-  config.data_dir, config.num_epochs, config.steps_per_epoch_limit = fashion_data_dir, 1, 3
-  config.batch_size, config.eval_batch_size = 64, 50
-  workdir = str(tmp_path_factory.mktemp('teacher') / 'run')
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
-
 def _distilling(small_config, teacher_dir):
   config = small_config.copy_and_resolve_references()
   config.teacher.model, config.teacher.checkpoint = 'cnn_student', teacher_dir
