@@ -125,7 +125,7 @@ class Study:
     record = self.ledger.get(run_id)
     if record is not None and record['digest'] == digest:
       return record
-    if self.config.page_only:
+    if self.config.get('page_only', False):
       raise _NotInLedger(run_id)
     config.name = run_id
     workdir = os.path.join(self.workdir, 'runs', run_id)
