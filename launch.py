@@ -19,6 +19,8 @@ import ast  # noqa: E402
 import json  # noqa: E402
 import logging as std_logging  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -80,6 +82,24 @@ class _LibraryErrorsInOneLine(std_logging.Filter):
     return True
 
 
+def _closed_loop_reported_once(hook):
+  """After a failed save, tensorstore reports each write that completes once orbax's event loop
+  has closed as an unraisable exception (`PyErr_WriteUnraisable`, so sys.unraisablehook): a
+  traceback per write, up to hundreds for one full disk, before the run's own one-line error.
+  Shows the first as one line, drops the rest; anything else goes to `hook`."""
+  reported = threading.Event()
+
+  def unraisablehook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      return hook(unraisable)
+    if not reported.is_set():
+      reported.set()
+      print('orbax: more checkpoint writes failed after the save had stopped.', file=sys.stderr)
+
+  return unraisablehook
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with config_flags' unknown-field error as one line, not a traceback."""
   try:
@@ -117,6 +137,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Progress goes to stdout; orbax's INFO is noise.
     std_logging.getLogger('absl').addFilter(_LibraryErrorsInOneLine())
+    sys.unraisablehook = _closed_loop_reported_once(sys.unraisablehook)
   try:
     if _MODE.value == 'evaluate':
       result = experiment.evaluate_and_save(_CHECKPOINT.value or _WORKDIR.value, step=_STEP.value)

@@ -962,3 +962,51 @@ def test_same_config_and_seed_give_the_same_metrics_and_parameters(
     metrics_io.read_metrics(reference)
   )
   assert _leaves_equal(_params(workdir), _params(reference))
+
+
+_CLOSED_LOOP = r"""
+import sys, threading
+import _testcapi
+sys.argv = ['launch.py']
+import launch
+
+sys.unraisablehook = launch._closed_loop_reported_once(sys.unraisablehook)
+
+
+def report(error):  # PyErr_WriteUnraisable with no object, as tensorstore does.
+  try:
+    raise error
+  except Exception as raised:
+    _testcapi.write_unraisable_exc(raised, None, None)
+
+
+def writes():
+  for _ in range(3):
+    report(RuntimeError('Event loop is closed'))
+  report(OSError('another failure'))
+
+
+thread = threading.Thread(target=writes)
+thread.start()
+thread.join()
+report(RuntimeError('Event loop is closed'))
+"""
+
+
+def test_closed_event_loop_reports_from_background_threads_are_cut_to_one_line():
+  """Tensorstore reports writes that finish after orbax's event loop closed (after a failed
+  save) as unraisable exceptions from its own threads: a CI run of the full-disk test above
+  printed dozens of such tracebacks. Here the same C call, from a thread and the main thread."""
+  pytest.importorskip('_testcapi')
+  proc = subprocess.run(
+    [sys.executable, '-c', _CLOSED_LOOP],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  lines = proc.stderr.strip().splitlines()
+  assert lines.count('orbax: more checkpoint writes failed after the save had stopped.') == 1, lines
+  assert lines[-1] == 'OSError: another failure', lines  # Other reports stay whole.
+  assert not [line for line in lines if 'Event loop is closed' in line], lines
