@@ -174,7 +174,7 @@ def _plot_paired(rows, path: str) -> None:
     )
   ax.axhline(0, color='black', linewidth=0.8)
   ax.set_xticks(range(len(methods)), [report.LABELS[m] for m in methods], rotation=30, ha='right')
-  ax.set_ylabel('last-epoch accuracy minus the student alone, same seed (pp)')
+  ax.set_ylabel('minus the student alone,\nsame seed (pp, last epoch)')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
