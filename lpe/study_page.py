@@ -134,22 +134,32 @@ def sweep_tables(student: str, sweeps: dict[str, dict[str, Any]]) -> list[str]:
   return lines
 
 
+_ALWAYS_PLOTTED = ('kd', 'lp', 'lp_neighbours', 'lp_bank')
+
+
 def _plot_gain_vs_size(summaries, path: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4))
   methods = sorted({m for rows in summaries.values() for m in rows if m != 'student'})
-  for method in methods:
+  # KD, LP and its variants always; a baseline where more than one student has it (the best
+  # relational one: the other students' rows).
+  shown = [
+    m for m in methods if m in _ALWAYS_PLOTTED or sum(m in r for r in summaries.values()) > 1
+  ]
+  for i, method in enumerate(shown):
     points = []
     for rows in summaries.values():
       if method in rows:
         mean, low, high = paired_interval(rows[method]['last'], rows['student']['last'])
         points.append((rows['student']['params'], 100 * mean, 100 * (mean - low)))
-    if len(points) > 1 or method in ('kd', 'lp'):
-      x, y, err = (np.array(v) for v in zip(*sorted(points), strict=True))
-      ax.errorbar(x, y, yerr=np.nan_to_num(err), marker='o', capsize=3, label=report.LABELS[method])
+    x, y, err = (np.array(v) for v in zip(*sorted(points), strict=True))
+    x = x * 1.04 ** (i - (len(shown) - 1) / 2)  # Side by side, so no interval hides another.
+    ax.errorbar(x, y, yerr=np.nan_to_num(err), marker='o', capsize=3, label=report.LABELS[method])
   ax.axhline(0, color='black', linewidth=0.8)
   ax.set_xscale('log')
+  sizes = [rows['student']['params'] for rows in summaries.values()]
+  ax.set_xlim(min(sizes) / 2, max(sizes) * 2)
   ax.set_xlabel('student parameters')
   ax.set_ylabel('gain over the student alone (pp, 95% CI)')
   ax.legend(fontsize=7)
