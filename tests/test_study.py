@@ -254,3 +254,7 @@ def test_a_torn_last_ledger_record_is_cut_and_a_bad_middle_one_stops(tmp_path):
   ledger.write_text('{"run": "b", "dig\n' + good)
   with pytest.raises(ValueError, match='unreadable record at byte 0'):
     study._read_ledger(str(ledger))
+
+
+def test_the_gain_plot_shows_kd_lp_and_every_graph_variant_from_the_first_student():
+  assert {'kd', 'lp', *study.GRAPH_VARIANTS} == set(study_page._ALWAYS_PLOTTED)
