@@ -347,7 +347,9 @@ def _student_runs(study: Study, sweeps: dict, finals: dict, student: str, recipe
   if records:
     finals[student] = records
   if not complete:  # page_only: the seeds every row has so far.
-    raise _NotInLedger(f'the final runs of {student} from seed {len(records.get("student", []))} on')
+    raise _NotInLedger(
+      f'the final runs of {student} from seed {len(records.get("student", []))} on'
+    )
 
 
 def _reference(study: Study, student: str, recipe: dict) -> dict:
