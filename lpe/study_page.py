@@ -73,8 +73,9 @@ def _finite(values: list[float]) -> list[float]:
 def _pct(values: list[float]) -> str:
   values = _finite(values)
   mean = 100 * statistics.fmean(values)
-  std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-  return f'{mean:.2f} ± {std:.2f}'
+  if len(values) < 2:  # One seed has no spread to show.
+    return f'{mean:.2f}'
+  return f'{mean:.2f} ± {100 * statistics.stdev(values):.2f}'
 
 
 def _plain(values: list[float]) -> str:

@@ -139,6 +139,20 @@ def test_a_final_row_with_a_diverged_seed_counts_it_and_pairs_the_others():
     study_page.summarise([dict(r, diverged='x', result=None) for r in kd])
 
 
+def test_a_row_with_one_seed_so_far_shows_no_spread_and_no_interval():
+  def record(accuracy):
+    history = [{'test_accuracy': accuracy, 'epoch_time_s': 1.0}]
+    return {'run': 'final/s/kd/seed0', 'history': history, 'result': {'params': 5}}
+
+  rows = {
+    'student': study_page.summarise([record(0.9)]),
+    'kd': study_page.summarise([record(0.915)]),
+  }
+  table = '\n'.join(study_page.student_table(rows))
+  assert '| 90.00 | 90.00 |' in table and '| 91.50 | 91.50 | +1.50 | one seed |' in table, table
+  assert '±' not in table, table
+
+
 def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   fashion_data_dir, tmp_path, monkeypatch, persistent_compilation_cache
 ):
