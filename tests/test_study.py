@@ -121,11 +121,13 @@ def test_a_diverged_run_is_a_recorded_result_that_ranks_last(tmp_path, monkeypat
   assert '1: diverged' in table and '**0.3: 110.00**' in table
 
 
-def test_a_final_row_with_a_diverged_seed_counts_it_and_pairs_the_others():
-  def record(seed, accuracy):
-    history = [{'test_accuracy': accuracy, 'epoch_time_s': 1.0}]
-    return {'run': f'final/s/kd/seed{seed}', 'history': history, 'result': {'params': 5}}
+def _final_record(seed, accuracy):
+  history = [{'test_accuracy': accuracy, 'epoch_time_s': 1.0}]
+  return {'run': f'final/s/kd/seed{seed}', 'history': history, 'result': {'params': 5}}
 
+
+def test_a_final_row_with_a_diverged_seed_counts_it_and_pairs_the_others():
+  record = _final_record
   alone = study_page.summarise([record(s, 0.90 + s / 1000) for s in range(5)])
   kd = [record(s, 0.91 + s / 1000) for s in range(5)]
   kd[2] = dict(kd[2], diverged='step 7 gave a non-finite loss', result=None)
@@ -140,13 +142,9 @@ def test_a_final_row_with_a_diverged_seed_counts_it_and_pairs_the_others():
 
 
 def test_a_row_with_one_seed_so_far_shows_no_spread_and_no_interval():
-  def record(accuracy):
-    history = [{'test_accuracy': accuracy, 'epoch_time_s': 1.0}]
-    return {'run': 'final/s/kd/seed0', 'history': history, 'result': {'params': 5}}
-
   rows = {
-    'student': study_page.summarise([record(0.9)]),
-    'kd': study_page.summarise([record(0.915)]),
+    'student': study_page.summarise([_final_record(0, 0.9)]),
+    'kd': study_page.summarise([_final_record(0, 0.915)]),
   }
   table = '\n'.join(study_page.student_table(rows))
   assert '| 90.00 | 90.00 |' in table and '| 91.50 | 91.50 | +1.50 | one seed |' in table, table
