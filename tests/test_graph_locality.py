@@ -11,7 +11,7 @@ import pytest
 
 import lpe.losses.graph
 import lpe.sampling
-from lpe import data
+from lpe import data, losses
 from lpe.losses import (
   graph_batch_locality_loss,
   knn_graph,
@@ -416,3 +416,70 @@ def test_teacher_graph_sigma2_scale_multiplies_the_bandwidth():
   np.testing.assert_array_equal(plain.indices, wide.indices)
   assert wide.sigma2 == pytest.approx(3.0 * plain.sigma2)
   np.testing.assert_allclose(wide.weights, plain.weights ** (1 / 3.0), rtol=1e-5)
+
+
+# --- student_scale of the graph losses --------------------------------------------------------
+
+
+def _l2_rows(x):
+  norms = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
+  return np.where(norms > 0, x / np.where(norms > 0, norms, 1.0), 0.0)
+
+
+@pytest.mark.parametrize('student_scale', ['l2', 'mean'])
+def test_graph_batch_scaled_loss_matches_reference_and_ignores_the_scale(student_scale):
+  student, ids, nbrs, weights, mask = make_batch(seed=6)
+  s = np.asarray(student, np.float64)
+  if student_scale == 'l2':
+    expected = reference_batch_loss(_l2_rows(s), ids, nbrs, weights, mask)
+  else:
+    rows = np.flatnonzero(mask)
+    mu = np.mean([np.sum((s[i] - s[j]) ** 2) for i in rows for j in rows if i != j])
+    expected = reference_batch_loss(s, ids, nbrs, weights, mask) / mu
+  loss_fn = jax.jit(graph_batch_locality_loss, static_argnames='student_scale')
+  loss = loss_fn(student, ids, nbrs, weights, where=mask, student_scale=student_scale)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-7)
+  scaled = loss_fn(student * 1e4, ids, nbrs, weights, where=mask, student_scale=student_scale)
+  np.testing.assert_allclose(scaled, loss, rtol=2e-5)
+  mean = lambda x: jnp.mean(loss_fn(x, ids, nbrs, weights, where=mask, student_scale=student_scale))
+  jax.test_util.check_grads(mean, (student,), order=1, modes=('rev',), eps=1e-3)
+
+
+@pytest.mark.parametrize('student_scale', ['l2', 'mean'])
+def test_memory_bank_scaled_loss_matches_reference_and_ignores_the_scale(student_scale):
+  student, bank, _, nbrs, weights = make_bank_inputs(seed=3)
+  s, m = np.asarray(student, np.float64), np.asarray(bank, np.float64)
+  n, k = nbrs.shape
+  if student_scale == 'l2':
+    s, m = _l2_rows(s), _l2_rows(m)
+  expected = np.array(
+    [
+      sum(a * np.sum((s[i] - m[j]) ** 2) for j, a in zip(nbrs[i], weights[i], strict=True)) / k
+      for i in range(n)
+    ]
+  )
+  if student_scale == 'mean':  # Every batch row against every bank row.
+    expected /= np.mean([np.sum((s[i] - m[j]) ** 2) for i in range(n) for j in range(len(m))])
+
+  def loss_fn(x, bank):
+    moments = losses.memory_bank_moments(bank)
+    return memory_bank_locality_loss(
+      x, bank[nbrs], weights, student_scale=student_scale, bank_moments=moments
+    )
+
+  np.testing.assert_allclose(loss_fn(student, bank), expected, rtol=1e-5)
+  # The student and the bank it filled scale together.
+  np.testing.assert_allclose(
+    loss_fn(student * 300.0, bank * 300.0), loss_fn(student, bank), rtol=2e-5
+  )
+  grad = jax.grad(lambda x: jnp.mean(loss_fn(x, bank)))(student)
+  assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+  jax.test_util.check_grads(
+    lambda x: jnp.mean(loss_fn(x, bank)), (student,), order=1, modes=('rev',), eps=1e-3
+  )
+
+
+def test_memory_bank_mean_scale_needs_the_moments():
+  student, bank, _, nbrs, weights = make_bank_inputs()
+  with pytest.raises(ValueError, match='needs bank_moments'):
+    memory_bank_locality_loss(student, bank[nbrs], weights, student_scale='mean')

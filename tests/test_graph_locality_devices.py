@@ -21,7 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from lpe.losses import graph_batch_locality_loss, memory_bank_locality_loss, update_memory_bank
+import functools
+
+from lpe.losses import (
+    graph_batch_locality_loss, memory_bank_locality_loss, memory_bank_moments, update_memory_bank
+)
 
 assert jax.device_count() == 8, jax.devices()
 N_GLOBAL, NUM_EXAMPLES, K, D = 32, 24, 4, 3
@@ -37,11 +41,11 @@ BANK = rng.normal(size=(NUM_EXAMPLES, D)).astype(np.float32)
 INPUTS = (STUDENT, IDS, GRAPH[IDS], GRAPH_WEIGHTS[IDS])
 
 
-def loss_and_grad(student, ids, nbrs, weights, mask, use_mask, axis_name=None):
+def loss_and_grad(student, ids, nbrs, weights, mask, use_mask, axis_name=None, scale='none'):
     # Loss of these rows and jax.grad of their mean w.r.t. these rows' student features.
     where = mask if use_mask else None
     loss_fn = lambda s: graph_batch_locality_loss(s, ids, nbrs, weights, axis_name=axis_name,
-                                                  where=where)
+                                                  where=where, student_scale=scale)
     return loss_fn(student), jax.grad(lambda s: jnp.mean(loss_fn(s)))(student)
 
 
@@ -60,11 +64,12 @@ def by_shard_map(fn, n_devices, args):
 MAPPINGS = {'pmap': by_pmap, 'shard_map': by_shard_map}
 
 
-def check_graph_loss(mapping, n_devices, case):
+def check_graph_loss(mapping, n_devices, case, scale='none'):
     mask, use_mask = MASKS[case], case == 'mask'
-    fn = lambda *args: loss_and_grad(*args, use_mask, 'data')
+    fn = lambda *args: loss_and_grad(*args, use_mask, 'data', scale)
     loss, grad = MAPPINGS[mapping](fn, n_devices, (*INPUTS, mask))
-    expected_loss, expected_grad = jax.jit(loss_and_grad, static_argnums=5)(*INPUTS, mask, use_mask)
+    expected_loss, expected_grad = jax.jit(loss_and_grad, static_argnums=(5, 7))(
+        *INPUTS, mask, use_mask, None, scale)
     assert np.sum(np.asarray(expected_loss) > 0) > N_GLOBAL // 2, expected_loss
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-7)
     # Each device differentiates its local mean; the gather's transpose sums every device's
@@ -72,10 +77,13 @@ def check_graph_loss(mapping, n_devices, case):
     np.testing.assert_allclose(grad, n_devices * expected_grad, rtol=1e-5, atol=1e-6)
 
 
-def check_bank_loss(mapping, n_devices):
+def check_bank_loss(mapping, n_devices, scale='none'):
     args = (STUDENT, BANK[GRAPH[IDS]], GRAPH_WEIGHTS[IDS])
-    loss = MAPPINGS[mapping](memory_bank_locality_loss, n_devices, args)
-    np.testing.assert_allclose(loss, jax.jit(memory_bank_locality_loss)(*args), rtol=1e-6)
+    moments = memory_bank_moments(BANK)
+    fn = lambda *a, axis_name=None: memory_bank_locality_loss(
+        *a, student_scale=scale, bank_moments=moments, axis_name=axis_name)
+    loss = MAPPINGS[mapping](functools.partial(fn, axis_name='data'), n_devices, args)
+    np.testing.assert_allclose(loss, jax.jit(fn)(*args), rtol=1e-6)
 
 
 def check_bank_update(mapping, n_devices):
@@ -105,6 +113,11 @@ for mapping in MAPPINGS:
                 lambda m=mapping, n=n_devices, c=case: check_graph_loss(m, n, c))
         CHECKS[f'{mapping}_{n_devices}_bank_loss'] = (
             lambda m=mapping, n=n_devices: check_bank_loss(m, n))
+        for scale in ('l2', 'mean'):
+            CHECKS[f'{mapping}_{n_devices}_loss_mask_{scale}'] = (
+                lambda m=mapping, n=n_devices, s=scale: check_graph_loss(m, n, 'mask', s))
+            CHECKS[f'{mapping}_{n_devices}_bank_loss_{scale}'] = (
+                lambda m=mapping, n=n_devices, s=scale: check_bank_loss(m, n, s))
         CHECKS[f'{mapping}_{n_devices}_bank_update'] = (
             lambda m=mapping, n=n_devices: check_bank_update(m, n))
 results = {}
@@ -167,3 +180,16 @@ def test_memory_bank_update_is_global_and_identical_on_every_device(
 ):
   result = device_results[f'{mapping}_{n_devices}_bank_update']
   assert result == 'ok', result
+
+
+@pytest.mark.parametrize('scale', ['l2', 'mean'])
+@pytest.mark.parametrize('n_devices', DEVICE_COUNTS)
+@pytest.mark.parametrize('mapping', MAPPINGS)
+def test_scale_invariant_graph_losses_match_single_device(
+  device_results, mapping, n_devices, scale
+):
+  for name in (
+    f'{mapping}_{n_devices}_loss_mask_{scale}',
+    f'{mapping}_{n_devices}_bank_loss_{scale}',
+  ):
+    assert device_results[name] == 'ok', device_results[name]

@@ -1,6 +1,7 @@
 """Tests of lpe.losses.locality against a plain NumPy double loop written from the contract."""
 
 import doctest
+import functools
 
 import chex
 import jax
@@ -439,3 +440,89 @@ def test_sigma2_scale_multiplies_the_default_and_the_given_bandwidth():
   assert not np.allclose(scaled, locality_preserving_loss(s, t, k=3))
   with pytest.raises(ValueError, match='sigma2_scale must be a Python number > 0'):
     locality_preserving_loss(s, t, k=3, sigma2_scale=0.0)
+
+
+# --- student_scale: the scale-invariant forms ----------------------------------------------
+
+
+def reference_scaled_loss(student, teacher, k, student_scale, sigma2=None, where=None):
+  """`l_i` of the form `student_scale`, straight from its definition (float64 loops)."""
+  s = np.asarray(student, np.float64)
+  n = len(s)
+  valid = np.ones(n, bool) if where is None else np.asarray(where, bool)
+  if student_scale == 'l2':
+    norms = np.sqrt(np.sum(s * s, axis=1, keepdims=True))
+    s = np.where(norms > 0, s / np.where(norms > 0, norms, 1.0), 0.0)
+  loss = reference_loss(s, teacher, k, sigma2, where)
+  if student_scale == 'mean':
+    rows = [i for i in range(n) if valid[i]]
+    pairs = [np.sum((s[i] - s[j]) ** 2) for i in rows for j in rows if i != j]
+    loss = loss / np.mean(pairs)
+  return loss
+
+
+@pytest.mark.parametrize('student_scale', ['l2', 'mean'])
+@pytest.mark.parametrize('case', ['default_sigma2', 'given_sigma2', 'mask'])
+def test_scaled_loss_matches_reference(student_scale, case):
+  student, teacher, mask = make_inputs(seed=11)
+  sigma2 = 3.0 if case == 'given_sigma2' else None
+  where = mask if case == 'mask' else None
+  loss = jax.jit(locality_preserving_loss, static_argnames=('k', 'student_scale'))(
+    student, teacher, k=3, sigma2=sigma2, where=where, student_scale=student_scale
+  )
+  expected = reference_scaled_loss(student, teacher, 3, student_scale, sigma2, where)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(loss, reference_loss(student, teacher, 3, sigma2, where))
+  if where is not None:
+    np.testing.assert_array_equal(np.asarray(loss)[~mask], 0.0)
+
+
+@pytest.mark.parametrize('student_scale', ['l2', 'mean'])
+@pytest.mark.parametrize('factor', [1e-6, 0.37, 3.0, 1e6, 1e25])
+def test_scaled_forms_are_invariant_to_the_student_scale(student_scale, factor):
+  student, teacher, mask = make_inputs(seed=12)
+  loss = lambda s: locality_preserving_loss(
+    s, teacher, k=3, where=mask, student_scale=student_scale
+  )
+  np.testing.assert_allclose(loss(student * np.float32(factor)), loss(student), rtol=2e-5)
+  # The paper's form is not: shrinking the student lowers it.
+  plain = lambda s: locality_preserving_loss(s, teacher, k=3, where=mask).mean()
+  assert plain(student * np.float32(0.37)) < plain(student)
+
+
+@pytest.mark.parametrize('student_scale', ['l2', 'mean'])
+def test_scaled_forms_check_grads_and_stay_finite_at_coincident_points(student_scale):
+  student, teacher, mask = make_inputs(seed=13)
+  loss_fn = lambda s: locality_preserving_loss(
+    s, teacher, k=3, where=mask, student_scale=student_scale
+  )
+  jax.test_util.check_grads(loss_fn, (student,), order=1, modes=('fwd', 'rev'), eps=1e-3)
+  for coincident in (np.zeros_like(student), np.ones_like(student)):
+    value = loss_fn(coincident)
+    grad = jax.grad(lambda s: jnp.mean(loss_fn(s)))(coincident)
+    np.testing.assert_array_equal(value, 0.0)
+    assert np.all(np.isfinite(grad))
+
+
+def _mean_scaled_loss(student, *, teacher, student_scale):
+  return jnp.mean(locality_preserving_loss(student, teacher, k=3, student_scale=student_scale))
+
+
+def test_mean_scale_gradient_pushes_the_batch_apart():
+  """'mean' cannot be lowered by shrinking: its gradient has no component along the student
+  (d loss(c s) / dc = 0 at c = 1), unlike the paper's form, whose gradient points outward."""
+  student, teacher, _ = make_inputs(seed=14)
+  for student_scale, expect_zero in (('mean', True), ('l2', True), ('none', False)):
+    mean = functools.partial(_mean_scaled_loss, teacher=teacher, student_scale=student_scale)
+    grad = jax.grad(mean)(student)
+    radial = float(np.sum(grad * student))
+    if expect_zero:
+      assert abs(radial) < 1e-5 * float(np.sum(np.abs(grad * student))), student_scale
+    else:
+      assert radial > 0
+
+
+def test_bad_student_scale_raises():
+  student, teacher, _ = make_inputs()
+  with pytest.raises(ValueError, match="student_scale must be one of 'none', 'l2', 'mean'"):
+    locality_preserving_loss(student, teacher, k=3, student_scale='L2')

@@ -33,38 +33,41 @@ TEACHER = rng.normal(size=(N_GLOBAL, 5)).astype(np.float32)
 MASKS = {'default': np.ones(N_GLOBAL, bool), 'mask': rng.random(N_GLOBAL) > 0.25}
 
 
-def loss_and_grad(student, teacher, mask, use_mask, k=K, axis_name=None, block_size=None):
+def loss_and_grad(
+    student, teacher, mask, use_mask, k=K, axis_name=None, block_size=None, scale='none'
+):
     # Loss of these rows and jax.grad of their mean w.r.t. these rows' student features.
     kwargs = dict(
-        k=k, where=mask if use_mask else None, axis_name=axis_name, block_size=block_size
+        k=k, where=mask if use_mask else None, axis_name=axis_name, block_size=block_size,
+        student_scale=scale,
     )
     loss = locality_preserving_loss(student, teacher, **kwargs)
     mean = lambda s: jnp.mean(locality_preserving_loss(s, teacher, **kwargs))
     return loss, jax.grad(mean)(student)
 
 
-def by_pmap(mask, use_mask, k=K, block_size=None):
-    fn = lambda s, t, m: loss_and_grad(s, t, m, use_mask, k, 'data', block_size)
+def by_pmap(mask, use_mask, k=K, block_size=None, scale='none'):
+    fn = lambda s, t, m: loss_and_grad(s, t, m, use_mask, k, 'data', block_size, scale)
     split = lambda x: x.reshape(N_DEVICES, N_LOCAL, *x.shape[1:])
     loss, grad = jax.pmap(fn, axis_name='data')(split(STUDENT), split(TEACHER), split(mask))
     return loss.reshape(N_GLOBAL), grad.reshape(N_GLOBAL, -1)
 
 
-def by_shard_map(mask, use_mask, k=K, block_size=None):
-    fn = lambda s, t, m: loss_and_grad(s, t, m, use_mask, k, 'data', block_size)
+def by_shard_map(mask, use_mask, k=K, block_size=None, scale='none'):
+    fn = lambda s, t, m: loss_and_grad(s, t, m, use_mask, k, 'data', block_size, scale)
     mesh = Mesh(np.array(jax.devices()), ('data',))
     sharded = jax.shard_map(fn, mesh=mesh, in_specs=(P('data'),) * 3, out_specs=P('data'))
     return jax.jit(sharded)(STUDENT, TEACHER, mask)
 
 
-def check_matches_single_device(run, case, block_size=None):
+def check_matches_single_device(run, case, block_size=None, scale='none'):
     mask = MASKS[case]
     use_mask = case == 'mask'
     # The single-device reference takes the direct path; a block size splits the global batch.
-    loss, grad = run(mask, use_mask, block_size=block_size)
-    expected_loss, expected_grad = jax.jit(loss_and_grad, static_argnums=3)(
-        STUDENT, TEACHER, mask, use_mask
-    )
+    loss, grad = run(mask, use_mask, block_size=block_size, scale=scale)
+    expected_loss, expected_grad = jax.jit(
+        loss_and_grad, static_argnums=3, static_argnames='scale'
+    )(STUDENT, TEACHER, mask, use_mask, scale=scale)
     assert float(jnp.sum(expected_loss)) > 0
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-7)
     # Each device differentiates its local mean; the gather's transpose sums all devices'
@@ -89,6 +92,11 @@ CHECKS = {
     # 32 global rows in blocks of 5: the last block is padded.
     'pmap_mask_blockwise': lambda: check_matches_single_device(by_pmap, 'mask', 5),
     'shard_map_mask_blockwise': lambda: check_matches_single_device(by_shard_map, 'mask', 5),
+    # The scale-invariant forms: 'mean' normalises by a mean over the global batch.
+    'pmap_mask_l2': lambda: check_matches_single_device(by_pmap, 'mask', scale='l2'),
+    'pmap_mask_mean': lambda: check_matches_single_device(by_pmap, 'mask', scale='mean'),
+    'shard_map_mask_l2': lambda: check_matches_single_device(by_shard_map, 'mask', scale='l2'),
+    'shard_map_mask_mean': lambda: check_matches_single_device(by_shard_map, 'mask', scale='mean'),
     'pmap_k_too_large': lambda: check_k_too_large(by_pmap),
     'shard_map_k_too_large': lambda: check_k_too_large(by_shard_map),
 }
@@ -145,3 +153,11 @@ def test_k_too_large_for_global_batch_raises_on_devices(device_results, mapping)
 def test_blockwise_knn_on_devices_matches_single_device(device_results, mapping):
   result = device_results[f'{mapping}_mask_blockwise']
   assert result == 'ok', result
+
+
+@pytest.mark.parametrize('mapping', ['pmap', 'shard_map'])
+@pytest.mark.parametrize('scale', ['l2', 'mean'])
+def test_scale_invariant_forms_on_devices_match_single_device(device_results, mapping, scale):
+  assert device_results[f'{mapping}_mask_{scale}'] == 'ok', device_results[
+    f'{mapping}_mask_{scale}'
+  ]

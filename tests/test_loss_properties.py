@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lpe import losses
@@ -312,3 +312,22 @@ def test_scale_invariant_losses_stay_finite_at_large_magnitudes(data):
   else:
     value, grad = _baseline(student, teacher, hyper, name=name)
   assert _finite(value) and _finite(grad), (name, value, grad)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_scale_invariant_lp_forms_ignore_the_student_scale(data):
+  """'l2' and 'mean' give the same loss for `c * student`, any c > 0, any finite input."""
+  n = data.draw(st.sampled_from(BATCHES[1:]))
+  student = data.draw(arrays((n, data.draw(st.sampled_from(WIDTHS))), jnp.float32))
+  teacher = data.draw(arrays((n, data.draw(st.sampled_from(WIDTHS))), jnp.float32))
+  k = data.draw(st.integers(1, n - 1))
+  student_scale = data.draw(st.sampled_from(['l2', 'mean']))
+  factor = np.float32(data.draw(st.floats(1e-3, 1e3)))
+  # Entries below float32's smallest normal (before or after scaling) lose bits: not a scale.
+  magnitudes = np.abs(np.concatenate([np.ravel(student), np.ravel(student * factor)]))
+  assume(not np.any((magnitudes > 0) & (magnitudes < np.finfo(np.float32).tiny)))
+  loss = lambda s: losses.locality_preserving_loss(s, teacher, k=k, student_scale=student_scale)
+  value, scaled = loss(student), loss(student * factor)
+  assert _finite(value) and _finite(scaled)
+  np.testing.assert_allclose(scaled, value, rtol=1e-4, atol=1e-6)

@@ -13,12 +13,21 @@ from lpe.losses.graph import (
   NeighbourGraph,
   graph_batch_locality_loss,
   memory_bank_locality_loss,
+  memory_bank_moments,
   teacher_graph,
   update_memory_bank,
 )
-from lpe.losses.locality import knn_graph, locality_preserving_loss, pairwise_sq_distances
+from lpe.losses.locality import (
+  STUDENT_SCALES,
+  knn_graph,
+  l2_normalised,
+  locality_preserving_loss,
+  mean_pair_sq_distance,
+  pairwise_sq_distances,
+)
 
 __all__ = [
+  'STUDENT_SCALES',
   'FitNetRegressor',
   'NeighbourGraph',
   'attention_transfer_loss',
@@ -26,8 +35,11 @@ __all__ = [
   'graph_batch_locality_loss',
   'kd_loss',
   'knn_graph',
+  'l2_normalised',
   'locality_preserving_loss',
   'memory_bank_locality_loss',
+  'memory_bank_moments',
+  'mean_pair_sq_distance',
   'pairwise_sq_distances',
   'pkt_loss',
   'rkd_loss',

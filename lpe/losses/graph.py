@@ -24,7 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpe.losses.locality import _check_rank2, _check_where, pairwise_sq_distances
+from lpe.losses.locality import (
+  _check_rank2,
+  _check_student_scale,
+  _check_where,
+  _power_of_two_scale,
+  l2_normalised,
+  mean_pair_sq_distance,
+  pairwise_sq_distances,
+)
 
 # Rows per block of `teacher_graph`: a `[block, block]` distance tile (4 MiB) per step. On 2 CPU
 # cores with 10,000 x 256 features, 1024 was no slower than 2048.
@@ -225,6 +233,7 @@ def graph_batch_locality_loss(
   *,
   axis_name: str | None = None,
   where: jax.Array | None = None,
+  student_scale: str = 'none',
 ) -> jax.Array:
   """Per-row locality loss over the edges of the split's graph that lie inside the batch.
 
@@ -238,7 +247,11 @@ def graph_batch_locality_loss(
   Gradients reach both `s_r` and `s_q(g)`; the weights carry none. A graph row listing the same
   neighbour twice counts it once (first slot's weight); a negative index marks an empty slot.
   With `lpe.sampling.neighbour_aware_index_batches` every anchor has its sampled neighbours in
-  the batch; the batch loss is the mean of `l_r`.
+  the batch; the batch loss is the mean of `l_r` (over the anchors).
+
+  `student_scale` as in `locality_preserving_loss`: 'l2' takes the loss on `s_r / ||s_r||`;
+  'mean' divides it by `mu`, the mean of `||s_r - s_q||^2` over all ordered pairs of distinct
+  valid rows of the (global) batch, with the gradient flowing through `mu`.
 
   Args:
     student_features: `[n, d_s]` float array (computed in float32).
@@ -249,6 +262,7 @@ def graph_batch_locality_loss(
       student features, ids and mask are all-gathered, so `B` is the global batch, and the loss
       of the local rows is returned (equal to the single-device values for any device count).
     where: optional `[n]` bool array; masked rows are not in `B` and get loss exactly 0.
+    student_scale: 'none' (the definition above), 'l2' or 'mean' (scale-invariant forms).
 
   Returns:
     `[n]` float32 per-row loss (local rows under `axis_name`).
@@ -268,8 +282,11 @@ def graph_batch_locality_loss(
   _check_same_rows('graph_indices', graph_indices, (n, k))
   _check_same_rows('graph_weights', graph_weights, (n, k))
   where = _check_where(where, n)
+  student_scale = _check_student_scale(student_scale)
 
   student = jnp.asarray(student_features, jnp.float32)
+  if student_scale == 'l2':
+    student = l2_normalised(student)
   ids = jnp.asarray(example_ids, jnp.int32)
   neighbours = jnp.asarray(graph_indices, jnp.int32)
   weights = jax.lax.stop_gradient(jnp.asarray(graph_weights, jnp.float32))
@@ -279,6 +296,10 @@ def graph_batch_locality_loss(
     # The transpose of all_gather sums every device's cotangents onto the owning rows.
     gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
     batch_student, batch_ids, batch_where = gather(student), gather(ids), gather(local_where)
+  if student_scale == 'mean':
+    # The loss ignores the student's scale, so one power of two (exact) keeps mu in range.
+    scale = _power_of_two_scale(jnp.where(batch_where[:, None], batch_student, 0.0))
+    student, batch_student = student / scale, batch_student / scale
 
   # Masked rows leave the batch: -1 matches no neighbour (negative slots are empty).
   rows, found = _first_rows(neighbours, jnp.where(batch_where, batch_ids, -1))
@@ -289,11 +310,20 @@ def graph_batch_locality_loss(
   diff = student[:, None, :] - batch_student[rows]  # [n, k, d_s]
   terms = jnp.where(present, weights * jnp.sum(diff * diff, axis=-1), 0.0)
   count = jnp.sum(present, axis=-1)
-  return (jnp.sum(terms, axis=-1) / jnp.maximum(count, 1)).astype(jnp.float32)
+  loss = jnp.sum(terms, axis=-1) / jnp.maximum(count, 1)
+  if student_scale == 'mean':
+    loss = loss / mean_pair_sq_distance(batch_student, batch_where)
+  return loss.astype(jnp.float32)
 
 
 def memory_bank_locality_loss(
-  student_features: jax.Array, bank_neighbours: jax.Array, graph_weights: jax.Array
+  student_features: jax.Array,
+  bank_neighbours: jax.Array,
+  graph_weights: jax.Array,
+  *,
+  student_scale: str = 'none',
+  bank_moments: tuple[jax.Array, jax.Array] | None = None,
+  axis_name: str | None = None,
 ) -> jax.Array:
   """Per-example locality loss against the memory bank's copies of all graph neighbours.
 
@@ -304,10 +334,23 @@ def memory_bank_locality_loss(
   The gradient reaches `s_i` only; the bank and the weights carry none. The batch loss is the
   mean of `l_i`. A zero weight drops a slot (still divided by `k`).
 
+  `student_scale` removes the student's scale, as in `locality_preserving_loss`:
+
+    'l2':   the loss on s_i / ||s_i|| and M_j / ||M_j|| (the bank keeps the raw embeddings)
+    'mean': l_i / mu,  mu = mean of ||s_i - M_j||^2 over the (global) batch's rows i and every
+            row j of the bank (not only the graph neighbours: their mean distance would shrink
+            with them); from the bank's moments, exactly:
+            mu = mean_i ||s_i - m||^2 + v,  m = mean_j M_j,  v = mean_j ||M_j - m||^2.
+            The gradient flows through mu via s_i, not into the bank.
+
   Args:
     student_features: `[n, d_s]` float array (computed in float32).
     bank_neighbours: `[n, k, d_s]` float array, `bank[graph.indices[example_ids]]`.
     graph_weights: `[n, k]` float array, `graph.weights[example_ids]`.
+    student_scale: 'none' (the definition above), 'l2' or 'mean'.
+    bank_moments: for 'mean', `(m [d_s], v [])` of the whole bank (`memory_bank_moments`).
+    axis_name: for 'mean' inside `jax.pmap` / `jax.shard_map` over the batch, the mapped axis
+      name: `mu` averages over the global batch.
 
   Returns:
     `[n]` float32 per-example loss.
@@ -325,11 +368,36 @@ def memory_bank_locality_loss(
   k = jnp.shape(graph_weights)[-1]
   _check_same_rows('graph_weights', graph_weights, (n, k))
   _check_same_rows('bank_neighbours', bank_neighbours, (n, k, d))
+  student_scale = _check_student_scale(student_scale)
+  if student_scale == 'mean' and bank_moments is None:
+    raise ValueError(
+      "student_scale='mean' needs bank_moments=(mean, variance) of the whole bank; pass "
+      'memory_bank_moments(bank).'
+    )
   student = jnp.asarray(student_features, jnp.float32)
   bank = jax.lax.stop_gradient(jnp.asarray(bank_neighbours, jnp.float32))
   weights = jax.lax.stop_gradient(jnp.asarray(graph_weights, jnp.float32))
+  if student_scale == 'l2':
+    student, bank = l2_normalised(student), l2_normalised(bank)
   diff = student[:, None, :] - bank
-  return (jnp.sum(weights * jnp.sum(diff * diff, axis=-1), axis=-1) / k).astype(jnp.float32)
+  loss = jnp.sum(weights * jnp.sum(diff * diff, axis=-1), axis=-1) / k
+  if student_scale == 'mean':
+    mean, variance = jax.lax.stop_gradient(bank_moments)
+    spread = jnp.mean(jnp.sum(jnp.square(student - mean), axis=-1))
+    if axis_name is not None:
+      spread = jax.lax.pmean(spread, axis_name)
+    mu = spread + variance
+    loss = loss / jnp.where(mu > 0, mu, 1.0)
+  return loss.astype(jnp.float32)
+
+
+def memory_bank_moments(bank: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(m, v)`: the bank's row mean `[d]` and mean squared distance of its rows to it `[]`
+  (float32, no gradient), what `memory_bank_locality_loss(student_scale='mean')` reads."""
+  _check_rank2('bank', bank)
+  bank = jax.lax.stop_gradient(jnp.asarray(bank, jnp.float32))
+  mean = jnp.mean(bank, axis=0)
+  return mean, jnp.mean(jnp.sum(jnp.square(bank - mean), axis=-1))
 
 
 def update_memory_bank(

@@ -51,6 +51,46 @@ def _check_where(where: jax.Array | None, n: int) -> jax.Array | None:
   return where.astype(bool)
 
 
+STUDENT_SCALES = ('none', 'l2', 'mean')
+
+
+def _check_student_scale(student_scale: str) -> str:
+  if student_scale not in STUDENT_SCALES:
+    raise ValueError(
+      f'student_scale must be one of {", ".join(map(repr, STUDENT_SCALES))}, got {student_scale!r}.'
+    )
+  return student_scale
+
+
+def l2_normalised(x: jax.Array) -> jax.Array:
+  """Each row of `x` divided by its L2 norm (float32); an all-zero row stays 0, with gradient 0.
+
+  Each row is first divided by a power of two near its largest entry (exact), so rows of any
+  finite magnitude, tiny or huge, normalise without underflow or overflow.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  x = x / _power_of_two_scale(x, axis=-1)
+  sq_norm = jnp.sum(x * x, axis=-1, keepdims=True)
+  nonzero = sq_norm > 0
+  # The double where keeps the gradient of a zero row finite (0) instead of 0 * inf.
+  return x * jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, sq_norm, 1.0)), 0.0)
+
+
+def mean_pair_sq_distance(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """`mu`: the mean of `||x_i - x_j||^2` over all ordered pairs `i != j` of valid rows of `x`.
+
+  From the centred rows, exactly: `sum_{i != j} ||x_i - x_j||^2 = 2 n sum_i ||x_i - m||^2` with
+  `m` the valid rows' mean, so `mu = 2 sum_i ||x_i - m||^2 / (n - 1)`; `O(n d)`, with gradients.
+  Fewer than two valid rows, or every valid row equal, give `mu = 1` (nothing to normalise).
+  """
+  x = jnp.where(valid[:, None], jnp.asarray(x, jnp.float32), 0.0)
+  count = jnp.sum(valid)
+  centre = jnp.sum(x, axis=0) / jnp.maximum(count, 1)
+  centred = jnp.where(valid[:, None], x - centre, 0.0)
+  mu = 2.0 * jnp.sum(centred * centred) / jnp.maximum(count - 1, 1)
+  return jnp.where((count >= 2) & (mu > 0), mu, 1.0)
+
+
 def _power_of_two_scale(x: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
   """A power of two `p` with `max |x| < 2 p` over the finite entries of `x` (along `axis`, kept).
 
@@ -285,6 +325,7 @@ def locality_preserving_loss(
   where: jax.Array | None = None,
   axis_name: str | None = None,
   block_size: int | None = None,
+  student_scale: str = 'none',
 ) -> jax.Array:
   """Per-example locality-preserving loss: teacher neighbours should stay close in the student.
 
@@ -302,6 +343,16 @@ def locality_preserving_loss(
   directly, so gradients are exact when student features coincide. The batch loss is the mean of
   `l_i`; the paper's `1/2 sum_ij a_ij ||s_i - s_j||^2` is `(n k / 2)` times it.
 
+  `student_scale` removes the student's scale from the loss (`'none'`, the paper's form above, can
+  be lowered by shrinking every student embedding):
+
+    'l2':   the loss above on s_i / ||s_i|| (each student row L2-normalised; a zero row stays 0)
+    'mean': l_i / mu,  mu = mean of ||s_i - s_j||^2 over all ordered pairs i != j of valid rows
+            of the (global) batch (1 if there are fewer than two, or all coincide); the gradient
+            flows through mu (RKD's distance normalisation applied to LP)
+
+  Both give the same loss when every `s_i` is multiplied by the same `c > 0`.
+
   Teacher features of any finite magnitude work: the graph and `D / sigma2` are computed in units
   of a power of two near the largest teacher feature (exact, so ordinary inputs give the same
   bits), and the default `sigma2` is scale-free. Student distances beyond float32's range
@@ -310,7 +361,8 @@ def locality_preserving_loss(
   Bad input is never hidden: a NaN or inf teacher feature in a valid row makes every valid row's
   loss NaN (that row's distances, hence every row's graph and the default `sigma2`, are
   undefined); a NaN or inf student feature makes its own row's loss non-finite, and that of every
-  row it is a neighbour of; a traced `sigma2` that is NaN, inf or `<= 0` makes every valid row's
+  row it is a neighbour of (with `student_scale='mean'`, of every valid row, through `mu`); a
+  traced `sigma2` that is NaN, inf or `<= 0` makes every valid row's
   loss NaN. Masked rows are the exception: what they hold is ignored.
 
   Args:
@@ -331,6 +383,7 @@ def locality_preserving_loss(
     block_size: how `knn_graph` splits the teacher distances: None (automatic, by the global
       batch size), 0 (direct, one `[n, n]` matrix) or rows per block (peak memory
       `O(n * block_size)`). The loss and its gradients do not depend on it. A Python int.
+    student_scale: 'none' (the paper's form), 'l2' or 'mean' (scale-invariant forms, above).
 
   Returns:
     `[n]` float32 per-example loss (local rows under `axis_name`).
@@ -342,6 +395,10 @@ def locality_preserving_loss(
     >>> [round(float(x), 4) for x in loss]  # exp(-1) * 1, exp(-1) * 1, exp(-4) * 4, exp(-9) * 9
     [0.3679, 0.3679, 0.0733, 0.0011]
     >>> bool(jnp.isnan(locality_preserving_loss(s, s.at[2, 0].set(jnp.nan), k=1)).all())
+    True
+    >>> a = locality_preserving_loss(s, s, k=1, student_scale='mean')
+    >>> b = locality_preserving_loss(10.0 * s, s, k=1, student_scale='mean')
+    >>> bool(jnp.allclose(a, b))
     True
   """
   _check_rank2('student_features', student_features)
@@ -358,6 +415,7 @@ def locality_preserving_loss(
   if sigma2 is not None and sigma2_scale != 1:
     sigma2 = sigma2 * sigma2_scale
   where = _check_where(where, n_local)
+  student_scale = _check_student_scale(student_scale)
 
   student = jnp.asarray(student_features, jnp.float32)
   teacher = jax.lax.stop_gradient(jnp.asarray(teacher_features, jnp.float32))
@@ -373,6 +431,11 @@ def locality_preserving_loss(
   block = _resolve_block_size(block_size, n)
   valid = jnp.ones(n, bool) if where is None else where
   student = _masked_rows_zeroed(student, valid)
+  if student_scale == 'l2':  # After masking: what masked rows held cannot reach a gradient.
+    student = l2_normalised(student)
+  elif student_scale == 'mean':
+    # The loss ignores the student's scale, so a power of two (exact) keeps mu in range.
+    student = student / _power_of_two_scale(student)
   teacher = _masked_rows_zeroed(teacher, valid)
   indices, scaled_dist, filled, scale = _scaled_knn(teacher, valid, k, block)
   if sigma2 is None:
@@ -390,6 +453,8 @@ def locality_preserving_loss(
   diff = student[:, None, :] - student[indices]  # [n, k, d_s]
   terms = jnp.where(filled, weights * jnp.sum(diff * diff, axis=-1), 0.0)
   loss = jnp.sum(terms, axis=-1) / k
+  if student_scale == 'mean':
+    loss = loss / mean_pair_sq_distance(student, valid)
   # Stated, not left to the arithmetic: a row with no filled slot has no term to carry a NaN.
   bad_batch = bad_sigma2 | ~jnp.all(jnp.isfinite(teacher))
   bad_row = bad_batch | ~jnp.all(jnp.isfinite(student), axis=1)
