@@ -31,6 +31,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.data_dir = ''  # '' means $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.train_split = 'train'
   config.test_split = 'test'
+  # >0: train on a fixed, class-stratified subset of this many examples of `train_split` (the
+  # few-labels regime): the same subset for every seed and method, drawn with
+  # `train_subset_seed` (`lpe.data.stratified_subset`).
+  config.train_subset = 0
+  config.train_subset_seed = 0
   config.image_size = 0  # >0: images resized (or, with augment='imagenet', cropped) to this size.
   # Per-channel normalisation constants; () means the published ones of mnist, fashion_mnist and
   # cifar, else computed once from the training split and cached beside the data.
@@ -101,6 +106,12 @@ def _distill_defaults() -> ml_collections.ConfigDict:
   distill.k = 5
   distill.sigma2 = config_dict.placeholder(float)  # None: mean kNN distance in the batch.
   distill.sigma2_scale = 1.0  # Multiplies the bandwidth (sigma2, or the default).
+  # The student's scale in LP (every form, lpe/losses): 'none' (the paper's loss, lowered by
+  # shrinking the student's embedding), 'l2' (on L2-normalised student embeddings) or 'mean'
+  # (divided by the batch's mean squared student distance); docs/scale_invariant_lp.md.
+  distill.student_scale = 'none'
+  # LP's weight rises linearly from 0 over this many first steps (0: the full weight at once).
+  distill.lp_warmup_steps = 0
   distill.feature = 'embedding'  # A key of both models' feature dicts.
   # None: direct kNN up to 4096 rows, blockwise above; 0: always direct; n: blocks of n rows.
   distill.knn_block_size = config_dict.placeholder(int)
@@ -112,7 +123,16 @@ def _distill_defaults() -> ml_collections.ConfigDict:
   distill.lp_graph = 'batch'
   distill.graph_k = 0  # Neighbours per example in the whole split's graph; 0 means `k`.
   distill.graph_neighbours = 1  # 'neighbours': graph neighbours drawn per anchor (m).
+  # 'neighbours': 'within' (anchors and their neighbours share batch_size rows, so an epoch's CE
+  # sees about 1 / (1 + m) of the images as anchors) or 'added' (the anchors are the ordinary
+  # batch of batch_size, every image once per epoch; their neighbours come on top and CE and the
+  # per-example terms average over the anchors). With lp_weight=0 the sampler runs alone: the
+  # control that measures its own effect.
+  distill.neighbour_batches = 'within'
   distill.bank_momentum = 0.0  # 'bank': a row becomes momentum * old + (1 - momentum) * new.
+  # 'bank': how the bank is first filled by the initial student: 'inference' (running BatchNorm
+  # statistics) or 'train' (batch statistics over training-size batches, as the step sees).
+  distill.bank_fill = 'inference'
   distill.kd_weight = 0.0
   distill.kd_temperature = 4.0
   # The baselines (lpe/objectives.py), each with the features it reads; names are keys of both
@@ -197,6 +217,8 @@ DOMAINS = {
   'eval_batch_size': _AT_LEAST_1,
   'steps_per_epoch_limit': _AT_LEAST_0,  # 0: no limit.
   'image_size': _AT_LEAST_0,  # 0: the images' own size.
+  'train_subset': _AT_LEAST_0,  # 0: the whole split.
+  'train_subset_seed': Domain(0, 2**31 - 1),
   'data_mean': _SHARE,  # Per channel, of pixels scaled to [0, 1].
   'data_std': _POSITIVE,
   'input_workers': _AT_LEAST_0,
@@ -210,6 +232,7 @@ DOMAINS = {
   'distill.k': _AT_LEAST_1,
   'distill.sigma2': _POSITIVE,
   'distill.sigma2_scale': _POSITIVE,
+  'distill.lp_warmup_steps': _AT_LEAST_0,
   'distill.knn_block_size': _AT_LEAST_0,
   'distill.graph_k': _AT_LEAST_0,  # 0: k.
   'distill.graph_neighbours': _AT_LEAST_1,
@@ -242,6 +265,9 @@ CHOICES = {
   'augment': (*augment.AUGMENTATIONS, 'imagenet'),
   'input': feed.INPUTS,
   'distill.lp_graph': LP_GRAPHS,
+  'distill.student_scale': ('none', 'l2', 'mean'),
+  'distill.neighbour_batches': ('within', 'added'),
+  'distill.bank_fill': ('inference', 'train'),
 }
 
 
@@ -432,6 +458,11 @@ def _validate_input(config: ml_collections.ConfigDict) -> None:
       )
   if config.input == 'stream':
     stream.check_config(config)
+  if config.train_subset and feed.per_process_data(config):
+    raise ValueError(
+      'config.train_subset draws one subset of the whole training split, but '
+      'config.distributed.per_process_data=True gives each process only its share; turn one off.'
+    )
 
 
 def _one_of(values) -> str:
@@ -465,15 +496,19 @@ def _validate_distill(d: ml_collections.ConfigDict, per_device: int, num_devices
 def _validate_graph(d: ml_collections.ConfigDict, batch_size: int) -> None:
   if d.lp_graph == 'batch':
     return
-  if not d.lp_weight:
+  # With neighbours added on top, lp_weight=0 is the sampler's control row.
+  control = d.lp_graph == 'neighbours' and d.neighbour_batches == 'added'
+  if not d.lp_weight and not control:
     raise ValueError(
       f'config.distill.lp_graph={d.lp_graph!r} sets how LP sees neighbours, but '
-      'config.distill.lp_weight is 0; set lp_weight > 0 or lp_graph=batch.'
+      'config.distill.lp_weight is 0; set lp_weight > 0 or lp_graph=batch (or, for the '
+      "sampler's control row, lp_graph=neighbours with neighbour_batches=added)."
     )
   graph_k = d.graph_k or d.k  # Both >= 1 or 0 (`DOMAINS`).
   if d.lp_graph == 'neighbours':
     m = d.graph_neighbours
-    if not 1 <= m <= graph_k or batch_size % (1 + m):
+    within = d.neighbour_batches == 'within'
+    if not 1 <= m <= graph_k or (within and batch_size % (1 + m)):
       raise ValueError(
         f'config.distill.graph_neighbours={m} must be between 1 and the graph k ({graph_k}), and '
         f'1 + {m} must divide config.batch_size={batch_size} (each anchor comes with {m} '

@@ -187,6 +187,40 @@ def preprocess(images: jax.Array, info: DatasetInfo) -> jax.Array:
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def stratified_subset(split: Split, size: int, *, seed: int) -> Split:
+  """A fixed subset of `size` examples of `split` with its classes in the split's proportions.
+
+  Each class present gets `floor(size * share)` examples, and the remaining ones go to the classes
+  with the largest remainders (ties to the lower label), so the result has exactly `size`
+  examples; within a class they are drawn uniformly without replacement by
+  `np.random.default_rng([seed, label])`. A pure function of `(split, size, seed)`, kept in the
+  split's order.
+
+  Example:
+    >>> split = Split(np.zeros((10, 1, 1, 1), np.uint8), np.array([0] * 6 + [1] * 4, np.int32))
+    >>> np.bincount(stratified_subset(split, 5, seed=0).labels).tolist()
+    [3, 2]
+  """
+  n = len(split)
+  if not 1 <= size <= n:
+    raise ValueError(
+      f'train_subset={size} must be between 1 and the {n} examples of the training split; '
+      'lower it (or 0 for the whole split).'
+    )
+  classes, counts = np.unique(split.labels, return_counts=True)
+  exact = size * counts / n
+  take = np.floor(exact).astype(int)
+  by_remainder = sorted(range(len(classes)), key=lambda c: (-(exact[c] - take[c]), classes[c]))
+  take[by_remainder[: size - int(take.sum())]] += 1
+  chosen = []
+  for label, count in zip(classes, take, strict=True):
+    members = np.flatnonzero(split.labels == label)
+    rng = np.random.default_rng([seed, int(label)])
+    chosen.append(rng.choice(members, count, replace=False))
+  index = np.sort(np.concatenate(chosen))
+  return Split(split.images[index], split.labels[index])
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Training steps in one epoch: the last partial batch is dropped."""
   if batch_size > num_examples:

@@ -77,13 +77,14 @@ class Feed:
     self._split, self._place, self._seed = split, place, config.seed
     self._graph = graph
     self._neighbours = config.distill.lp_graph == 'neighbours' and config.distill.graph_neighbours
+    self._layout = config.distill.neighbour_batches
     per_process = per_process_data(config)
     # The batch this process draws its index batches for: its share of the global batch when it
     # holds only its share of the data, else the whole global batch (of which it feeds its rows).
     self._index_batch = (
       config.batch_size // jax.process_count() if per_process else config.batch_size
     )
-    self._rows = slice(None) if per_process else parallel.process_rows(config.batch_size)
+    self._rows = slice(None) if per_process else parallel.process_rows(step_batch_size(config))
     self.steps_per_epoch = steps_in_epoch(config, len(split), self._index_batch, per_process)
     resident = {}
     if input_path(config, split) == 'device':
@@ -100,7 +101,11 @@ class Feed:
     kwargs = dict(batch_size=self._index_batch, seed=self._seed, epoch=epoch, start_step=start_step)
     if self._neighbours:
       indices = sampling.neighbour_aware_index_batches(
-        len(self._split), self._graph.indices, neighbours_per_anchor=self._neighbours, **kwargs
+        len(self._split),
+        self._graph.indices,
+        neighbours_per_anchor=self._neighbours,
+        layout=self._layout,
+        **kwargs,
       )
     else:
       indices = data.train_index_batches(len(self._split), **kwargs)
@@ -123,6 +128,15 @@ class Feed:
     if 'graph' in gathered:
       graph = dict(gathered['graph'], ids=placed)
     return images, labels, gathered.get('teacher'), graph
+
+
+def step_batch_size(config: ml_collections.ConfigDict) -> int:
+  """Rows of a step's global batch: `batch_size`, or with graph neighbours added on top of the
+  anchors (`distill.neighbour_batches='added'`) `batch_size * (1 + graph_neighbours)`."""
+  d = config.distill
+  if d.lp_graph == 'neighbours' and d.neighbour_batches == 'added':
+    return config.batch_size * (1 + d.graph_neighbours)
+  return config.batch_size
 
 
 def steps_in_epoch(

@@ -55,8 +55,11 @@ def needs_teacher(distill: Mapping[str, Any]) -> bool:
 
 
 def feature_names(distill: Mapping[str, Any]) -> set[str]:
-  """The feature-dict keys the active terms read (from both nets)."""
+  """The feature-dict keys the active terms read (from both nets), and the one the whole split's
+  graph is built from (`lp_graph` other than 'batch', also for the sampler's control row)."""
   names = set()
+  if distill.get('lp_graph', 'batch') != 'batch':
+    names.add(distill['feature'])
   for method in active(distill):
     if method == 'lp':
       names.add(distill['feature'])
@@ -80,12 +83,22 @@ def check_features(distill: Mapping[str, Any], s_features: Mapping, t_features: 
 
 def describe(distill: Mapping[str, Any]) -> str:
   """A short name for the objective, e.g. 'CE + 0.1 LP + 1 KD' ('LP-bank' for LP over the whole
-  split's graph with a memory bank, 'LP-neighbours' with neighbour-aware batches)."""
+  split's graph with a memory bank, 'LP-neighbours' with neighbour-aware batches; '(l2)' or
+  '(mean)' for a scale-invariant LP; '+ neighbour batches' for the sampler alone)."""
   ce_weight = distill.get('ce_weight', 1.0)
   ce = 'CE' if ce_weight == 1 else f'{ce_weight:g} CE'
   graph = distill.get('lp_graph', 'batch')
-  label = lambda m: f'LP-{graph}' if m == 'lp' and graph != 'batch' else LABELS[m]
+  scale = distill.get('student_scale', 'none')
+
+  def label(method):
+    if method != 'lp':
+      return LABELS[method]
+    name = 'LP' if graph == 'batch' else f'LP-{graph}'
+    return name if scale == 'none' else f'{name} ({scale})'
+
   parts = [ce] + [f'{distill[m + "_weight"]:g} {label(m)}' for m in active(distill)]
+  if graph == 'neighbours' and not distill.get('lp_weight'):
+    parts.append('neighbour batches')
   return ' + '.join(parts)
 
 
@@ -98,6 +111,15 @@ def init_aux_params(
   hint, target = s_features[distill['fitnet_feature']], t_features[distill['fitnet_feature']]
   regressor = losses.FitNetRegressor(features=target.shape[-1])
   return {'fitnet_regressor': regressor.init(rng, jnp.zeros((1, *hint.shape[1:])))['params']}
+
+
+def row_mean(values: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+  """The mean of per-example `values` over all rows, or over the rows where `rows` is True (the
+  anchors of batches with graph neighbours added on top)."""
+  values = jnp.asarray(values, jnp.float32)
+  if rows is None:
+    return values.mean()
+  return jnp.sum(jnp.where(rows, values, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
 
 
 def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -114,28 +136,30 @@ def distillation_terms(
   *,
   graph: Mapping[str, jax.Array] | None = None,
   axis_name: str | None = None,
+  anchors: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """The active distillation terms, each a scalar batch loss (unweighted).
 
-  Per-example terms are means over this device's rows (the caller averages over devices);
-  relational terms are computed on the gathered global batch, the same value on every device.
-  `graph` holds the batch's rows of the whole split's teacher graph when `lp_graph` is not
-  'batch'.
+  Per-example terms are means over this device's rows (the caller averages over devices), or
+  over its `anchors` rows when given (batches with graph neighbours added on top); relational
+  terms are computed on the gathered global batch, the same value on every device. `graph` holds
+  the batch's rows of the whole split's teacher graph when `lp_graph` is not 'batch'.
   """
   terms = {}
+  mean = lambda values: row_mean(values, anchors)
   if distill.get('lp_weight'):
-    terms['lp'] = _locality(distill, s_features, t_features, graph, axis_name).mean()
+    terms['lp'] = mean(_locality(distill, s_features, t_features, graph, axis_name))
   if distill.get('kd_weight'):
-    terms['kd'] = losses.kd_loss(s_logits, t_logits, temperature=distill['kd_temperature']).mean()
+    terms['kd'] = mean(losses.kd_loss(s_logits, t_logits, temperature=distill['kd_temperature']))
   if distill.get('fitnet_weight'):
     name = distill['fitnet_feature']
     target = t_features[name]
     regressor = losses.FitNetRegressor(features=target.shape[-1])
     hint = regressor.apply({'params': aux_params['fitnet_regressor']}, s_features[name])
-    terms['fitnet'] = losses.fitnet_loss(hint, target).mean()
+    terms['fitnet'] = mean(losses.fitnet_loss(hint, target))
   if distill.get('at_weight'):
     terms['at'] = sum(
-      losses.attention_transfer_loss(s_features[name], t_features[name]).mean()
+      mean(losses.attention_transfer_loss(s_features[name], t_features[name]))
       for name in distill['at_features']
     )
   relational = {
@@ -154,12 +178,25 @@ def _locality(distill, s_features, t_features, graph, axis_name) -> jax.Array:
   """The per-example LP loss over the neighbourhoods `distill['lp_graph']` names."""
   student = s_features[distill['feature']]
   mode = distill.get('lp_graph', 'batch')
+  scale = distill.get('student_scale', 'none')
   if mode == 'neighbours':
     return losses.graph_batch_locality_loss(
-      student, graph['ids'], graph['indices'], graph['weights'], axis_name=axis_name
+      student,
+      graph['ids'],
+      graph['indices'],
+      graph['weights'],
+      axis_name=axis_name,
+      student_scale=scale,
     )
   if mode == 'bank':
-    return losses.memory_bank_locality_loss(student, graph['bank_neighbours'], graph['weights'])
+    return losses.memory_bank_locality_loss(
+      student,
+      graph['bank_neighbours'],
+      graph['weights'],
+      student_scale=scale,
+      bank_moments=graph.get('bank_moments'),
+      axis_name=axis_name,
+    )
   return losses.locality_preserving_loss(
     student,
     t_features[distill['feature']],
@@ -168,11 +205,23 @@ def _locality(distill, s_features, t_features, graph, axis_name) -> jax.Array:
     sigma2_scale=distill.get('sigma2_scale', 1.0),
     axis_name=axis_name,
     block_size=distill.get('knn_block_size'),
+    student_scale=scale,
   )
 
 
-def total_loss(distill: Mapping[str, Any], ce: jax.Array, terms: Mapping[str, jax.Array]):
-  """`ce_weight` (default 1) times CE plus each term times its weight."""
+def total_loss(
+  distill: Mapping[str, Any],
+  ce: jax.Array,
+  terms: Mapping[str, jax.Array],
+  *,
+  step: jax.Array | int | None = None,
+) -> jax.Array:
+  """`ce_weight` (default 1) times CE plus each term times its weight; LP's weight rises
+  linearly from 0 over the first `lp_warmup_steps` steps (`step` counts from 0)."""
+  weights = {method: distill[f'{method}_weight'] for method in terms}
+  warmup = distill.get('lp_warmup_steps', 0)
+  if 'lp' in weights and warmup and step is not None:
+    weights['lp'] = weights['lp'] * jnp.minimum(1.0, step / warmup)
   return distill.get('ce_weight', 1.0) * ce + sum(
-    distill[f'{method}_weight'] * value for method, value in terms.items()
+    weights[method] * value for method, value in terms.items()
   )

@@ -25,10 +25,12 @@ def neighbour_aware_index_batches(
   seed: int,
   epoch: int,
   start_step: int = 0,
+  layout: str = 'within',
 ) -> Iterator[np.ndarray]:
-  """Yields the example ids (int32 `[batch_size]`) of each batch of `epoch`, from `start_step` on.
+  """Yields the example ids (int32) of each batch of `epoch`, from `start_step` on.
 
-  With `m = neighbours_per_anchor` and `A = batch_size // (1 + m)` anchors per batch:
+  `layout='within'`: `batch_size` rows per batch. With `m = neighbours_per_anchor` and
+  `A = batch_size // (1 + m)` anchors per batch:
 
     anchors(step)  = order[step * A : (step + 1) * A],  order = data.epoch_permutation(seed, epoch)
     neighbours(a)  = m distinct entries of graph_indices[a] (of its k), drawn without replacement
@@ -44,14 +46,21 @@ def neighbour_aware_index_batches(
   is also another's neighbour), which `graph_batch_locality_loss` handles. `m = 0` gives exactly
   `data.train_index_batches`.
 
+  `layout='added'`: `batch_size * (1 + m)` rows per batch. The anchors are the ordinary batches,
+  `A = batch_size` (`anchors(step)` is `data.train_index_batches`' batch, so every example is an
+  anchor once per epoch, as when training without the graph), and each one's `m` neighbours come
+  on top, interleaved as above: row `g * (1 + m)` is an anchor, the next `m` rows its neighbours.
+
   Args:
     num_examples: `N`, the size of the training split.
     graph_indices: `[N, k]` int array, `NeighbourGraph.indices` of the split.
-    batch_size: global batch size, divisible by `1 + m`.
+    batch_size: global batch size: of the whole batch ('within', divisible by `1 + m`) or of
+      its anchors ('added').
     neighbours_per_anchor: `m`, a Python int with `0 <= m <= k`.
     seed: the run's data seed.
     epoch: the epoch.
     start_step: first step to yield (to resume mid-epoch).
+    layout: 'within' or 'added' (above).
 
   Example:
     >>> import numpy as np
@@ -78,14 +87,16 @@ def neighbour_aware_index_batches(
       f'neighbours_per_anchor must be a Python int in [0, k={k}], got {m!r}; lower it or '
       'build the graph with more neighbours.'
     )
-  if batch_size % (1 + m):
+  if layout not in ('within', 'added'):
+    raise ValueError(f"layout must be 'within' or 'added', got {layout!r}.")
+  if layout == 'within' and batch_size % (1 + m):
     raise ValueError(
       f'batch_size {batch_size} must be divisible by 1 + neighbours_per_anchor = {1 + m} '
       '(each anchor comes with its neighbours); change one of them.'
     )
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
-  anchors_per_batch = batch_size // (1 + m)
+  anchors_per_batch = batch_size // (1 + m) if layout == 'within' else batch_size
   steps = data.steps_per_epoch(num_examples, batch_size)
   order = data.epoch_permutation(num_examples, seed=seed, epoch=epoch).astype(np.int32)
   for step in range(start_step, steps):

@@ -113,20 +113,46 @@ def create_train_state(model, config, rng: jax.Array, image_shape, steps_per_epo
 
 
 def embeddings(
-  model, variables: dict[str, Any], split: data.Split, *, info, feature: str, batch_size: int
+  model,
+  variables: dict[str, Any],
+  split: data.Split,
+  *,
+  info,
+  feature: str,
+  batch_size: int,
+  batch_statistics: bool = False,
 ) -> np.ndarray:
-  """`model`'s `feature` `[N, d]` (float32) for every example of `split`, in inference mode: what
-  a memory bank (`distill.lp_graph='bank'`) starts from."""
+  """`model`'s `feature` `[N, d]` (float32) for every example of `split`: what a memory bank
+  (`distill.lp_graph='bank'`) starts from.
+
+  In inference mode by default. With `batch_statistics`, BatchNorm normalises each batch of
+  `batch_size` by its own statistics, as the training step does (the running statistics are
+  neither used nor changed); the last batch is completed with the split's first examples, whose
+  rows are dropped, so every batch has `batch_size` rows. Models without BatchNorm give the same
+  values either way.
+  """
+  train = batch_statistics and bool(variables.get('batch_stats'))
 
   @jax.jit
   def forward(variables, images):
-    _, features = model.apply(variables, data.preprocess(images, info), train=False)
+    x = data.preprocess(images, info)
+    if train:
+      (_, features), _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    else:
+      _, features = model.apply(variables, x, train=False)
     return features[feature].astype(jnp.float32)
 
-  chunks = [
-    np.asarray(forward(variables, images))[mask]
-    for images, _, mask in data.eval_batches(split, batch_size=batch_size)
-  ]
+  if not train:
+    chunks = [
+      np.asarray(forward(variables, images))[mask]
+      for images, _, mask in data.eval_batches(split, batch_size=batch_size)
+    ]
+    return np.concatenate(chunks)
+  n = len(split)
+  chunks = []
+  for start in range(0, n, batch_size):
+    index = np.arange(start, start + batch_size) % n
+    chunks.append(np.asarray(forward(variables, split.images[index]))[: n - start])
   return np.concatenate(chunks)
 
 

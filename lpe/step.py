@@ -78,13 +78,18 @@ def train_step(
     t_logits, t_features = jax.lax.stop_gradient(teacher_outputs)
   if state.bank is not None:  # Every neighbour's last embedding; the bank gets no gradient.
     graph = dict(graph, bank_neighbours=state.bank[graph['indices']])
+    if distill.get('student_scale', 'none') == 'mean':
+      graph['bank_moments'] = losses.memory_bank_moments(state.bank)
+  anchors = anchor_rows(distill, labels.shape[0])
 
   def loss_fn(params, aux_params):
     mutable = ['batch_stats'] if state.batch_stats else False
     out = student.apply(make_variables(params, state.batch_stats), x, train=True, mutable=mutable)
     (logits, features), new_vars = out if mutable else (out, {})
     logits = logits.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    ce = objectives.row_mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits, labels), anchors
+    )
     terms = {}
     if objectives.active(distill):
       terms = objectives.distillation_terms(
@@ -96,9 +101,10 @@ def train_step(
         aux_params,
         graph=graph,
         axis_name=axis_name,
+        anchors=anchors,
       )
-    loss = objectives.total_loss(distill, ce, terms)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    loss = objectives.total_loss(distill, ce, terms, step=state.step)
+    accuracy = objectives.row_mean(jnp.argmax(logits, -1) == labels, anchors)
     batch_stats = new_vars.get('batch_stats', state.batch_stats)
     return loss, (dict(terms, ce=ce), accuracy, batch_stats, features.get(distill['feature']))
 
@@ -126,6 +132,16 @@ def train_step(
     new_state = _keep_if(finite, new_state, state)
   metrics['finite'] = finite.astype(jnp.float32)
   return new_state, metrics
+
+
+def anchor_rows(distill: Mapping[str, Any], rows: int) -> jax.Array | None:
+  """With graph neighbours added on top of the anchors (`neighbour_batches='added'`), which of
+  these `rows` are anchors (`[rows]` bool; rows `g * (1 + m)`, `lpe.sampling`), else None.
+
+  A device's rows hold whole groups of `1 + m`, so the pattern is the same on every device."""
+  if distill.get('lp_graph') != 'neighbours' or distill.get('neighbour_batches') != 'added':
+    return None
+  return jnp.arange(rows) % (1 + distill['graph_neighbours']) == 0
 
 
 def _keep_if(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:

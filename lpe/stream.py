@@ -46,6 +46,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     'teacher.cache_outputs=True': config.teacher.cache_outputs
     and objectives.active(config.distill),
     f'distill.lp_graph={config.distill.lp_graph!r}': config.distill.lp_graph != 'batch',
+    f'train_subset={config.train_subset}': config.train_subset > 0,
   }
   for what, on in needs_split.items():
     if on:

@@ -61,12 +61,32 @@ CHOSEN = {'best_relational': RELATIONAL, 'best_graph_variant': GRAPH_VARIANTS}
 LP_DIMENSIONS = ('distill.k', 'distill.sigma2_scale')
 
 
+# Settings added to lpe after a ledger's first runs, with the value at which each trains exactly
+# as lpe did before it existed. At that value a setting is left out of the digest, so the runs
+# recorded before it was added stay valid; any other value is part of the digest.
+DIGEST_NEUTRAL = {
+  'train_subset': 0,
+  'train_subset_seed': 0,
+  'distill.student_scale': 'none',
+  'distill.lp_warmup_steps': 0,
+  'distill.neighbour_batches': 'within',
+  'distill.bank_fill': 'inference',
+}
+
+
 def config_digest(config: ml_collections.ConfigDict) -> str:
   """A short hash of a run config's training-relevant fields (not where files live)."""
   fields = json.loads(config.to_json_best_effort())
   for key in ('name', 'data_dir', 'log_every_steps', 'checkpoint_every_steps', 'input'):
     fields.pop(key, None)
   fields.get('teacher', {}).pop('cache_dir', None)
+  for key, neutral in DIGEST_NEUTRAL.items():
+    *parents, leaf = key.split('.')
+    group = fields
+    for parent in parents:
+      group = group.get(parent, {})
+    if leaf in group and group[leaf] == neutral:
+      del group[leaf]
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -127,8 +127,10 @@ def precomputed(
   """What the steps read of the teacher, computed once before training: its cached outputs on
   `split` (`config.teacher.cache_outputs`, else None) and the whole split's kNN graph
   (`config.distill.lp_graph` 'neighbours' or 'bank', else None)."""
+  # The graph is also needed without LP: the neighbour sampler's control row (lp_weight=0).
   whole_split = config.distill.lp_graph != 'batch'
-  if not objectives.active(config.distill) or not (config.teacher.cache_outputs or whole_split):
+  caching = config.teacher.cache_outputs and bool(objectives.active(config.distill))
+  if not (caching or whole_split):
     return None, None
   cache = outputs_cache(
     loaded.module,
@@ -143,7 +145,7 @@ def precomputed(
   graph = (
     whole_split_graph(cache[1][config.distill.feature], config.distill) if whole_split else None
   )
-  return (cache if config.teacher.cache_outputs else None), graph
+  return (cache if caching else None), graph
 
 
 def outputs_cache(

@@ -253,6 +253,10 @@ def _load_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Sp
   train_split = data.load_split(
     config.dataset, config.train_split, data_dir, shard=shard, image_size=size
   )
+  if config.train_subset:
+    train_split = data.stratified_subset(
+      train_split, config.train_subset, seed=config.train_subset_seed
+    )
   return train_split, data.load_split(config.dataset, config.test_split, data_dir, image_size=size)
 
 
@@ -279,13 +283,15 @@ def restore_or_start(
     run.feed.steps_per_epoch,
   )
   if config.distill.lp_graph == 'bank':  # Filled by one pass of the initial student.
+    train_mode = config.distill.bank_fill == 'train'
     bank = state.embeddings(
-      run.student,
+      run.student.clone(bn_axis_name=None),  # One process-wide pass, outside pmap.
       state.variables_of(fresh),
       run.train_data,
       info=run.info,
       feature=config.distill.feature,
-      batch_size=config.eval_batch_size,
+      batch_size=config.batch_size if train_mode else config.eval_batch_size,
+      batch_statistics=train_mode,
     )
     fresh = fresh.replace(bank=bank)
   fresh = jax.device_put(fresh, run.place.replicated)

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lpe import data
+from lpe import data, metrics_io, train
 from tests.conftest import TEST_SIZE, TRAIN_SIZE
 
 
@@ -131,3 +131,29 @@ def test_mocked_tfds_loads_both_splits(name, tmp_path):
 def test_missing_cifar100_says_how_to_get_it(tmp_path):
   with pytest.raises(data.DatasetUnavailableError, match='tfds build cifar100'):
     data.load_split('cifar100', 'train', str(tmp_path))
+
+
+def test_stratified_subset_keeps_class_shares_and_is_fixed():
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(4), [50, 30, 15, 5]).astype(np.int32)
+  rng.shuffle(labels)
+  split = data.Split(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1), labels)
+  subset = data.stratified_subset(split, 20, seed=7)
+  assert len(subset) == 20
+  assert np.bincount(subset.labels).tolist() == [10, 6, 3, 1]
+  # The images come with their own labels, in the split's order, without repeats.
+  index = subset.images.reshape(-1).astype(int)
+  assert np.all(np.diff(index) > 0) and np.array_equal(labels[index], subset.labels)
+  again = data.stratified_subset(split, 20, seed=7)
+  np.testing.assert_array_equal(again.images, subset.images)
+  other = data.stratified_subset(split, 20, seed=8)
+  assert not np.array_equal(other.images, subset.images)
+  assert len(data.stratified_subset(split, 7, seed=0)) == 7  # Remainders are handed out.
+  with pytest.raises(ValueError, match='train_subset=101 must be between 1 and the 100'):
+    data.stratified_subset(split, 101, seed=0)
+
+
+def test_the_trainer_trains_on_the_subset(small_config, tmp_path):
+  small_config.train_subset, small_config.num_epochs = 128, 1
+  train.train_and_evaluate(small_config, str(tmp_path / 'subset'))
+  assert metrics_io.read_metrics(str(tmp_path / 'subset'))[-1]['step'] == 2  # 128 / 64.

@@ -9,17 +9,40 @@ import jax
 import numpy as np
 import pytest
 
-from lpe import checkpoint, data, experiment, metrics_io, models, state, teacher, train
+from lpe import (
+  checkpoint,
+  data,
+  experiment,
+  losses,
+  metrics_io,
+  models,
+  objectives,
+  state,
+  teacher,
+  train,
+)
 from lpe import config as config_lib
+from lpe import sampling as lpe_sampling
+from lpe import step as step_lib
 from tests import faults
 
 STEPS_PER_EPOCH = 8  # conftest's 512 training examples in batches of 64.
 
 
-def _config(small_config, teacher_dir, lp_graph: str):
+# The repaired forms (issue 21): neighbours added on top of the ordinary batch, a scale-invariant
+# loss, and a bank whose weight warms up.
+REPAIRED = {
+  'neighbours': dict(neighbour_batches='added', student_scale='l2'),
+  'bank': dict(student_scale='mean', lp_warmup_steps=5, bank_momentum=0.5, bank_fill='train'),
+}
+
+
+def _config(small_config, teacher_dir, lp_graph: str, repaired: bool = False):
   config = small_config.copy_and_resolve_references()
   config.teacher.model, config.teacher.checkpoint = 'cnn_student', teacher_dir
   config.distill.lp_weight, config.distill.k, config.distill.lp_graph = 1.0, 4, lp_graph
+  if repaired:
+    config.distill.update(REPAIRED[lp_graph])
   return config
 
 
@@ -27,11 +50,14 @@ def _params(workdir: str):
   return jax.tree.leaves(checkpoint.load_variables(workdir)[0])
 
 
-@pytest.mark.parametrize('lp_graph', ['neighbours', 'bank'])
+@pytest.mark.parametrize(
+  'lp_graph, repaired',
+  [('neighbours', False), ('bank', False), ('neighbours', True), ('bank', True)],
+)
 def test_graph_lp_trains_and_resumes_bitwise_after_a_preemption(
-  small_config, teacher_dir, tmp_path, monkeypatch, lp_graph
+  small_config, teacher_dir, tmp_path, monkeypatch, lp_graph, repaired
 ):
-  config = _config(small_config, teacher_dir, lp_graph)
+  config = _config(small_config, teacher_dir, lp_graph, repaired)
   reference = str(tmp_path / 'reference')
   train.train_and_evaluate(config, reference)
   records = metrics_io.read_metrics(reference)
@@ -110,6 +136,9 @@ def test_the_graph_is_the_teachers_knn_graph_over_the_training_split(fashion_dat
   'changes, message',
   [
     (dict(lp_weight=0.0), 'lp_weight is 0'),
+    (dict(lp_graph='bank', lp_weight=0.0, neighbour_batches='added'), 'lp_weight is 0'),
+    (dict(neighbour_batches='on_top'), "neighbour_batches='on_top' is unknown"),
+    (dict(student_scale='l1'), "student_scale='l1' is unknown"),
     (dict(lp_graph='global'), "lp_graph='global' is unknown"),
     (dict(graph_neighbours=2), '1 \\+ 2 must divide config.batch_size=64'),
     (dict(graph_neighbours=9), 'must be between 1 and the graph k'),
@@ -145,3 +174,81 @@ def test_the_bank_restore_needs_its_shape(small_config, teacher_dir, tmp_path):
   # Evaluating the workdir's checkpoint reads the bank's shape from the checkpoint itself.
   evaluation = experiment.evaluate_saved(workdir)
   assert evaluation['accuracy'] == metrics_io.read_metrics(workdir)[-1]['test_accuracy']
+
+
+def test_added_neighbours_keep_the_ordinary_batches_as_anchors_and_the_control_trains(
+  small_config, teacher_dir, tmp_path
+):
+  """With neighbours added on top, an epoch's anchors are exactly the ordinary batches (CE sees
+  every image once, as the student alone does); LP off, the sampler runs alone (the control)."""
+  split = data.load_split('fashion_mnist', 'train', small_config.data_dir)
+  graph = np.random.default_rng(0).integers(0, len(split), size=(len(split), 4))
+  kwargs = dict(batch_size=64, neighbours_per_anchor=2, seed=3, epoch=1, layout='added')
+  batches = list(lpe_sampling.neighbour_aware_index_batches(len(split), graph, **kwargs))
+  ordinary = list(data.train_index_batches(len(split), batch_size=64, seed=3, epoch=1))
+  assert len(batches) == len(ordinary) == STEPS_PER_EPOCH
+  for batch, plain in zip(batches, ordinary, strict=True):
+    assert batch.shape == (64 * 3,)
+    np.testing.assert_array_equal(batch[::3], plain)
+    groups = batch.reshape(64, 3)
+    assert all(set(g[1:]) <= set(graph[g[0]]) for g in groups)
+  config = _config(small_config, teacher_dir, 'neighbours', repaired=True)
+  config.distill.lp_weight, config.num_epochs = 0.0, 1
+  config_lib.validate(config, 1)
+  result = train.train_and_evaluate(config, str(tmp_path / 'control'))
+  assert result['objective'] == 'CE + neighbour batches'
+  record = metrics_io.read_metrics(str(tmp_path / 'control'))[-1]
+  assert 'train_lp' not in record and record['step'] == STEPS_PER_EPOCH
+
+
+def test_ce_and_per_example_terms_average_over_the_anchors_only():
+  distill = dict(
+    config_lib.default_config().distill,
+    lp_graph='neighbours',
+    neighbour_batches='added',
+    graph_neighbours=2,
+    kd_weight=1.0,
+  )
+  anchors = step_lib.anchor_rows(distill, 9)
+  np.testing.assert_array_equal(anchors, [1, 0, 0, 1, 0, 0, 1, 0, 0])
+  values = np.arange(9.0)
+  assert float(objectives.row_mean(values, anchors)) == (0 + 3 + 6) / 3
+  assert step_lib.anchor_rows(dict(distill, neighbour_batches='within'), 9) is None
+  logits = np.random.default_rng(0).normal(size=(9, 10)).astype(np.float32)
+  kd = objectives.distillation_terms(distill, logits, {}, logits[::-1], {}, {}, anchors=anchors)
+  expected = losses.kd_loss(logits, logits[::-1], temperature=4.0)[::3].mean()
+  np.testing.assert_allclose(kd['kd'], expected, rtol=1e-6)
+
+
+def test_lp_warmup_ramps_the_weight_linearly():
+  distill = dict(config_lib.default_config().distill, lp_weight=2.0, lp_warmup_steps=4)
+  terms = {'lp': np.float32(1.0)}
+  totals = [float(objectives.total_loss(distill, 0.0, terms, step=s)) for s in range(6)]
+  np.testing.assert_allclose(totals, [0.0, 0.5, 1.0, 1.5, 2.0, 2.0])
+  assert float(objectives.total_loss(dict(distill, lp_warmup_steps=0), 0.0, terms, step=0)) == 2
+
+
+def test_a_train_mode_bank_fill_uses_batch_statistics():
+  """For a BatchNorm student the fill can use each batch's statistics, as the training step
+  does; the initial running statistics (mean 0, variance 1) would give other embeddings."""
+  split = data.Split(
+    np.random.default_rng(0).integers(0, 255, (10, 28, 28, 1)).astype(np.uint8),
+    np.zeros(10, np.int32),
+  )
+  info = data.dataset_info('fashion_mnist')
+  model = models.build('cnn_teacher_bn', 10)
+  variables = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+  kwargs = dict(info=info, feature='embedding', batch_size=4)
+  filled = state.embeddings(model, variables, split, batch_statistics=True, **kwargs)
+  inference = state.embeddings(model, variables, split, **kwargs)
+  assert filled.shape == inference.shape == (10, 256) and not np.allclose(filled, inference)
+  # Batches of 4: the last one is rows 8, 9 completed by rows 0, 1.
+  x = data.preprocess(split.images[[8, 9, 0, 1]], info)
+  (_, features), _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(filled[8:], features['embedding'][:2], rtol=1e-4, atol=1e-5)
+  small = models.build('cnn_student', 10)  # No BatchNorm: the same values either way.
+  small_vars = small.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+  np.testing.assert_array_equal(
+    state.embeddings(small, small_vars, split, batch_statistics=True, **kwargs),
+    state.embeddings(small, small_vars, split, **kwargs),
+  )

@@ -270,3 +270,16 @@ def test_a_torn_last_ledger_record_is_cut_and_a_bad_middle_one_stops(tmp_path):
 
 def test_the_gain_plot_shows_kd_lp_and_every_graph_variant_from_the_first_student():
   assert {'kd', 'lp', *study.GRAPH_VARIANTS} == set(study_page._ALWAYS_PLOTTED)
+
+
+def test_the_committed_ledger_still_answers_every_run_of_the_study(tmp_path):
+  """Every run of the committed study is found in its ledger by its config's digest (settings
+  added to lpe since are digest-neutral at their defaults), so the page is rebuilt unchanged."""
+  from configs import fashion_mnist_study
+
+  config = fashion_mnist_study.get_config()
+  config.page_only = True
+  config.page = str(tmp_path / 'fashion_mnist_study.md')
+  page = study.run(config, str(tmp_path / 'work'))
+  with open(page) as f, open('docs/results/fashion_mnist_study.md') as committed:
+    assert f.read() == committed.read()
