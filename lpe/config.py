@@ -110,8 +110,8 @@ def _distill_defaults() -> ml_collections.ConfigDict:
   # shrinking the student's embedding), 'l2' (on L2-normalised student embeddings) or 'mean'
   # (divided by the batch's mean squared student distance); docs/scale_invariant_lp.md.
   distill.student_scale = 'none'
-  # LP's weight rises linearly from 0 over this many first steps (0: the full weight at once).
-  distill.lp_warmup_steps = 0
+  # LP's weight rises linearly from 0 over this many first epochs (0: the full weight at once).
+  distill.lp_warmup_epochs = 0.0
   distill.feature = 'embedding'  # A key of both models' feature dicts.
   # None: direct kNN up to 4096 rows, blockwise above; 0: always direct; n: blocks of n rows.
   distill.knn_block_size = config_dict.placeholder(int)
@@ -232,7 +232,7 @@ DOMAINS = {
   'distill.k': _AT_LEAST_1,
   'distill.sigma2': _POSITIVE,
   'distill.sigma2_scale': _POSITIVE,
-  'distill.lp_warmup_steps': _AT_LEAST_0,
+  'distill.lp_warmup_epochs': _AT_LEAST_0,
   'distill.knn_block_size': _AT_LEAST_0,
   'distill.graph_k': _AT_LEAST_0,  # 0: k.
   'distill.graph_neighbours': _AT_LEAST_1,

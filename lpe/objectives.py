@@ -217,7 +217,8 @@ def total_loss(
   step: jax.Array | int | None = None,
 ) -> jax.Array:
   """`ce_weight` (default 1) times CE plus each term times its weight; LP's weight rises
-  linearly from 0 over the first `lp_warmup_steps` steps (`step` counts from 0)."""
+  linearly from 0 over the first `lp_warmup_steps` steps (`step` counts from 0; the step factory
+  sets it from `lp_warmup_epochs`)."""
   weights = {method: distill[f'{method}_weight'] for method in terms}
   warmup = distill.get('lp_warmup_steps', 0)
   if 'lp' in weights and warmup and step is not None:

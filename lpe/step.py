@@ -163,23 +163,33 @@ def make_train_step(
   info: data.DatasetInfo,
   *,
   augmentation: str | None = None,
+  steps_per_epoch: int | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
   """`train_step` with everything static bound from `config`, ready to compile.
 
   `augmentation` overrides `config.augment` for the step (`'none'` when the input arrives
-  augmented, as streamed images do).
+  augmented, as streamed images do). `steps_per_epoch` turns `distill.lp_warmup_epochs` into the
+  steps over which LP's weight rises (`lp_warmup_steps`); it is needed only with a warm-up.
 
   The result takes `(state, teacher_variables, images, labels, teacher_outputs=None,
   graph=None)`; the teacher runs only when an active term of `config.distill` needs its outputs
   (`objectives.needs_teacher`) and they are not given. Under `pmap` bind `axis_name` too
   (`parallel.Placement.compile` does).
   """
+  distill = dict(config.distill)
+  if config.distill.lp_warmup_epochs:
+    if not steps_per_epoch:
+      raise ValueError(
+        'config.distill.lp_warmup_epochs needs the steps per epoch; pass steps_per_epoch to '
+        'make_train_step.'
+      )
+    distill['lp_warmup_steps'] = max(round(config.distill.lp_warmup_epochs * steps_per_epoch), 1)
   return functools.partial(
     train_step,
     student=student,
     teacher=teacher if objectives.needs_teacher(config.distill) else None,
     info=info,
-    distill=dict(config.distill),
+    distill=distill,
     augmentation=config.augment if augmentation is None else augmentation,
     seed=config.seed,
     skip_nonfinite=config.skip_nonfinite_batches,

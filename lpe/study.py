@@ -68,7 +68,7 @@ DIGEST_NEUTRAL = {
   'train_subset': 0,
   'train_subset_seed': 0,
   'distill.student_scale': 'none',
-  'distill.lp_warmup_steps': 0,
+  'distill.lp_warmup_epochs': 0.0,
   'distill.neighbour_batches': 'within',
   'distill.bank_fill': 'inference',
 }

@@ -187,6 +187,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     eval_teacher = (loaded.module, jax.device_put(loaded.variables, place.replicated))
   needs_teacher = objectives.needs_teacher(config.distill)
   step_teacher = eval_teacher[1] if needs_teacher and cache is None else None
+  feed = feed_lib.Feed(config, train_data, place, cache, graph) if streamed is None else streamed
   return Run(
     config=config,
     workdir=workdir,
@@ -195,7 +196,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     teacher=loaded,
     place=place,
     train_data=train_data,
-    feed=feed_lib.Feed(config, train_data, place, cache, graph) if streamed is None else streamed,
+    feed=feed,
     step_fn=place.compile(
       step.make_train_step(
         config,
@@ -203,6 +204,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         loaded and loaded.module,
         info,
         augmentation='none' if streamed else config.augment,  # Streamed images come augmented.
+        steps_per_epoch=feed.steps_per_epoch,
       )
     ),
     step_teacher_variables=None if step_teacher is None else place.state(step_teacher),

@@ -33,7 +33,7 @@ STEPS_PER_EPOCH = 8  # conftest's 512 training examples in batches of 64.
 # loss, and a bank whose weight warms up.
 REPAIRED = {
   'neighbours': dict(neighbour_batches='added', student_scale='l2'),
-  'bank': dict(student_scale='mean', lp_warmup_steps=5, bank_momentum=0.5, bank_fill='train'),
+  'bank': dict(student_scale='mean', lp_warmup_epochs=0.5, bank_momentum=0.5, bank_fill='train'),
 }
 
 
@@ -226,6 +226,15 @@ def test_lp_warmup_ramps_the_weight_linearly():
   totals = [float(objectives.total_loss(distill, 0.0, terms, step=s)) for s in range(6)]
   np.testing.assert_allclose(totals, [0.0, 0.5, 1.0, 1.5, 2.0, 2.0])
   assert float(objectives.total_loss(dict(distill, lp_warmup_steps=0), 0.0, terms, step=0)) == 2
+
+
+def test_the_step_factory_turns_warmup_epochs_into_steps(small_config):
+  small_config.distill.lp_weight, small_config.distill.lp_warmup_epochs = 1.0, 1.5
+  student, info = models.build('cnn_student', 10), data.dataset_info('fashion_mnist')
+  step_fn = step_lib.make_train_step(small_config, student, None, info, steps_per_epoch=8)
+  assert step_fn.keywords['distill']['lp_warmup_steps'] == 12
+  with pytest.raises(ValueError, match='lp_warmup_epochs needs the steps per epoch'):
+    step_lib.make_train_step(small_config, student, None, info)
 
 
 def test_a_train_mode_bank_fill_uses_batch_statistics():
