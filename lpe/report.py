@@ -20,6 +20,11 @@ LABELS = {
   'lp_kd': 'LP+KD',
   'lp_neighbours': 'LP, graph neighbours in the batch',
   'lp_bank': 'LP, graph with a memory bank',
+  'lp_l2': 'LP, L2-normalised student',
+  'lp_mean': 'LP, mean-normalised student',
+  'lp_neighbours_added': 'LP, graph neighbours added to the batch',
+  'neighbours_control': 'graph neighbours added, LP off (control)',
+  'lp_bank_warm': 'LP, memory bank with warm-up',
 }
 # The loss terms a progress line shows, in this order, when the step reports them.
 PROGRESS_TERMS = ('loss', 'ce', 'lp', 'kd', 'accuracy')

@@ -35,12 +35,20 @@ from lpe import checkpoint, metrics_io, report, study_page, train
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """A study row's method: the config field of its weight and the settings it always has."""
+  """A study row's method: the config field of its weight (None: nothing to sweep) and the
+  settings it always has; `scale_free` rows take the better of the scale-invariant LP forms."""
 
-  weight: str
+  weight: str | None
   fixed: tuple[tuple[str, Any], ...] = ()
+  scale_free: bool = False
 
 
+_ADDED = (('distill.lp_graph', 'neighbours'), ('distill.neighbour_batches', 'added'))
+_WARM_BANK = (
+  ('distill.lp_graph', 'bank'),
+  ('distill.lp_warmup_epochs', 1.0),
+  ('distill.bank_fill', 'train'),
+)
 METHODS = {
   'kd': Method('distill.kd_weight'),
   'fitnet': Method('distill.fitnet_weight'),
@@ -51,11 +59,26 @@ METHODS = {
   'lp': Method('distill.lp_weight'),
   'lp_neighbours': Method('distill.lp_weight', (('distill.lp_graph', 'neighbours'),)),
   'lp_bank': Method('distill.lp_weight', (('distill.lp_graph', 'bank'),)),
+  # The scale-invariant forms and the repaired graph variants (the follow-up study, issue 21).
+  'lp_l2': Method('distill.lp_weight', (('distill.student_scale', 'l2'),)),
+  'lp_mean': Method('distill.lp_weight', (('distill.student_scale', 'mean'),)),
+  'lp_neighbours_added': Method('distill.lp_weight', _ADDED, scale_free=True),
+  'neighbours_control': Method(None, _ADDED),
+  'lp_bank_warm': Method('distill.lp_weight', _WARM_BANK, scale_free=True),
 }
 RELATIONAL = ('sp', 'rkd', 'pkt')
 GRAPH_VARIANTS = ('lp_neighbours', 'lp_bank')
+SCALE_INVARIANT = ('lp_l2', 'lp_mean')
+REPAIRED_GRAPH_VARIANTS = ('lp_neighbours_added', 'lp_bank_warm')
 # Other students' rows name these; the main student's validation sweep resolves them.
-CHOSEN = {'best_relational': RELATIONAL, 'best_graph_variant': GRAPH_VARIANTS}
+CHOSEN = {
+  'best_relational': RELATIONAL,
+  'best_graph_variant': GRAPH_VARIANTS,
+  'best_scale_invariant_lp': SCALE_INVARIANT,
+  'best_repaired_graph_lp': REPAIRED_GRAPH_VARIANTS,
+}
+# The LP family: rows that keep the previous study's best k and bandwidth scale.
+LP_FAMILY = ('lp', *GRAPH_VARIANTS, *SCALE_INVARIANT, *REPAIRED_GRAPH_VARIANTS)
 # LP's other dimensions, swept one after the other at the best weight; the graph variants keep
 # LP's best values of them (their graph has the same k).
 LP_DIMENSIONS = ('distill.k', 'distill.sigma2_scale')
@@ -122,17 +145,30 @@ class Study:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool):
     self.config, self.workdir, self.allow = config, workdir, allow_config_change
     self.ledger = _read_ledger(config.ledger)
+    # Runs of earlier studies (read only): a run with the same id and config digest is taken
+    # from them instead of being trained again.
+    self.reused = {}
+    for path in config.get('reuse_ledgers', ()):
+      self.reused.update(_read_ledger(path))
     self.reporter = report.Reporter('study')
 
   def run_config(
-    self, model: str, changes: dict[str, Any], *, seed: int, final: bool, recipe: dict
+    self,
+    model: str,
+    changes: dict[str, Any],
+    *,
+    seed: int,
+    final: bool,
+    recipe: dict,
+    epochs: int | None = None,
   ) -> ml_collections.ConfigDict:
-    """A run of `model` with the recipe and `changes`, on validation or (final) the test split."""
+    """A run of `model` with the recipe and `changes`, on validation or (final) the test split,
+    for `epochs` (None: the stage's)."""
     config = self.config.base.copy_and_resolve_references()
     for key, value in {**recipe, **changes}.items():
       _set(config, key, value)
     stage = self.config.final if final else self.config.sweep
-    config.model, config.seed, config.num_epochs = model, seed, stage.epochs
+    config.model, config.seed, config.num_epochs = model, seed, epochs or stage.epochs
     config.teacher.cache_dir = os.path.join(self.workdir, 'teacher_cache')
     config.steps_per_epoch_limit = stage.steps_per_epoch_limit
     if not final:
@@ -142,9 +178,10 @@ class Study:
   def train(self, run_id: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The ledger's record of `run_id`, training it first unless the ledger holds this config."""
     digest = config_digest(config)
-    record = self.ledger.get(run_id)
-    if record is not None and record['digest'] == digest:
-      return record
+    for ledger in (self.ledger, self.reused):
+      record = ledger.get(run_id)
+      if record is not None and record['digest'] == digest:
+        return record
     if self.config.get('page_only', False):
       raise _NotInLedger(run_id)
     config.name = run_id
@@ -231,11 +268,39 @@ class Study:
     return best, {'key': key, 'rows': rows, 'status': status}
 
   def _sweep_point(self, student, method, recipe, changes) -> float:
-    run = self.run_config(student, changes, seed=self.config.sweep.seed, final=False, recipe=recipe)
+    """The point's last-epoch validation accuracy: the mean over `sweep.seeds` (default: the
+    one `sweep.seed`); -inf when any seed diverged."""
+    setting = self.setting(student)
     run_id = f'sweep/{student}/{method}/' + '_'.join(
       f'{k.split(".")[-1]}{_name(v)}' for k, v in sorted(changes.items())
     )
-    return _last(self.train(run_id, run))
+    seeds = self.sweep_seeds()
+    scores = []
+    for seed in seeds:
+      run = self.run_config(
+        setting['model'],
+        {**setting['changes'], **changes},
+        seed=seed,
+        final=False,
+        recipe=recipe,
+        epochs=setting['sweep_epochs'],
+      )
+      scores.append(_last(self.train(run_id + (f'/seed{seed}' if len(seeds) > 1 else ''), run)))
+    return sum(scores) / len(scores)
+
+  def sweep_seeds(self) -> tuple[int, ...]:
+    return tuple(self.config.sweep.get('seeds', ())) or (self.config.sweep.seed,)
+
+  def setting(self, name: str) -> dict[str, Any]:
+    """A student's model, the changes every run of it has and its budgets (a follow-up
+    study's `settings`; a plain student otherwise)."""
+    setting = dict(self.config.get('settings', {}).get(name, {}))
+    return {
+      'model': setting.get('model', name),
+      'changes': dict(setting.get('changes', {})),
+      'sweep_epochs': setting.get('sweep_epochs'),
+      'final_epochs': setting.get('final_epochs'),
+    }
 
   def finals(
     self, student: str, rows: dict[str, dict], recipe: dict
@@ -248,15 +313,19 @@ class Study:
       are not trained: the records are cut to the seeds that every row has.
     """
     records: dict[str, list] = {row: [] for row in rows}
+    setting = self.setting(student)
     try:
       for seed in range(self.config.final.seeds):
         for row, changes in rows.items():
-          records[row].append(
-            self.train(
-              f'final/{student}/{row}/seed{seed}',
-              self.run_config(student, changes, seed=seed, final=True, recipe=recipe),
-            )
+          run = self.run_config(
+            setting['model'],
+            {**setting['changes'], **changes},
+            seed=seed,
+            final=True,
+            recipe=recipe,
+            epochs=setting['final_epochs'],
           )
+          records[row].append(self.train(f'final/{student}/{row}/seed{seed}', run))
     except _NotInLedger:
       done = min(len(r) for r in records.values())
       return {row: r[:done] for row, r in records.items()} if done else {}, False
@@ -329,6 +398,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=
   part-way, or running in another process): the finished sweeps, and the final rows with the
   seeds that every row of a student has so far.
   """
+  if 'settings' in config:
+    return run_followup(config, workdir, allow_config_change=allow_config_change)
   study = Study(config, workdir, allow_config_change)
   start = time.time()
   students = (config.main_student, *config.other_students)
@@ -374,8 +445,25 @@ def _student_runs(study: Study, sweeps: dict, finals: dict, student: str, recipe
 
 def _reference(study: Study, student: str, recipe: dict) -> dict:
   """The student alone at the sweep budget (every weight 0), shown beside the sweeps."""
-  run = study.run_config(student, {}, seed=study.config.sweep.seed, final=False, recipe=recipe)
-  score = _last(study.train(f'sweep/{student}/student', run))
+  setting = study.setting(student)
+  seeds = study.sweep_seeds()
+  scores = [
+    _last(
+      study.train(
+        f'sweep/{student}/student' + (f'/seed{seed}' if len(seeds) > 1 else ''),
+        study.run_config(
+          setting['model'],
+          setting['changes'],
+          seed=seed,
+          final=False,
+          recipe=recipe,
+          epochs=setting['sweep_epochs'],
+        ),
+      )
+    )
+    for seed in seeds
+  ]
+  score = sum(scores) / len(scores)
   row = {'value': 0, 'val_accuracy': score, 'chosen': False, 'added': False}
   dimension = {'key': 'no distillation', 'rows': [row], 'status': 'reference'}
   return {'changes': {}, 'dimensions': [dimension], 'val_accuracy': score}
@@ -404,3 +492,110 @@ def _sweep_method(study: Study, sweeps: dict, student: str, method: str, recipe:
   if method in ('lp', *GRAPH_VARIANTS) and not own_dimensions:
     fixed = {k: sweeps[main]['lp']['changes'][k] for k in LP_DIMENSIONS}
   return study.sweep(student, method, recipe, fixed, lp_dimensions=own_dimensions)
+
+
+def run_followup(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=False
+) -> str:
+  """A follow-up study: new rows beside the final rows of `config.previous`, per setting.
+
+  Each of `config.settings` (a student on some data: `model`, `changes` every run has, optional
+  `sweep_epochs`/`final_epochs`) has `reused` rows, trained by the previous study at its chosen
+  points (taken from `config.reuse_ledgers` by id and digest, never trained again), `swept`
+  methods, whose weights are swept here (`config.sweep.seeds`, the mean over seeds decides), and
+  `rows`, its new final rows: swept methods, `CHOSEN` names resolved among this setting's sweeps,
+  or, with `weights_from`, another setting's chosen points. The recipe, and LP's k and bandwidth
+  scale for every LP row, are the previous study's. Returns the page's path.
+  """
+  study = Study(config, workdir, allow_config_change)
+  # The previous study's points come from its ledger (what is missing there, such as a quick
+  # mode's runs on a fresh machine, is trained into its ledger first).
+  previous_config = config.previous.copy_and_resolve_references()
+  previous_config.page_only = config.page_only
+  previous = Study(previous_config, workdir, allow_config_change)
+  recipe_name, recipe = previous.recipe()
+  previous_sweeps = {}
+  main = previous_config.main_student
+  previous_sweeps[main] = {'lp': _sweep_method(previous, previous_sweeps, main, 'lp', recipe)}
+  lp_fixed = {k: previous_sweeps[main]['lp']['changes'][k] for k in LP_DIMENSIONS}
+  start, sweeps, finals, done = time.time(), {}, {}, []
+  names = list(config.settings)
+  try:
+    for name in names:
+      setting = config.settings[name]
+      rows = {}
+      for row in setting.get('reused', ()):
+        source = setting.get('previous_student', name)
+        if row == 'student':
+          rows[row] = {}
+          continue
+        chosen = previous_sweeps.setdefault(source, {})
+        if row not in chosen:
+          chosen[row] = _sweep_method(previous, previous_sweeps, source, row, recipe)
+        rows[row] = chosen[row]['changes']
+      sweeps[name], new_rows = _followup_sweeps(study, sweeps, name, recipe, lp_fixed)
+      rows.update(new_rows)
+      records, complete = study.finals(name, rows, recipe)
+      if records:
+        finals[name] = records
+      if not complete:
+        raise _NotInLedger(f'the final runs of {name}')
+      done.append(name)
+      page = _write_followup_page(study, recipe_name, sweeps, finals, names, done)
+      study.reporter.say(f'Wrote {page} ({time.time() - start:.0f} s this sitting).')
+  except _NotInLedger as missing:
+    sweeps = {s: v for s, v in sweeps.items() if v}
+    page = _write_followup_page(study, recipe_name, sweeps, finals, names, done)
+    study.reporter.say(f'Wrote {page} from the ledger (page_only; next run: {missing}).')
+  return page
+
+
+def _followup_sweeps(
+  study: Study, sweeps: dict, name: str, recipe: dict, lp_fixed: dict
+) -> tuple[dict, dict[str, dict]]:
+  """One setting's sweeps (filled into `sweeps[name]` as they finish) and its new rows'
+  changes."""
+  setting = study.config.settings[name]
+  own = sweeps.setdefault(name, {})
+  source = sweeps[setting['weights_from']] if setting.get('weights_from') else own
+  if setting.get('swept'):
+    own['student'] = _reference(study, name, recipe)
+  for method in setting.get('swept', ()):
+    spec = METHODS[method]
+    fixed = dict(lp_fixed) if method in LP_FAMILY else {}
+    if spec.scale_free:
+      fixed['distill.student_scale'] = _best_scale(own)
+    own[method] = study.sweep(name, method, recipe, fixed, lp_dimensions=False)
+  rows = {}
+  for row in setting['rows']:
+    method = row
+    if row == 'student':
+      rows[row] = {}
+      continue
+    if row in CHOSEN:
+      method = max(CHOSEN[row], key=lambda m: source[m]['val_accuracy'])
+    spec = METHODS[method]
+    if spec.weight is None:  # Nothing to sweep (the sampler's control row).
+      rows[method] = {**lp_fixed, **dict(spec.fixed)}
+    else:
+      rows[method] = dict(source[method]['changes'])
+  return own, rows
+
+
+def _best_scale(sweeps: dict) -> str:
+  """The `student_scale` of the better-scoring scale-invariant LP sweep of a setting."""
+  best = max(SCALE_INVARIANT, key=lambda m: sweeps[m]['val_accuracy'])
+  return dict(METHODS[best].fixed)['distill.student_scale']
+
+
+def _write_followup_page(study: Study, recipe_name: str, sweeps, finals, names, done) -> str:
+  config = study.config
+  return study_page.write_followup_page(
+    config,
+    teacher=checkpoint.load_variables(config.base.teacher.checkpoint)[1],
+    recipe=recipe_name,
+    sweeps=sweeps,
+    finals=finals,
+    wall_s=sum(r.get('wall_s', 0.0) for r in study.ledger.values()),
+    pending=[s for s in names if s not in done],
+  )

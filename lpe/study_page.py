@@ -364,3 +364,141 @@ def _sweeps_section(sweeps: dict[str, dict]) -> list[str]:
   for student, methods in sweeps.items():
     lines += sweep_tables(student, methods)
   return lines
+
+
+def paired_p_value(values: list[float], baseline: list[float]) -> float:
+  """The two-sided paired t-test's p-value of `values - baseline` (NaN pairs left out): NaN for
+  fewer than 2 pairs; for pairs that all differ by the same amount, 0 (or 1 if it is 0)."""
+  diffs = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
+  diffs = diffs[~np.isnan(diffs)]
+  if len(diffs) < 2:
+    return math.nan
+  if np.all(diffs == diffs[0]):
+    return 0.0 if diffs[0] else 1.0
+  return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def holm_adjusted(p_values: dict[str, float]) -> dict[str, float]:
+  """Holm's step-down adjusted p-values of one family of comparisons: with the `m` p-values
+  sorted ascending, `adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))` (i, j from 1). A
+  comparison is resolved at family-wise level alpha when its adjusted value is below alpha. NaN
+  p-values take no part (their adjusted value is NaN).
+
+  Example:
+    >>> {k: round(v, 3) for k, v in holm_adjusted({'a': 0.01, 'b': 0.04, 'c': 0.03}).items()}
+    {'a': 0.03, 'b': 0.06, 'c': 0.06}
+  """
+  tested = sorted((p, name) for name, p in p_values.items() if not math.isnan(p))
+  m, running, adjusted = len(tested), 0.0, {}
+  for i, (p, name) in enumerate(tested):
+    running = max(running, min(1.0, (m - i) * p))
+    adjusted[name] = running
+  return {name: adjusted.get(name, math.nan) for name in p_values}
+
+
+def followup_table(
+  rows: dict[str, dict[str, Any]], reused: tuple[str, ...] = (), alpha: float = 0.05
+) -> list[str]:
+  """One setting's final rows with paired intervals against the student alone and Holm's
+  correction over the setting's comparisons; `reused` rows are marked as the previous study's."""
+  alone = rows['student']['last']
+  p_values = {n: paired_p_value(s['last'], alone) for n, s in rows.items() if n != 'student'}
+  adjusted = holm_adjusted(p_values)
+  lines = [
+    '| method | objective | last epoch (%) | best epoch (%) | last vs student alone, pp [95% CI] '
+    f'| p | Holm-adjusted p | verdict (Holm, {alpha:g}) | kept | CKA | epoch (s) |',
+    '|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|',
+  ]
+  for name, s in rows.items():
+    cells = ['-', '-', '-', '']
+    if name != 'student':
+      interval, _ = _interval(s['last'], alone)
+      mean = statistics.fmean(_finite(s['last'])) - statistics.fmean(_finite(alone))
+      adj = adjusted[name]
+      verdict = 'one seed' if math.isnan(adj) else 'not resolved'
+      if adj < alpha:
+        verdict = 'better' if mean > 0 else 'worse'
+      cells = [interval, _p(p_values[name]), _p(adj), verdict]
+    label = report.LABELS[name] + (' (reused)' if name in reused else '')
+    if s['diverged']:
+      label += f' ({s["diverged"]} of {len(s["last"])} seeds diverged)'
+    lines.append(
+      f'| {label} | {s["objective"]} | {_pct(s["last"])} | {_pct(s["best"])} | '
+      + ' | '.join(cells)
+      + f' | {_plain(s["kept"])} | {_plain(s["cka"])} | {s["epoch_time"]:.1f} |'
+    )
+  return lines
+
+
+def _p(p: float) -> str:
+  return '-' if math.isnan(p) else f'{p:.3f}'
+
+
+def write_followup_page(config, *, teacher, recipe, sweeps, finals, wall_s, pending=()) -> str:
+  """Writes a follow-up study's page (`lpe.study.run_followup`) and its plots; returns its path.
+
+  Args:
+    config: The follow-up study's config (`page`, `title`, `settings`, `previous`, ...).
+    teacher: The teacher's `model.json`.
+    recipe: The previous study's recipe name (kept by every run).
+    sweeps: Per setting and method, `Study.sweep`'s result.
+    finals: Per setting and row, its seeds' ledger records.
+    wall_s: The wall time of this study's own runs (the reused ones are the previous study's).
+    pending: Settings whose runs are not finished yet.
+  """
+  import matplotlib
+
+  matplotlib.use('Agg')
+  page = config.page
+  folder = os.path.dirname(os.path.abspath(page))
+  os.makedirs(folder, exist_ok=True)
+  stem = os.path.splitext(os.path.basename(page))[0]
+  summaries = {s: {row: summarise(r) for row, r in rows.items()} for s, rows in finals.items()}
+  lines = [f'# {config.title}', '']
+  if pending:
+    names = ', '.join(f'`{s}`' for s in pending)
+    lines += [
+      f'**In progress**: the runs of {names} are not finished yet; this page shows the finished '
+      'sweeps and settings. Rerun the command below to continue.',
+      '',
+    ]
+  final, sweep = config.final, config.sweep
+  seeds = tuple(sweep.get('seeds', ())) or (sweep.seed,)
+  lines += [
+    f'Produced by `{config.command}`. Its own runs took {wall_s / 3600:.1f} hours of wall time '
+    f'(the sum over runs, across sittings; recorded in `{config.ledger}`, so the command '
+    'resumes where it stopped). Rows marked as reused are the final runs of the previous study '
+    f'(`{config.previous.page}`), read from its ledger and not trained again.',
+    '',
+    f'Teacher: `{teacher["model"]}` ({100 * teacher["test_accuracy"]:.2f}% test accuracy). '
+    f"Recipe: the previous study's `{recipe}` for every run. Final rows: {final.seeds} seeds, "
+    'last-epoch test accuracy, mean ± standard deviation; differences are paired by seed with a '
+    "95% t-interval, a two-sided paired t-test's p, and Holm's step-down correction over each "
+    "setting's comparisons with the student alone (the verdict uses the corrected p). New "
+    f'sweeps: {len(seeds)} seeds ({", ".join(map(str, seeds))}), the choice by their mean, '
+    f'trained on `{sweep.train_split}` and scored on `{sweep.val_split}`.',
+  ]
+  for name, rows in summaries.items():
+    setting = config.settings[name]
+    table = followup_table(rows, tuple(setting.get('reused', ())))
+    lines += ['', f'## `{name}`: {setting.description}', '', *table]
+    paired, curves = f'{stem}_{name}_paired.png', f'{stem}_{name}_curves.png'
+    _plot_paired(rows, os.path.join(folder, paired))
+    _plot_curves(
+      {m: s['curves'] for m, s in rows.items()},
+      os.path.join(folder, curves),
+      'test accuracy (%), mean over seeds',
+    )
+    lines += [
+      '',
+      f'![per-seed paired differences, {name}]({paired})',
+      '',
+      f'![learning curves, {name}]({curves})',
+    ]
+  lines += _sweeps_section(sweeps)
+  notes = config.get('notes_file', '')
+  if notes and os.path.exists(notes):
+    with open(notes) as f:
+      lines += ['', f.read().strip()]
+  files.write_atomic(page, '\n'.join(lines) + '\n')
+  return page

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from configs import fashion_mnist_student, fashion_mnist_study
-from lpe import experiment, study, study_page, train
+from lpe import experiment, objectives, study, study_page, train
 
 
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
@@ -283,3 +283,102 @@ def test_the_committed_ledger_still_answers_every_run_of_the_study(tmp_path):
   page = study.run(config, str(tmp_path / 'work'))
   with open(page) as f, open('docs/results/fashion_mnist_study.md') as committed:
     assert f.read() == committed.read()
+
+
+# --- the follow-up study (issue 21): reused rows, two-seed sweeps, chosen forms, Holm ----------
+
+
+def _fake_trainer(trained: list):
+  """`train.train_and_evaluate` without training: a run's accuracy is a fixed function of its
+  config (the 'mean' form best, at LP weight 1), written as a one-epoch metrics.jsonl."""
+
+  def fake(config, workdir, **_):
+    d = config.distill
+    accuracy = 0.90 + 0.001 * config.seed
+    if d.lp_weight:
+      accuracy += {'none': 0.0, 'l2': 0.004, 'mean': 0.008}[d.student_scale]
+      accuracy -= 0.002 * abs(math.log10(d.lp_weight))
+      accuracy += 0.001 * (d.lp_graph == 'bank')
+    accuracy += 0.002 * bool(d.kd_weight) - 0.02 * (d.lp_graph == 'neighbours' and not d.lp_weight)
+    accuracy -= 0.05 * bool(config.train_subset)
+    trained.append(config.name)
+    os.makedirs(workdir, exist_ok=True)
+    record = {
+      'epoch': 1,
+      'test_accuracy': accuracy,
+      'test_neighbourhood_preservation': 0.2,
+      'test_cka': 0.8,
+      'epoch_time_s': 1.0,
+    }
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      f.write(json.dumps(record) + '\n')
+    return {'params': 1000, 'objective': objectives.describe(d)}
+
+  return fake
+
+
+def test_the_follow_up_study_reuses_rows_sweeps_two_seeds_and_reports_holm(tmp_path, monkeypatch):
+  from configs import fashion_mnist_locality_study
+
+  trained = []
+  monkeypatch.setattr(study.train, 'train_and_evaluate', _fake_trainer(trained))
+  config = fashion_mnist_locality_study.get_config('quick')
+  config.previous.ledger = str(tmp_path / 'previous.jsonl')
+  config.previous.page = str(tmp_path / 'previous.md')
+  config.previous.main_methods = ('kd', 'sp', 'lp')
+  config.previous.other_methods = ('kd', 'lp')
+  config.reuse_ledgers = (config.previous.ledger,)
+  config.ledger, config.page = str(tmp_path / 'followup.jsonl'), str(tmp_path / 'followup.md')
+  study.run(config.previous, str(tmp_path / 'work'))  # The previous study, whole.
+  before = len(trained)
+  page = study.run(config, str(tmp_path / 'work'))
+  followup = trained[before:]
+  # The previous study's final rows are reused, not trained again.
+  assert not any(
+    r.startswith('final/cnn_student/' + m + '/')
+    for r in followup
+    for m in ('kd', 'sp', 'lp', 'student')
+  )
+  # New sweeps run both seeds of each point; the mean decides.
+  lp_mean = [r for r in followup if r.startswith('sweep/cnn_student/lp_mean/')]
+  assert lp_mean and {r[-6:] for r in lp_mean} == {'/seed0', '/seed1'}
+  ledger = study._read_ledger(config.ledger)
+  finals = {r.split('/')[2] for r in ledger if r.startswith('final/cnn_student/')}
+  assert finals == {'lp_l2', 'lp_mean', 'lp_neighbours_added', 'neighbours_control', 'lp_bank_warm'}
+  # The graph variants take the better scale-invariant form ('mean'); the other settings resolve
+  # the chosen names, from their own sweeps (few labels) or the main student's (fitnet_28).
+  followup_ledger = study.Study(config, str(tmp_path / 'work'), False)
+  assert {r.split('/')[2] for r in ledger if r.startswith('final/cnn_student_few/')} == {
+    'student',
+    'kd',
+    'lp',
+    'lp_mean',
+    'lp_bank_warm',
+  }
+  assert {r.split('/')[2] for r in ledger if r.startswith('final/fitnet_28/')} == {
+    'student',
+    'lp_mean',
+    'lp_bank_warm',
+  }
+  assert followup_ledger.ledger == ledger
+  text = open(page).read()
+  assert '| LP, mean-normalised student | CE + 1 LP (mean) |' in text
+  assert 'Holm-adjusted p' in text and '(reused)' in text and '**In progress**' not in text
+  assert '| +0.80 [+0.80, +0.80] | 0.000 | 0.000 | better |' in text  # Every seed +0.8 pp.
+  assert '| -2.00 [-2.00, -2.00] | 0.000 | 0.000 | worse |' in text  # The control, -2 pp.
+  # Rerunning trains nothing: every run is in the ledgers.
+  again = len(trained)
+  study.run(config, str(tmp_path / 'work'))
+  assert len(trained) == again
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+  adjusted = study_page.holm_adjusted({'a': 0.01, 'b': 0.04, 'c': 0.03, 'd': math.nan})
+  assert adjusted['a'] == pytest.approx(0.03)
+  assert adjusted['c'] == pytest.approx(0.06) and adjusted['b'] == pytest.approx(0.06)
+  assert math.isnan(adjusted['d'])
+  assert study_page.holm_adjusted({'a': 0.5, 'b': 0.6}) == {'a': 1.0, 'b': 1.0}
+  values, baseline = [0.91, 0.92, 0.905], [0.90, 0.915, 0.90]
+  expected = stats.ttest_rel(values, baseline).pvalue
+  assert study_page.paired_p_value(values, baseline) == pytest.approx(expected)
+  assert math.isnan(study_page.paired_p_value([0.9], [0.8]))
