@@ -131,6 +131,22 @@ def _convert_torch() -> dict:
   )
 
 
+def _run_study() -> None:
+  if _ALLOW_OPTIMIZER_CHANGE.value:
+    raise ValueError(
+      '--allow_optimizer_change resumes a run or a comparison, not a study; resume the '
+      "study's run with its own config, or use --allow_config_change."
+    )
+  try:
+    from studies import study
+  except ImportError as error:
+    raise ImportError(
+      f'A study needs its extra dependencies ({error.name} is missing): pip install "lpe[study]" '
+      '(scipy, matplotlib), or run scripts/setup.sh.'
+    ) from None
+  study.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -148,6 +164,9 @@ def main(argv):
       return
     if _CONFIG.value is None or _WORKDIR.value is None:
       raise app.UsageError('Training needs --config=configs/<experiment>.py and --workdir=<dir>.')
+    if 'grids' in _CONFIG.value:  # A method study: the studies tool beside the library.
+      _run_study()
+      return
     experiment.run(
       _CONFIG.value,
       _WORKDIR.value,

@@ -1,4 +1,4 @@
-"""The evidence: does locality preservation help thin students at convergence? (lpe.study)
+"""The evidence: does locality preservation help thin students at convergence? (studies.study)
 
   .venv/bin/python launch.py --config=configs/fashion_mnist_study.py --workdir=runs/study
   .venv/bin/python launch.py --config=configs/fashion_mnist_study.py:quick --workdir=runs/quick

@@ -22,7 +22,6 @@ from lpe import (
   report,
   state,
   stream,
-  study,
   teacher,
   train,
 )
@@ -207,7 +206,8 @@ def run(
   allow_config_change: bool = False,
   allow_optimizer_change: bool = False,
 ) -> Any:
-  """Runs a config: a comparison when it has `runs`, a study when it has `grids`, else one run.
+  """Runs a config: a comparison when it has `runs`, else one run (a study config, one with
+  `grids`, is run by the `studies` tool: `studies.study.run`, as launch.py does).
 
   `allow_config_change` lets a workdir's run continue with a config that differs from the one it
   was started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change);
@@ -217,15 +217,12 @@ def run(
   allowed = dict(
     allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
   )
+  if 'grids' in config:
+    raise ValueError(
+      'This is a study config (it has grids): run it with launch.py or studies.study.run.'
+    )
   if 'runs' in config:
     return compare(config, workdir, **allowed)
-  if 'grids' in config:
-    if allow_optimizer_change:
-      raise ValueError(
-        '--allow_optimizer_change resumes a run or a comparison, not a study; resume the '
-        "study's run with its own config, or use --allow_config_change."
-      )
-    return study.run(config, workdir, allow_config_change=allow_config_change)
   return train.train_and_evaluate(config, workdir, **allowed)
 
 

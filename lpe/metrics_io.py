@@ -27,12 +27,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   Raises:
     ValueError: a line before the last cannot be read; the message names the file and line.
   """
-  path = os.path.join(workdir, METRICS_NAME)
-  if not os.path.exists(path):
-    return []
-  with open(path, 'rb') as f:
-    records, _ = _parse(f.read(), path)
-  by_epoch = {r['epoch']: r for r in records}
+  by_epoch = {r['epoch']: r for r in read_records(os.path.join(workdir, METRICS_NAME), 'epoch')}
   return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -45,12 +40,36 @@ def repair_metrics(workdir: str) -> str | None:
   Returns:
     A warning naming what was removed, or None when the file was whole.
   """
-  path = os.path.join(workdir, METRICS_NAME)
+  return repair_records(
+    os.path.join(workdir, METRICS_NAME), 'epoch', 'the epoch record it held is written again'
+  )
+
+
+def read_records(path: str, key: str) -> list[dict[str, Any]]:
+  """The records of a JSON-lines file, each an object holding `key`, in file order; [] for no
+  file. A torn last line is left out (`repair_records` removes it).
+
+  Raises:
+    ValueError: a line before the last cannot be read; the message names the file and line.
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path, 'rb') as f:
+    records, _ = _parse(f.read(), path, key)
+  return records
+
+
+def repair_records(path: str, key: str, consequence: str) -> str | None:
+  """Cuts a torn last line from the JSON-lines file `path` and ends it with a newline.
+
+  Returns:
+    A warning naming what was removed and `consequence`, or None when the file was whole.
+  """
   if not os.path.exists(path):
     return None
   with open(path, 'rb') as f:
     content = f.read()
-  _, good_bytes = _parse(content, path)
+  _, good_bytes = _parse(content, path, key)
   if not content or (good_bytes == len(content) and content.endswith(b'\n')):
     return None
   torn, whole = content[good_bytes:], content[:good_bytes]
@@ -66,11 +85,28 @@ def repair_metrics(workdir: str) -> str | None:
   shown = torn.strip()[:60].decode(errors='replace')
   return (
     f'{path} ended in a torn line ({len(torn)} bytes: {shown!r}), left by a kill or a full disk '
-    'mid-write; it was removed, and the epoch record it held is written again.'
+    f'mid-write; it was removed, and {consequence}.'
   )
 
 
-def _parse(content: bytes, path: str) -> tuple[list[dict[str, Any]], int]:
+def append_record(path: str, record: dict[str, Any]) -> None:
+  """Appends `record` to `path` as one JSON line, flushed to the disk; a failed append leaves no
+  torn line."""
+  line = memoryview((json.dumps(record) + '\n').encode())
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+  size = os.fstat(fd).st_size
+  try:
+    while line:
+      line = line[os.write(fd, line) :]
+    os.fsync(fd)
+  except OSError:
+    os.ftruncate(fd, size)  # Cut the partial line (a full disk can still shrink a file).
+    raise
+  finally:
+    os.close(fd)
+
+
+def _parse(content: bytes, path: str, key: str) -> tuple[list[dict[str, Any]], int]:
   """The records of `content`, and how many of its bytes are whole lines up to a torn last one."""
   records, offset = [], 0
   lines = content.split(b'\n')
@@ -78,13 +114,13 @@ def _parse(content: bytes, path: str) -> tuple[list[dict[str, Any]], int]:
     if line.strip():
       try:
         record = json.loads(line)
-        if not isinstance(record, dict) or 'epoch' not in record:
-          raise ValueError('not an epoch record')
+        if not isinstance(record, dict) or key not in record:
+          raise ValueError(f'not a record with {key!r}')
       except ValueError as error:
         if any(rest.strip() for rest in lines[i + 1 :]):
           raise ValueError(
-            f'{path} line {i + 1} is unreadable ({error}); remove that line (its epoch is '
-            'then recovered or replayed) or move the file aside, and run the same command again.'
+            f'{path} line {i + 1} is unreadable ({error}); remove that line (what it recorded '
+            'is then done again) or move the file aside, and run the same command again.'
           ) from error
         return records, offset  # A torn last line.
       records.append(record)
@@ -108,18 +144,7 @@ class MetricsWriter:
     """Appends `record` as one line, flushed to the disk; a failed append leaves no torn line."""
     if not self._active:
       return
-    line = memoryview((json.dumps(record) + '\n').encode())
-    fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    size = os.fstat(fd).st_size
-    try:
-      while line:
-        line = line[os.write(fd, line) :]
-      os.fsync(fd)
-    except OSError:
-      os.ftruncate(fd, size)  # Cut the partial line (a full disk can still shrink a file).
-      raise
-    finally:
-      os.close(fd)
+    append_record(self._path, record)
     for key, value in record.items():
       if key not in ('epoch', 'step') and isinstance(value, int | float):
         self._tb.add_scalar(key, value, record['step'])

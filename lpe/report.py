@@ -2,8 +2,8 @@
 
 One `Reporter` per run prints the progress line, the resume, save and recovery messages and the
 epoch's test accuracy, on process 0 only (other processes stay quiet), so the wording of every
-line lives here. `results_table` formats finished runs for comparisons, and `write_study_page`
-a method study's results page with its plots.
+line lives here. `results_table` formats finished runs for comparisons (a method study's page is
+written by the `studies` tool beside the library).
 """
 
 from collections.abc import Mapping, Sequence
@@ -11,21 +11,6 @@ from typing import Any
 
 import jax
 
-from lpe import objectives
-
-# A study's row labels.
-LABELS = {
-  'student': 'student alone',
-  **objectives.LABELS,
-  'lp_kd': 'LP+KD',
-  'lp_neighbours': 'LP, graph neighbours in the batch',
-  'lp_bank': 'LP, graph with a memory bank',
-  'lp_l2': 'LP, L2-normalised student',
-  'lp_mean': 'LP, mean-normalised student',
-  'lp_neighbours_added': 'LP, graph neighbours added to the batch',
-  'neighbours_control': 'graph neighbours added, LP off (control)',
-  'lp_bank_warm': 'LP, memory bank with warm-up',
-}
 # The loss terms a progress line shows, in this order, when the step reports them.
 PROGRESS_TERMS = ('loss', 'ce', 'lp', 'kd', 'accuracy')
 

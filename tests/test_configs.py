@@ -139,7 +139,7 @@ def _shrink(run: ml_collections.ConfigDict, data_dir: str) -> None:
 
 
 def _trained_config(name: str) -> ml_collections.ConfigDict:
-  """What the one-step test trains: the config, or a study's base run (lpe.study's tests own the
+  """What the one-step test trains: the config, or a study's base run (studies.study's tests own the
   sweep itself, which is dozens of runs)."""
   config = _load(name)
   return config.base if 'grids' in config else config

@@ -3,13 +3,17 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from configs import fashion_mnist_student, fashion_mnist_study
-from lpe import experiment, objectives, study, study_page, train
+from lpe import objectives, train
+from studies import page as study_page
+from studies import study
 
 
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
@@ -183,7 +187,7 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
     return page
 
   monkeypatch.setattr(study_page, 'write_study_page', spy)
-  path = experiment.run(config, str(tmp_path / 'study'))
+  path = study.run(config, str(tmp_path / 'study'))
 
   assert path == config.page
   text = open(path).read()
@@ -221,7 +225,7 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
 
   monkeypatch.setattr(train, 'train_and_evaluate', refuse)
   os.rename(tmp_path / 'study', tmp_path / 'study_moved')
-  assert experiment.run(config, str(tmp_path / 'study')) == path
+  assert study.run(config, str(tmp_path / 'study')) == path
   assert open(path).read() == text
 
   # page_only, with cnn_tiny's last final missing from the ledger: in progress, the main student
@@ -231,7 +235,7 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   with open(config.ledger, 'w') as f:
     f.writelines(kept)
   config.page_only = True
-  assert experiment.run(config, str(tmp_path / 'study')) == path
+  assert study.run(config, str(tmp_path / 'study')) == path
   partial = open(path).read()
   assert '**In progress**' in partial and '## `cnn_tiny` (subset; 1 of 2 seeds so far)' in partial
 
@@ -245,7 +249,7 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   # Before any final run: the recipes and the finished sweeps, no final table and no plots.
   with open(config.ledger, 'w') as f:
     f.writelines(line for line in kept if not json.loads(line)['run'].startswith('final/'))
-  assert experiment.run(config, str(tmp_path / 'study')) == path
+  assert study.run(config, str(tmp_path / 'study')) == path
   early = open(path).read()
   assert '## `cnn_student`' not in early and '## Plots' not in early
   assert sweeps_of(early) == sweeps_of(text)
@@ -254,7 +258,7 @@ def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
   with open(config.ledger, 'w') as f:
     f.writelines(line for line in kept if json.loads(line)['run'].startswith('sweep/'))
   with pytest.raises(ValueError, match='run the study without page_only'):
-    experiment.run(config, str(tmp_path / 'study'))
+    study.run(config, str(tmp_path / 'study'))
 
 
 def test_a_torn_last_ledger_record_is_cut_and_a_bad_middle_one_stops(tmp_path):
@@ -264,7 +268,7 @@ def test_a_torn_last_ledger_record_is_cut_and_a_bad_middle_one_stops(tmp_path):
   assert set(study._read_ledger(str(ledger))) == {'a'}
   assert ledger.read_text() == good
   ledger.write_text('{"run": "b", "dig\n' + good)
-  with pytest.raises(ValueError, match='unreadable record at byte 0'):
+  with pytest.raises(ValueError, match='runs.jsonl line 1 is unreadable .*remove that line'):
     study._read_ledger(str(ledger))
 
 
@@ -382,3 +386,13 @@ def test_holm_adjusts_step_down_and_keeps_the_order():
   expected = stats.ttest_rel(values, baseline).pvalue
   assert study_page.paired_p_value(values, baseline) == pytest.approx(expected)
   assert math.isnan(study_page.paired_p_value([0.9], [0.8]))
+
+
+def test_the_library_loads_neither_the_studies_nor_their_dependencies():
+  """`studies` is a tool beside lpe: a training run imports none of it, nor scipy or matplotlib."""
+  code = (
+    'import sys, lpe.train, lpe.experiment, lpe.report; '
+    "print(sorted(m for m in sys.modules if m.split('.')[0] in ('studies', 'matplotlib', 'scipy')))"
+  )
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]', out.stdout

@@ -28,9 +28,11 @@ import os
 import time
 from typing import Any
 
+import jax
 import ml_collections
 
-from lpe import checkpoint, metrics_io, report, study_page, train
+from lpe import checkpoint, metrics_io, report, train
+from studies import page as study_page
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +203,7 @@ class Study:
       'history': metrics_io.read_metrics(workdir),
       'result': result,
       'wall_s': time.time() - start,
+      'machine': _machine(),
     }
     if diverged is not None:
       record['diverged'] = diverged
@@ -332,6 +335,14 @@ class Study:
     return records, True
 
 
+def _machine() -> str:
+  """What trained a run, for the page's wall time: '2 CPU cores' or, on accelerators, '1 H200'
+  (the device count and kind)."""
+  if jax.default_backend() == 'cpu':
+    return f'{os.cpu_count()} CPU cores'
+  return f'{jax.device_count()} {jax.devices()[0].device_kind}'
+
+
 class _NotInLedger(Exception):
   """`page_only`: a run the page needs is not in the ledger."""
 
@@ -346,38 +357,19 @@ def _last(record: dict[str, Any]) -> float:
 def _read_ledger(path: str) -> dict[str, dict[str, Any]]:
   """The ledger's records by run (the latest wins). A torn last line, what a kill mid-append
   leaves, is cut off with a warning (that run is trained again); any other bad line stops."""
-  if not path or not os.path.exists(path):
+  if not path:
     return {}
-  with open(path, 'rb') as f:
-    content = f.read()
-  records, good = {}, 0
-  for line in content.splitlines(keepends=True):
-    try:
-      record = json.loads(line) if line.strip() else None
-    except ValueError:
-      if good + len(line) < len(content) or line.endswith(b'\n'):
-        raise ValueError(
-          f'{path} has an unreadable record at byte {good}; fix or remove that line (the runs it '
-          'recorded are trained again).'
-        ) from None
-      report.Reporter('study').warning(f'{path} ended in a torn record; it was removed.')
-      with open(path, 'r+b') as f:
-        f.truncate(good)
-      break
-    good += len(line)
-    if record is not None:
-      records[record['run']] = record
-  return records
+  torn = metrics_io.repair_records(path, 'run', 'the run it recorded is trained again')
+  if torn:
+    report.Reporter('study').warning(torn)
+  return {record['run']: record for record in metrics_io.read_records(path, 'run')}
 
 
 def _append_ledger(path: str, record: dict[str, Any]) -> None:
   if not path:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'a') as f:
-    f.write(json.dumps(record) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
+  metrics_io.append_record(path, record)
 
 
 def _resolve(rows: tuple[str, ...], main_sweeps: dict[str, dict]) -> list[str]:
@@ -478,7 +470,7 @@ def _write_page(study: Study, recipe_name: str, sweeps, finals, students, done) 
     recipes={n: study.ledger[f'recipe/{n}'] for n in config.recipes},
     sweeps=sweeps,
     finals=finals,
-    wall_s=sum(r.get('wall_s', 0.0) for r in study.ledger.values()),
+    wall=study_page.wall_time(study.ledger.values()),
     pending=[s for s in students if s not in done],
   )
 
@@ -596,6 +588,6 @@ def _write_followup_page(study: Study, recipe_name: str, sweeps, finals, names, 
     recipe=recipe_name,
     sweeps=sweeps,
     finals=finals,
-    wall_s=sum(r.get('wall_s', 0.0) for r in study.ledger.values()),
+    wall=study_page.wall_time(study.ledger.values()),
     pending=[s for s in names if s not in done],
   )

@@ -12,9 +12,22 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from lpe import files, report
+from lpe import files, objectives
 
 Records = list[dict[str, Any]]
+# A study's row labels.
+LABELS = {
+  'student': 'student alone',
+  **objectives.LABELS,
+  'lp_kd': 'LP+KD',
+  'lp_neighbours': 'LP, graph neighbours in the batch',
+  'lp_bank': 'LP, graph with a memory bank',
+  'lp_l2': 'LP, L2-normalised student',
+  'lp_mean': 'LP, mean-normalised student',
+  'lp_neighbours_added': 'LP, graph neighbours added to the batch',
+  'neighbours_control': 'graph neighbours added, LP off (control)',
+  'lp_bank_warm': 'LP, memory bank with warm-up',
+}
 
 
 def paired_interval(
@@ -105,7 +118,7 @@ def student_table(rows: dict[str, dict[str, Any]]) -> list[str]:
   for name, s in rows.items():
     vs_alone, verdict = ('-', '') if name == 'student' else _interval(s['last'], alone)
     vs_kd = '-' if kd is None or name in ('kd', 'student') else _interval(s['last'], kd)[0]
-    label = report.LABELS[name]
+    label = LABELS[name]
     if s['diverged']:
       label += f' ({s["diverged"]} of {len(s["last"])} seeds diverged)'
     lines.append(
@@ -129,13 +142,12 @@ def sweep_tables(student: str, sweeps: dict[str, dict[str, Any]]) -> list[str]:
         text += ' (added)' if row['added'] else ''
         cells.append(f'**{text}**' if row['chosen'] else text)
       lines.append(
-        f'| {student} | {report.LABELS[method]} | {key} | {"; ".join(cells)} '
-        f'| {dimension["status"]} |'
+        f'| {student} | {LABELS[method]} | {key} | {"; ".join(cells)} | {dimension["status"]} |'
       )
   return lines
 
 
-# The gain-vs-size plot's rows from the first student on: KD, LP and lpe.study.GRAPH_VARIANTS
+# The gain-vs-size plot's rows from the first student on: KD, LP and studies.study.GRAPH_VARIANTS
 # (study imports this module, not the reverse; a test keeps the two in step).
 _ALWAYS_PLOTTED = ('kd', 'lp', 'lp_neighbours', 'lp_bank')
 
@@ -157,7 +169,7 @@ def _plot_gain_vs_size(summaries, path: str) -> None:
         points.append((rows['student']['params'], 100 * mean, 100 * (mean - low)))
     x, y, err = (np.array(v) for v in zip(*sorted(points), strict=True))
     x = x * 1.04 ** (i - (len(shown) - 1) / 2)  # Side by side, so no interval hides another.
-    ax.errorbar(x, y, yerr=np.nan_to_num(err), marker='o', capsize=3, label=report.LABELS[method])
+    ax.errorbar(x, y, yerr=np.nan_to_num(err), marker='o', capsize=3, label=LABELS[method])
   ax.axhline(0, color='black', linewidth=0.8)
   ax.set_xscale('log')
   sizes = [rows['student']['params'] for rows in summaries.values()]
@@ -185,7 +197,7 @@ def _plot_paired(rows, path: str) -> None:
       i + 0.2, mean, yerr=[[mean - low], [high - mean]], color='tab:red', capsize=3, marker='_'
     )
   ax.axhline(0, color='black', linewidth=0.8)
-  ax.set_xticks(range(len(methods)), [report.LABELS[m] for m in methods], rotation=30, ha='right')
+  ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=30, ha='right')
   ax.set_ylabel('minus the student alone,\nsame seed (pp, last epoch)')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -198,7 +210,7 @@ def _plot_curves(curves: dict[str, list[list[float]]], path: str, ylabel: str) -
   fig, ax = plt.subplots(figsize=(8, 4))
   for name, runs in curves.items():
     mean = 100 * np.mean(np.asarray(runs), axis=0)
-    ax.plot(np.arange(1, len(mean) + 1), mean, marker='.', label=report.LABELS.get(name, name))
+    ax.plot(np.arange(1, len(mean) + 1), mean, marker='.', label=LABELS.get(name, name))
   ax.set_xlabel('epoch')
   ax.set_ylabel(ylabel)
   ax.legend(ncol=2, fontsize=7)
@@ -231,7 +243,19 @@ def write_plots(config, summaries, recipes: dict[str, dict], folder: str, stem: 
   return names
 
 
-def _setting(config, teacher, recipe, summaries, wall_s) -> list[str]:
+def wall_time(records) -> str:
+  """'10.3 hours of wall time on 2 CPU cores': the sum of the runs' wall times, and the machines
+  their ledger records name (older records name none)."""
+  records = list(records)
+  hours = sum(r.get('wall_s', 0.0) for r in records) / 3600
+  named = sorted({r['machine'] for r in records if r.get('machine')})
+  text = f'{hours:.1f} hours of wall time' + (f' on {"; ".join(named)}' if named else '')
+  if any(not r.get('machine') for r in records):
+    text += f', {"some " if named else ""}on machines the ledger does not name'
+  return text
+
+
+def _setting(config, teacher, recipe, summaries, wall) -> list[str]:
   base, final, sweep = config.base, config.final, config.sweep
   changes = ', '.join(f'{k}={v}' for k, v in sorted(config.recipes[recipe].items()))
   students = ', '.join(
@@ -243,7 +267,7 @@ def _setting(config, teacher, recipe, summaries, wall_s) -> list[str]:
     gap = f'{100 * (teacher["test_accuracy"] - alone):.2f} points above the main student alone'
   return [
     f'Produced by `{config.command}` ({config.description}). All its runs took '
-    f'{wall_s / 3600:.1f} hours of wall time on 2 CPU cores (the sum over runs, across sittings; '
+    f'{wall} (the sum over runs, across sittings; '
     f'the runs are recorded in `{config.ledger}`, so the command resumes where it stopped).',
     '',
     f'Teacher: `{teacher["model"]}` ({teacher["params"]:,} parameters, '
@@ -263,9 +287,7 @@ def _setting(config, teacher, recipe, summaries, wall_s) -> list[str]:
   ]
 
 
-def write_study_page(
-  config, *, teacher, recipe, recipes, sweeps, finals, wall_s, pending=()
-) -> str:
+def write_study_page(config, *, teacher, recipe, recipes, sweeps, finals, wall, pending=()) -> str:
   """Writes the study's page and plots; returns the page's path.
 
   Args:
@@ -274,7 +296,7 @@ def write_study_page(
     recipe: The chosen recipe's name; `recipes`: each recipe run's ledger record.
     sweeps: Per student and method, `Study.sweep`'s result.
     finals: Per student and row, its seeds' ledger records.
-    wall_s: The wall time of every run of the study.
+    wall: What every run of the study took (`wall_time` of the ledger's records).
     pending: Students whose runs are not finished yet; the page says so at its top.
   """
   page = config.page
@@ -292,7 +314,7 @@ def write_study_page(
       "the study's command below to continue.",
       '',
     ]
-  lines += [*_setting(config, teacher, recipe, summaries, wall_s), '']
+  lines += [*_setting(config, teacher, recipe, summaries, wall), '']
   for student, rows in summaries.items():
     role = 'main student, every method' if student == config.main_student else 'subset'
     seeds = len(rows['student']['last'])
@@ -419,7 +441,7 @@ def followup_table(
       if adj < alpha:
         verdict = 'better' if mean > 0 else 'worse'
       cells = [interval, _p(p_values[name]), _p(adj), verdict]
-    label = report.LABELS[name] + (' (reused)' if name in reused else '')
+    label = LABELS[name] + (' (reused)' if name in reused else '')
     if s['diverged']:
       label += f' ({s["diverged"]} of {len(s["last"])} seeds diverged)'
     lines.append(
@@ -434,7 +456,7 @@ def _p(p: float) -> str:
   return '-' if math.isnan(p) else f'{p:.3f}'
 
 
-def write_followup_page(config, *, teacher, recipe, sweeps, finals, wall_s, pending=()) -> str:
+def write_followup_page(config, *, teacher, recipe, sweeps, finals, wall, pending=()) -> str:
   """Writes a follow-up study's page (`lpe.study.run_followup`) and its plots; returns its path.
 
   Args:
@@ -443,7 +465,8 @@ def write_followup_page(config, *, teacher, recipe, sweeps, finals, wall_s, pend
     recipe: The previous study's recipe name (kept by every run).
     sweeps: Per setting and method, `Study.sweep`'s result.
     finals: Per setting and row, its seeds' ledger records.
-    wall_s: The wall time of this study's own runs (the reused ones are the previous study's).
+    wall: What this study's own runs took (`wall_time`; the reused ones are the previous
+      study's).
     pending: Settings whose runs are not finished yet.
   """
   import matplotlib
@@ -465,7 +488,7 @@ def write_followup_page(config, *, teacher, recipe, sweeps, finals, wall_s, pend
   final, sweep = config.final, config.sweep
   seeds = tuple(sweep.get('seeds', ())) or (sweep.seed,)
   lines += [
-    f'Produced by `{config.command}`. Its own runs took {wall_s / 3600:.1f} hours of wall time '
+    f'Produced by `{config.command}`. Its own runs took {wall} '
     f'(the sum over runs, across sittings; recorded in `{config.ledger}`, so the command '
     'resumes where it stopped). Rows marked as reused are the final runs of the previous study '
     f'(`{config.previous.page}`), read from its ledger and not trained again.',
