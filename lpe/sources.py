@@ -16,6 +16,7 @@ Each split opens as a random-access sequence of `{'image': uint8 [H, W, C], 'lab
 from the training split once and cached. Nothing here imports JAX.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -23,10 +24,12 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from lpe import transforms
 
@@ -40,6 +43,7 @@ DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _BOUND = r'(-?\d+(?:\.\d+)?%|-?\d+)?'
 _SPLIT_RE = re.compile(rf'([\w-]+)(?:\[{_BOUND}:{_BOUND}\])?')
 SPLIT_FORMS = 'train, train[:90%], train[90%:], train[:3200], train[3200:] or train[100:200]'
+NPZ_ARRAYS = 'train_images and test_images uint8 [N, H, W, C], train_labels and test_labels int [N]'
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -345,11 +349,25 @@ class FolderSource(Sequence):
   def __getitem__(self, index):
     if isinstance(index, slice):
       raise TypeError('FolderSource takes one index at a time.')
-    import PIL.Image
-
-    with PIL.Image.open(self.files[index]) as pil:
+    with _open_image(self.files[index]) as pil:
       image = np.asarray(pil.convert('L' if self.channels == 1 else 'RGB'))
     return {'image': image.reshape(*image.shape[:2], self.channels), 'label': self.labels[index]}
+
+
+@contextlib.contextmanager
+def _open_image(path: str) -> Iterator[Any]:
+  """`PIL.Image.open(path)`, where a file PIL cannot read or decode (corrupt, truncated, not an
+  image) is a ValueError that names it and says to remove or replace it."""
+  import PIL.Image
+
+  try:
+    with PIL.Image.open(path) as pil:
+      yield pil
+  except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:  # SyntaxError: bad headers.
+    raise ValueError(
+      f'{path} is not a readable PNG or JPEG image (corrupt, truncated or another kind of file); '
+      'remove or replace it.'
+    ) from error
 
 
 def _classes(root: str, split: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -397,12 +415,10 @@ def _folder_index(root: str) -> tuple[tuple[str, ...], dict[str, tuple[list[str]
 @functools.lru_cache(maxsize=8)
 def _folder_channels(root: str) -> int:
   """1 when a sample of up to 100 evenly spaced images are all greyscale, else 3 (RGB)."""
-  import PIL.Image
-
   files = _folder_index(root)[1]['train'][0]
   modes = set()
   for path in files[:: max(1, len(files) // 100)]:
-    with PIL.Image.open(path) as pil:
+    with _open_image(path) as pil:
       modes.add(pil.mode)
   return 1 if modes <= {'L', '1', 'I;16'} else 3
 
@@ -410,13 +426,11 @@ def _folder_channels(root: str) -> int:
 @functools.lru_cache(maxsize=8)
 def _folder_info(root: str, image_size: int) -> tuple[int, tuple[int, int, int]]:
   """Classes and image shape; without `image_size` every image must share one size."""
-  import PIL.Image
-
   classes, splits = _folder_index(root)
   files = [f for split_files, _ in splits.values() for f in split_files]
   sizes = {}
   for path in files[:1] if image_size else files:  # Only the headers are read.
-    with PIL.Image.open(path) as pil:
+    with _open_image(path) as pil:
       sizes.setdefault(pil.size, path)
   if len(sizes) > 1:
     (a, path_a), (b, path_b) = list(sizes.items())[:2]
@@ -457,14 +471,12 @@ def _npz_arrays(path: str) -> dict[str, Any]:
   """The arrays of an `npz:` dataset, checked: uint8 images, int labels in range."""
   if not os.path.isfile(path):
     raise ValueError(f'npz:{path} does not exist; give the path of an .npz file.')
-  with np.load(path) as f:
-    arrays = {k: f[k] for k in f.files}
+  arrays = _read_npz(path)
   for split in ('train', 'test'):
     for key, ndim in ((f'{split}_images', 4), (f'{split}_labels', 1)):
       if key not in arrays or arrays[key].ndim != ndim:
         raise ValueError(
-          f'npz:{path} needs {key} with {ndim} dimensions (train_images and test_images uint8 '
-          '[N, H, W, C], train_labels and test_labels int [N]); it holds '
+          f'npz:{path} needs {key} with {ndim} dimensions ({NPZ_ARRAYS}); it holds '
           f'{", ".join(f"{k} {v.shape}" for k, v in arrays.items())}.'
         )
     images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
@@ -486,7 +498,46 @@ def _npz_arrays(path: str) -> dict[str, Any]:
         f'npz:{path}: {split}_labels run from {labels.min()} to {labels.max()}, out of the range '
         f'0..{num_classes - 1} of the training labels; number the classes 0..C-1.'
       )
+  used = len(np.unique(arrays['train_labels']))
+  if used < num_classes:  # Not an error: a subset of a larger label set is legitimate.
+    logging.warning(
+      'npz:%s: train_labels run from %d to %d, so the classifier head will have %d classes with '
+      'only %d of them used; number the classes 0..%d if the others do not exist.',
+      path,
+      arrays['train_labels'].min(),
+      num_classes - 1,
+      num_classes,
+      used,
+      used - 1,
+    )
   return dict(arrays, num_classes=num_classes)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """The arrays of the .npz at `path`; a file that is not one, or pickled object arrays (which
+  are not loaded: unpickling runs code), is a ValueError naming the file and the arrays wanted."""
+  unreadable = ValueError(
+    f'npz:{path} is not a readable .npz file; save one with np.savez holding {NPZ_ARRAYS}.'
+  )
+  try:
+    loaded = np.load(path)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    raise unreadable from error
+  if not isinstance(loaded, np.lib.npyio.NpzFile):  # One .npy array.
+    raise unreadable
+  arrays = {}
+  with loaded:
+    for key in loaded.files:
+      try:
+        arrays[key] = loaded[key]
+      except ValueError as error:  # numpy's 'Object arrays cannot be loaded' (allow_pickle).
+        raise ValueError(
+          f'npz:{path} holds {key} as pickled Python objects, which lpe does not load; save '
+          f'{NPZ_ARRAYS} as plain arrays.'
+        ) from error
+      except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise unreadable from error
+  return arrays
 
 
 def _npz(path: str, split: str) -> ArraySource:

@@ -238,3 +238,62 @@ def test_a_bad_split_is_one_sentence_naming_it_and_the_valid_forms(tmp_path, spl
   message = str(error.value)
   assert repr(split) in message and message.endswith(f'{sources.SPLIT_FORMS}.')
   assert message.count('. ') == 0, message
+
+
+# Bad user files (issue 19): one sentence naming the file and the fix, or a warning.
+def test_a_corrupt_or_foreign_image_file_is_named(tmp_path):
+  root = write_image_folder(tmp_path / 'images', classes=2, per_class=(4, 2))
+  notes = os.path.join(root, 'train', 'class_1', 'notes.png')
+  with open(notes, 'w') as f:
+    f.write('not an image')
+  with pytest.raises(ValueError, match=re.escape(f'{notes} is not a readable PNG or JPEG image')):
+    data.dataset_info(f'folder:{root}')
+  os.remove(notes)
+  sources._folder_index.cache_clear()  # The listing is cached per process.
+  png = os.path.join(root, 'test', 'class_0', '1.png')
+  with open(png, 'rb') as f:
+    whole = f.read()
+  with open(png, 'wb') as f:  # A cut-off download: the header reads, the pixels do not.
+    f.write(whole[: len(whole) // 2])
+  assert data.dataset_info(f'folder:{root}').num_classes == 2
+  with pytest.raises(ValueError, match=re.escape(f'{png} is not a readable')) as error:
+    data.load_split(f'folder:{root}', 'test')
+  assert str(error.value).endswith('remove or replace it.')
+
+
+def test_an_npz_that_is_not_one_or_holds_objects_is_named(tmp_path):
+  expected = re.escape(sources.NPZ_ARRAYS)
+  text = tmp_path / 'notes.npz'
+  text.write_text('train_images,train_labels\n')
+  with pytest.raises(ValueError, match=f'npz:{text} is not a readable .npz file.*{expected}'):
+    data.dataset_info(f'npz:{text}')
+  single = tmp_path / 'single.npz'
+  with open(single, 'wb') as f:
+    np.save(f, np.zeros((2, 4, 4, 1), np.uint8))  # An .npy under an .npz name.
+  with pytest.raises(ValueError, match=f'npz:{single} is not a readable .npz file'):
+    data.dataset_info(f'npz:{single}')
+  pickled = tmp_path / 'pickled.npz'
+  images = np.zeros((4, 4, 4, 1), np.uint8)
+  np.savez(pickled, train_images=images, train_labels=np.array([0, 1, 0, 1], dtype=object))
+  with pytest.raises(ValueError, match=f'holds train_labels as pickled Python objects.*{expected}'):
+    data.dataset_info(f'npz:{pickled}')
+
+
+def test_labels_that_leave_classes_empty_are_warned_about(tmp_path, caplog):
+  good = write_npz(tmp_path / 'good.npz', classes=3)
+  assert data.dataset_info(f'npz:{good}').num_classes == 3
+  assert not caplog.records
+  with np.load(good) as f:
+    arrays = dict(f)
+  arrays['train_labels'] = 100 + np.arange(len(arrays['train_labels'])) % 10
+  arrays['test_labels'] = 100 + np.arange(len(arrays['test_labels'])) % 10
+  np.savez(tmp_path / 'offset.npz', **arrays)
+  with caplog.at_level('WARNING'):
+    info = data.dataset_info(f'npz:{tmp_path / "offset.npz"}')
+  assert info.num_classes == 110  # Still trains, as before: the warning only says so.
+  (record,) = caplog.records
+  assert record.levelname == 'WARNING'
+  assert (
+    'train_labels run from 100 to 109, so the classifier head will have 110 classes with only '
+    '10 of them used; number the classes 0..9' in record.getMessage()
+  )
