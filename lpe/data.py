@@ -50,10 +50,13 @@ def dataset_info(
   image_size: int = 0,
   mean: Sequence[float] = (),
   std: Sequence[float] = (),
+  train_split: str = 'train',
 ) -> DatasetInfo:
   """The `DatasetInfo` of `name` (a TFDS name, `folder:PATH` or `npz:PATH`; see
   `lpe.sources.read_info` for the arguments). Raises a ValueError naming an unknown dataset."""
-  return sources.read_info(name, data_dir, image_size=image_size, mean=mean, std=std)
+  return sources.read_info(
+    name, data_dir, image_size=image_size, mean=mean, std=std, train_split=train_split
+  )
 
 
 def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -65,6 +68,7 @@ def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
     image_size=config.get('image_size', 0),
     mean=config.get('data_mean', ()),
     std=config.get('data_std', ()),
+    train_split=config.get('train_split', 'train'),
   )
 
 
@@ -120,9 +124,8 @@ def _cache_path(source, name: str, split: str, data_dir: str) -> str | None:
   source_dir = os.path.realpath(str(getattr(info, 'data_dir', '')))
   if not source_dir.startswith(os.path.realpath(data_dir) + os.sep):
     return None
-  safe_split = split.replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pc')
   return os.path.join(
-    data_dir, 'lpe_cache', f'{name}-{info.version}-{safe_split}-{len(source)}.npz'
+    data_dir, 'lpe_cache', f'{name}-{info.version}-{sources.split_key(split)}-{len(source)}.npz'
   )
 
 
@@ -138,8 +141,8 @@ def load_split(
 
   Args:
     name: A TFDS dataset name, `folder:PATH` or `npz:PATH` (`lpe.sources`).
-    split: A TFDS split expression, e.g. `'train'`, `'test'` or `'train[:90%]'` (`'train'` or
-      `'test'` for a folder or an .npz).
+    split: A TFDS split expression, e.g. `'train'`, `'test'` or `'train[:90%]'`, for every
+      dataset form (`lpe.sources.split_rows` slices a folder or an .npz as TFDS would).
     data_dir: TFDS data directory; `None` means `default_data_dir()`.
     shard: `(index, count)` reads only that part of the split (`shard_rows`), e.g. this process's
       share on several hosts; None reads it all.

@@ -8,21 +8,28 @@
 - `'npz:PATH'`: one .npz holding `<split>_images` uint8 `[N, H, W, C]` and `<split>_labels` int
   `[N]` for the splits `train` and `test`.
 
+A split is named as TFDS names it, a slice included (`'train[:90%]'`, `'train[3200:]'`): TFDS
+reads the slice of its own datasets, `split_rows` that of a folder or an .npz, with TFDS's rounding.
+
 Each split opens as a random-access sequence of `{'image': uint8 [H, W, C], 'label': int}` records
 (`open_split`); `read_info` gives the dataset's `DatasetInfo`, with normalisation constants computed
 from the training split once and cached. Nothing here imports JAX.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import json
 import os
+import re
 import uuid
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from lpe import transforms
 
@@ -31,6 +38,12 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 # Normalisation constants are computed from at most this many evenly spaced training images.
 STATS_MAX_EXAMPLES = 10_000
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+# A split expression as TFDS writes one: `name` or `name[from:to]`, each bound empty, an example
+# count or a percentage (decimals allowed), negative ones counted from the end.
+_BOUND = r'(-?\d+(?:\.\d+)?%|-?\d+)?'
+_SPLIT_RE = re.compile(rf'([\w-]+)(?:\[{_BOUND}:{_BOUND}\])?')
+SPLIT_FORMS = 'train, train[:90%], train[90%:], train[:3200], train[3200:] or train[100:200]'
+NPZ_ARRAYS = 'train_images and test_images uint8 [N, H, W, C], train_labels and test_labels int [N]'
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -76,6 +89,57 @@ def form(dataset: str) -> str:
   return 'tfds'
 
 
+def split_rows(expression: str, sizes: Mapping[str, int], where: str) -> tuple[str, slice]:
+  """The split that `expression` names and the rows of it that it selects, as TFDS selects them.
+
+  Percentages become `round(p * n / 100)` examples (TFDS's 'closest' rounding, halves to even) and
+  negative bounds count from the end, so `'train[:90%]'` of an .npz is the rows TFDS would read
+  from a split of the same size.
+
+  Args:
+    expression: `'train'`, `'train[:90%]'`, `'train[10%:]'`, `'train[:3200]'`, `'train[100:200]'`.
+    sizes: The number of examples of each split the dataset has.
+    where: The dataset, as its errors name it.
+
+  Raises:
+    ValueError: an unknown split, a malformed or out-of-range slice, or one that selects nothing.
+
+  Example:
+    >>> split_rows('train[:90%]', {'train': 25, 'test': 5}, 'npz:d.npz')
+    ('train', slice(0, 22, None))
+  """
+  match = _SPLIT_RE.fullmatch(expression)
+  fix = f'write a split of {where} ({", ".join(sizes)}) or a slice of one: {SPLIT_FORMS}.'
+  if not match:
+    raise ValueError(f'The split {expression!r} is not a split name nor a TFDS slice; {fix}')
+  name, *bounds = match.groups()
+  if '[' in expression and not any(bounds):  # TFDS refuses `train[:]` too.
+    raise ValueError(f'{expression!r} has an empty slice; {fix}')
+  if name not in sizes:
+    raise ValueError(f'{where} has no split {name!r} (in {expression!r}); {fix}')
+  n = sizes[name]
+  if len({b.endswith('%') for b in bounds if b}) > 1:
+    raise ValueError(f'{expression!r} mixes a percentage and an example count; {fix}')
+  rows = []
+  for bound, default in zip(bounds, (0, n), strict=True):
+    if not bound:
+      rows.append(default)
+      continue
+    value = float(bound[:-1]) if bound.endswith('%') else int(bound)
+    if abs(value) > (100 if bound.endswith('%') else n):
+      raise ValueError(f'{expression!r} reaches past the {n} examples of {name}; {fix}')
+    value = int(round(value * n / 100)) if bound.endswith('%') else value
+    rows.append(value + n if value < 0 else value)
+  if rows[0] >= rows[1]:
+    raise ValueError(f'{expression!r} selects none of the {n} examples of {name}; {fix}')
+  return name, slice(*rows)
+
+
+def split_key(split: str) -> str:
+  """`split` as part of a file name: `'train[:90%]'` -> `'train_-90pc'`."""
+  return split.replace('[', '_').replace(']', '').replace(':', '-').replace('%', 'pc')
+
+
 def _path(dataset: str) -> str:
   return os.path.abspath(os.path.expanduser(dataset.split(':', 1)[1]))
 
@@ -102,6 +166,7 @@ def read_info(
   image_size: int = 0,
   mean: Sequence[float] = (),
   std: Sequence[float] = (),
+  train_split: str = 'train',
 ) -> DatasetInfo:
   """The classes, image shape and normalisation constants of `dataset`.
 
@@ -111,8 +176,9 @@ def read_info(
     image_size: >0 resizes every image to `image_size x image_size` (and allows images of mixed
       sizes); 0 keeps the dataset's own size, which all its images must share.
     mean, std: Per-channel normalisation constants; empty means the published ones (`KNOWN`),
-      else computed from the training split once (at most `STATS_MAX_EXAMPLES` images, after
-      resizing) and cached beside the data.
+      else computed from `train_split` once (at most `STATS_MAX_EXAMPLES` images, after
+      resizing) and cached beside the data, under a name that holds the split's slice.
+    train_split: The split (or slice, e.g. `'train[:90%]'`) the constants are computed from.
   """
   num_classes, shape = _classes_and_shape(dataset, data_dir or default_data_dir(), image_size)
   if image_size:
@@ -122,7 +188,7 @@ def read_info(
     if known and not image_size:
       mean, std = mean or known.mean, std or known.std
     else:
-      stats = _cached_stats(dataset, data_dir or default_data_dir(), shape)
+      stats = _cached_stats(dataset, data_dir or default_data_dir(), shape, train_split)
       mean, std = mean or stats[0], std or stats[1]
   for what, values in (('mean', mean), ('std', std)):
     if len(values) != shape[-1]:
@@ -283,11 +349,25 @@ class FolderSource(Sequence):
   def __getitem__(self, index):
     if isinstance(index, slice):
       raise TypeError('FolderSource takes one index at a time.')
-    import PIL.Image
-
-    with PIL.Image.open(self.files[index]) as pil:
+    with _open_image(self.files[index]) as pil:
       image = np.asarray(pil.convert('L' if self.channels == 1 else 'RGB'))
     return {'image': image.reshape(*image.shape[:2], self.channels), 'label': self.labels[index]}
+
+
+@contextlib.contextmanager
+def _open_image(path: str) -> Iterator[Any]:
+  """`PIL.Image.open(path)`, where a file PIL cannot read or decode (corrupt, truncated, not an
+  image) is a ValueError that names it and says to remove or replace it."""
+  import PIL.Image
+
+  try:
+    with PIL.Image.open(path) as pil:
+      yield pil
+  except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:  # SyntaxError: bad headers.
+    raise ValueError(
+      f'{path} is not a readable PNG or JPEG image (corrupt, truncated or another kind of file); '
+      'remove or replace it.'
+    ) from error
 
 
 def _classes(root: str, split: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -335,12 +415,10 @@ def _folder_index(root: str) -> tuple[tuple[str, ...], dict[str, tuple[list[str]
 @functools.lru_cache(maxsize=8)
 def _folder_channels(root: str) -> int:
   """1 when a sample of up to 100 evenly spaced images are all greyscale, else 3 (RGB)."""
-  import PIL.Image
-
   files = _folder_index(root)[1]['train'][0]
   modes = set()
   for path in files[:: max(1, len(files) // 100)]:
-    with PIL.Image.open(path) as pil:
+    with _open_image(path) as pil:
       modes.add(pil.mode)
   return 1 if modes <= {'L', '1', 'I;16'} else 3
 
@@ -348,13 +426,11 @@ def _folder_channels(root: str) -> int:
 @functools.lru_cache(maxsize=8)
 def _folder_info(root: str, image_size: int) -> tuple[int, tuple[int, int, int]]:
   """Classes and image shape; without `image_size` every image must share one size."""
-  import PIL.Image
-
   classes, splits = _folder_index(root)
   files = [f for split_files, _ in splits.values() for f in split_files]
   sizes = {}
   for path in files[:1] if image_size else files:  # Only the headers are read.
-    with PIL.Image.open(path) as pil:
+    with _open_image(path) as pil:
       sizes.setdefault(pil.size, path)
   if len(sizes) > 1:
     (a, path_a), (b, path_b) = list(sizes.items())[:2]
@@ -368,13 +444,10 @@ def _folder_info(root: str, image_size: int) -> tuple[int, tuple[int, int, int]]
 
 def _folder(root: str, split: str) -> FolderSource:
   _, splits = _folder_index(root)
-  if split not in splits:
-    raise ValueError(
-      f'folder:{root} has no {split}/ folder (a folder dataset has train/ and test/); use '
-      'config.train_split=train and config.test_split=test.'
-    )
-  files, labels = splits[split]
-  return FolderSource(files, labels, _folder_channels(root))
+  sizes = {name: len(files) for name, (files, _) in splits.items()}
+  name, rows = split_rows(split, sizes, f'folder:{root}')
+  files, labels = splits[name]
+  return FolderSource(files[rows], labels[rows], _folder_channels(root))
 
 
 # --- npz:PATH ------------------------------------------------------------------------------------
@@ -398,14 +471,12 @@ def _npz_arrays(path: str) -> dict[str, Any]:
   """The arrays of an `npz:` dataset, checked: uint8 images, int labels in range."""
   if not os.path.isfile(path):
     raise ValueError(f'npz:{path} does not exist; give the path of an .npz file.')
-  with np.load(path) as f:
-    arrays = {k: f[k] for k in f.files}
+  arrays = _read_npz(path)
   for split in ('train', 'test'):
     for key, ndim in ((f'{split}_images', 4), (f'{split}_labels', 1)):
       if key not in arrays or arrays[key].ndim != ndim:
         raise ValueError(
-          f'npz:{path} needs {key} with {ndim} dimensions (train_images and test_images uint8 '
-          '[N, H, W, C], train_labels and test_labels int [N]); it holds '
+          f'npz:{path} needs {key} with {ndim} dimensions ({NPZ_ARRAYS}); it holds '
           f'{", ".join(f"{k} {v.shape}" for k, v in arrays.items())}.'
         )
     images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
@@ -427,17 +498,54 @@ def _npz_arrays(path: str) -> dict[str, Any]:
         f'npz:{path}: {split}_labels run from {labels.min()} to {labels.max()}, out of the range '
         f'0..{num_classes - 1} of the training labels; number the classes 0..C-1.'
       )
+  used = len(np.unique(arrays['train_labels']))
+  if used < num_classes:  # Not an error: a subset of a larger label set is legitimate.
+    logging.warning(
+      'npz:%s: train_labels run from %d to %d, so the classifier head will have %d classes with '
+      'only %d of them used; number the classes 0..%d if the others do not exist.',
+      path,
+      arrays['train_labels'].min(),
+      num_classes - 1,
+      num_classes,
+      used,
+      used - 1,
+    )
   return dict(arrays, num_classes=num_classes)
 
 
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """The arrays of the .npz at `path`; a file that is not one, or pickled object arrays (which
+  are not loaded: unpickling runs code), is a ValueError naming the file and the arrays wanted."""
+  unreadable = ValueError(
+    f'npz:{path} is not a readable .npz file; save one with np.savez holding {NPZ_ARRAYS}.'
+  )
+  try:
+    loaded = np.load(path)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    raise unreadable from error
+  if not isinstance(loaded, np.lib.npyio.NpzFile):  # One .npy array.
+    raise unreadable
+  arrays = {}
+  with loaded:
+    for key in loaded.files:
+      try:
+        arrays[key] = loaded[key]
+      except ValueError as error:  # numpy's 'Object arrays cannot be loaded' (allow_pickle).
+        raise ValueError(
+          f'npz:{path} holds {key} as pickled Python objects, which lpe does not load; save '
+          f'{NPZ_ARRAYS} as plain arrays.'
+        ) from error
+      except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise unreadable from error
+  return arrays
+
+
 def _npz(path: str, split: str) -> ArraySource:
-  if split not in ('train', 'test'):
-    raise ValueError(
-      f'npz:{path} holds the splits train and test, not {split!r}; use config.train_split=train '
-      'and config.test_split=test.'
-    )
   arrays = _npz_arrays(path)
-  return ArraySource(arrays[f'{split}_images'], arrays[f'{split}_labels'].astype(np.int32))
+  sizes = {name: len(arrays[f'{name}_labels']) for name in ('train', 'test')}
+  name, rows = split_rows(split, sizes, f'npz:{path}')
+  images, labels = arrays[f'{name}_images'][rows], arrays[f'{name}_labels'][rows]
+  return ArraySource(images, labels.astype(np.int32))
 
 
 # --- normalisation constants ---------------------------------------------------------------------
@@ -464,19 +572,20 @@ def channel_stats(
   return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def _cached_stats(dataset: str, data_dir: str, shape: tuple) -> tuple[tuple, tuple]:
-  """`channel_stats` of the training split at `shape`, cached in the data's `lpe_cache/`."""
+def _cached_stats(dataset: str, data_dir: str, shape: tuple, split: str) -> tuple[tuple, tuple]:
+  """`channel_stats` of `split` at `shape`, cached in the data's `lpe_cache/`."""
   kind = form(dataset)
   folder = os.path.join(data_dir, 'lpe_cache') if kind == 'tfds' else None
   if kind == 'folder':
     folder = os.path.join(_path(dataset), 'lpe_cache')
   name = dataset if kind == 'tfds' else kind
-  cache = folder and os.path.join(folder, f'{name}-train-stats-{shape[0]}x{shape[1]}.json')
+  stats_file = f'{name}-{split_key(split)}-stats-{shape[0]}x{shape[1]}.json'
+  cache = folder and os.path.join(folder, stats_file)
   if cache and os.path.exists(cache):
     with open(cache) as f:
       saved = json.load(f)
     return tuple(saved['mean']), tuple(saved['std'])
-  source = open_split(dataset, 'train', data_dir)
+  source = open_split(dataset, split, data_dir)
   stats = channel_stats(source, lambda image: transforms.resize(image, shape[0], shape[1]))
   if cache:
     try:

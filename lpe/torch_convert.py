@@ -45,13 +45,20 @@ def load_state_dict(pth_path: str) -> Mapping[str, Any]:
   """Reads the state_dict a `.pth` file holds, bare or under 'model' / 'state_dict'.
 
   Loads with `weights_only=True` (no code from the file runs); `argparse.Namespace`, which
-  RepDistiller's `*_last.pth` files store as 'opt', is allowed as plain data.
+  RepDistiller's `*_last.pth` files store as 'opt', is allowed as plain data. A file torch cannot
+  read that way (not a checkpoint, or a pickled model object) is a ValueError naming it.
   """
   torch = _import_torch()
   if not os.path.exists(pth_path):
     raise FileNotFoundError(f'PyTorch checkpoint {pth_path} does not exist; check the path.')
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    saved = torch.load(pth_path, map_location='cpu', weights_only=True)
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      saved = torch.load(pth_path, map_location='cpu', weights_only=True)
+  except Exception as error:  # Unpickling foreign bytes fails in many ways (KeyError, EOF, ...).
+    raise ValueError(
+      f'{pth_path} is not a PyTorch checkpoint of plain tensors that torch.load(weights_only=True) '
+      'can read; give the file written by torch.save(model.state_dict(), path).'
+    ) from error
   if not isinstance(saved, Mapping):
     raise ValueError(
       f'{pth_path} holds a {type(saved).__name__}, not a state_dict; save '

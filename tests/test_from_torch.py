@@ -291,3 +291,13 @@ def test_launch_convert_torch_writes_the_teacher(twins, tmp_path):
   variables, meta = checkpoint.load_variables(str(output))
   assert meta['model'] == 'resnet8' and json.loads(proc.stdout)['sha256'] == meta['sha256']
   jax.tree.map(np.testing.assert_array_equal, variables, from_torch('resnet8', net.state_dict()))
+
+
+@pytest.mark.parametrize('content', [b'hello, not a checkpoint\n', b'', bytes(range(256)) * 4])
+def test_a_file_that_is_not_a_pytorch_checkpoint_is_one_sentence(tmp_path, content):
+  pytest.importorskip('torch', reason=TORCH_REASON)
+  path = tmp_path / 'weights.pth'
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=f'{path} is not a PyTorch checkpoint') as error:
+    torch_convert.load_state_dict(str(path))
+  assert '\n' not in str(error.value) and str(error.value).count('. ') == 0

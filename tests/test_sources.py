@@ -4,6 +4,7 @@ an .npz dataset train through launch.py."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -150,3 +151,149 @@ def test_a_wrong_tfds_name_fails_in_one_sentence(tmp_path):
   lines = (proc.stdout + proc.stderr).strip().splitlines()
   assert lines[-1].startswith("Error: config.dataset='cifar_10' is not a TFDS dataset"), lines
   assert 'did you mean cifar10' in lines[-1]
+
+
+# Split slices (issue 19): every form reads `train[:90%]` and the like, with TFDS's rounding.
+SLICES = [
+  'train',
+  'train[:90%]',
+  'train[90%:]',
+  'train[10%:]',
+  'train[:33%]',
+  'train[33.5%:66.5%]',
+  'train[-10%:]',
+  'train[:-5]',
+  'train[3:]',
+  'train[2:5]',
+  'train[:3200]',
+  'train[3200:]',
+  'train[100:200]',
+]
+
+
+@pytest.mark.parametrize('n', [7, 25, 99, 101, 3201])
+def test_split_rows_select_what_tfds_selects(n):
+  import types
+
+  import tensorflow_datasets as tfds
+
+  infos = {'train': types.SimpleNamespace(num_examples=n)}
+  for expression in SLICES:
+    try:
+      (absolute,) = tfds.core.ReadInstruction.from_spec(expression).to_absolute(infos)
+      expected = range(n)[absolute.from_ : absolute.to]
+    except ValueError:  # Out of range for TFDS: so it must be here.
+      expected = range(0)
+    if not expected:  # TFDS reads nothing; lpe stops instead.
+      with pytest.raises(ValueError, match=re.escape(expression)):
+        sources.split_rows(expression, {'train': n}, 'npz:d.npz')
+      continue
+    name, rows = sources.split_rows(expression, {'train': n}, 'npz:d.npz')
+    assert name == 'train' and range(n)[rows] == expected, (n, expression)
+
+
+def test_npz_and_folder_splits_take_slices(tmp_path):
+  path = write_npz(tmp_path / 'd.npz', classes=3, train=40, test=9)
+  whole = data.load_split(f'npz:{path}', 'train')
+  head = data.load_split(f'npz:{path}', 'train[:90%]')
+  tail = data.load_split(f'npz:{path}', 'train[90%:]')
+  assert (len(head), len(tail)) == (36, 4)
+  np.testing.assert_array_equal(np.concatenate([head.images, tail.images]), whole.images)
+  np.testing.assert_array_equal(
+    data.load_split(f'npz:{path}', 'train[10:20]').labels, whole.labels[10:20]
+  )
+  assert len(sources.open_split(f'npz:{path}', 'test[-3:]')) == 3  # The streamed input's reader.
+  root = write_image_folder(tmp_path / 'images', classes=3, per_class=(4, 2))
+  folder = f'folder:{root}'
+  whole = data.load_split(folder, 'train')
+  half = data.load_split(folder, 'train[6:]')
+  np.testing.assert_array_equal(half.images, whole.images[6:])
+  np.testing.assert_array_equal(half.labels, whole.labels[6:])
+  # Constants computed from a slice are cached under the slice, beside those of the whole split.
+  info = data.dataset_info(folder, train_split='train[6:]')
+  np.testing.assert_allclose(info.mean, half.images.reshape(-1, 3).mean(0) / 255, rtol=1e-6)
+  assert data.dataset_info(folder).mean != info.mean
+  assert sorted(os.listdir(os.path.join(root, 'lpe_cache'))) == [
+    'folder-train-stats-20x20.json',
+    'folder-train_6--stats-20x20.json',
+  ]
+
+
+@pytest.mark.parametrize(
+  'split, problem',
+  [
+    ('train[:abc]', 'is not a split name nor a TFDS slice'),
+    ('valid', "has no split 'valid'"),
+    ('train[:41]', 'reaches past the 40 examples of train'),
+    ('train[:101%]', 'reaches past the 40 examples of train'),
+    ('train[10:50%]', 'mixes a percentage and an example count'),
+    ('train[20:10]', 'selects none of the 40 examples'),
+    ('train[:]', 'has an empty slice'),
+  ],
+)
+def test_a_bad_split_is_one_sentence_naming_it_and_the_valid_forms(tmp_path, split, problem):
+  path = write_npz(tmp_path / 'd.npz', classes=3, train=40, test=9)
+  with pytest.raises(ValueError, match=re.escape(problem)) as error:
+    data.load_split(f'npz:{path}', split)
+  message = str(error.value)
+  assert repr(split) in message and message.endswith(f'{sources.SPLIT_FORMS}.')
+  assert message.count('. ') == 0, message
+
+
+# Bad user files (issue 19): one sentence naming the file and the fix, or a warning.
+def test_a_corrupt_or_foreign_image_file_is_named(tmp_path):
+  root = write_image_folder(tmp_path / 'images', classes=2, per_class=(4, 2))
+  notes = os.path.join(root, 'train', 'class_1', 'notes.png')
+  with open(notes, 'w') as f:
+    f.write('not an image')
+  with pytest.raises(ValueError, match=re.escape(f'{notes} is not a readable PNG or JPEG image')):
+    data.dataset_info(f'folder:{root}')
+  os.remove(notes)
+  sources._folder_index.cache_clear()  # The listing is cached per process.
+  png = os.path.join(root, 'test', 'class_0', '1.png')
+  with open(png, 'rb') as f:
+    whole = f.read()
+  with open(png, 'wb') as f:  # A cut-off download: the header reads, the pixels do not.
+    f.write(whole[: len(whole) // 2])
+  assert data.dataset_info(f'folder:{root}').num_classes == 2
+  with pytest.raises(ValueError, match=re.escape(f'{png} is not a readable')) as error:
+    data.load_split(f'folder:{root}', 'test')
+  assert str(error.value).endswith('remove or replace it.')
+
+
+def test_an_npz_that_is_not_one_or_holds_objects_is_named(tmp_path):
+  expected = re.escape(sources.NPZ_ARRAYS)
+  text = tmp_path / 'notes.npz'
+  text.write_text('train_images,train_labels\n')
+  with pytest.raises(ValueError, match=f'npz:{text} is not a readable .npz file.*{expected}'):
+    data.dataset_info(f'npz:{text}')
+  single = tmp_path / 'single.npz'
+  with open(single, 'wb') as f:
+    np.save(f, np.zeros((2, 4, 4, 1), np.uint8))  # An .npy under an .npz name.
+  with pytest.raises(ValueError, match=f'npz:{single} is not a readable .npz file'):
+    data.dataset_info(f'npz:{single}')
+  pickled = tmp_path / 'pickled.npz'
+  images = np.zeros((4, 4, 4, 1), np.uint8)
+  np.savez(pickled, train_images=images, train_labels=np.array([0, 1, 0, 1], dtype=object))
+  with pytest.raises(ValueError, match=f'holds train_labels as pickled Python objects.*{expected}'):
+    data.dataset_info(f'npz:{pickled}')
+
+
+def test_labels_that_leave_classes_empty_are_warned_about(tmp_path, caplog):
+  good = write_npz(tmp_path / 'good.npz', classes=3)
+  assert data.dataset_info(f'npz:{good}').num_classes == 3
+  assert not caplog.records
+  with np.load(good) as f:
+    arrays = dict(f)
+  arrays['train_labels'] = 100 + np.arange(len(arrays['train_labels'])) % 10
+  arrays['test_labels'] = 100 + np.arange(len(arrays['test_labels'])) % 10
+  np.savez(tmp_path / 'offset.npz', **arrays)
+  with caplog.at_level('WARNING'):
+    info = data.dataset_info(f'npz:{tmp_path / "offset.npz"}')
+  assert info.num_classes == 110  # Still trains, as before: the warning only says so.
+  (record,) = caplog.records
+  assert record.levelname == 'WARNING'
+  assert (
+    'train_labels run from 100 to 109, so the classifier head will have 110 classes with only '
+    '10 of them used; number the classes 0..9' in record.getMessage()
+  )
