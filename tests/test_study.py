@@ -396,3 +396,55 @@ def test_the_library_loads_neither_the_studies_nor_their_dependencies():
   )
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]', out.stdout
+
+
+def test_a_study_runs_on_an_npz_dataset_with_its_validation_carved_by_slices(tmp_path):
+  """A user's own data: an .npz, a teacher trained on it, sweeps on `train[:80%]` scored on
+  `train[80%:]`, finals on the whole split."""
+  rng = np.random.default_rng(0)
+
+  def images(labels):
+    x = rng.integers(0, 60, (len(labels), 28, 28, 1)).astype(np.uint8)
+    for i, label in enumerate(labels):
+      x[i, 2 + 2 * label : 4 + 2 * label, 4:24] = 220
+    return x
+
+  train_labels, test_labels = rng.integers(0, 10, 320), rng.integers(0, 10, 100)
+  path = tmp_path / 'mine.npz'
+  np.savez(
+    path,
+    train_images=images(train_labels),
+    train_labels=train_labels,
+    test_images=images(test_labels),
+    test_labels=test_labels,
+  )
+  base = fashion_mnist_student.get_config()
+  base.dataset, base.batch_size, base.eval_batch_size = f'npz:{path}', 32, 50
+  base.num_epochs, base.log_every_steps, base.checkpoint_every_steps = 1, 100, 100
+  teacher_dir = str(tmp_path / 'teacher')
+  train.train_and_evaluate(base, teacher_dir)
+  base.teacher.model, base.teacher.checkpoint, base.teacher.cache_outputs = (
+    'cnn_student',
+    teacher_dir,
+    True,
+  )
+  config = fashion_mnist_study.get_config('quick')
+  config.base = base
+  config.recipes = {'adam_1e3': {'optimizer': 'adam', 'learning_rate': 1e-3}}
+  config.main_student, config.other_students, config.main_methods = 'cnn_tiny', (), ('kd',)
+  config.grids.kd = (1.0,)
+  config.sweep.train_split, config.sweep.val_split = 'train[:80%]', 'train[80%:]'
+  config.sweep.epochs, config.sweep.steps_per_epoch_limit = 1, 3
+  config.final.epochs, config.final.seeds, config.final.steps_per_epoch_limit = 1, 2, 3
+  config.ledger, config.page = str(tmp_path / 'ledger.jsonl'), str(tmp_path / 'page.md')
+  page = study.run(config, str(tmp_path / 'study'))
+  ledger = study._read_ledger(config.ledger)
+  assert set(ledger) == {
+    'recipe/adam_1e3',
+    'sweep/cnn_tiny/student',
+    'sweep/cnn_tiny/kd/kd_weight1',
+    *(f'final/cnn_tiny/{row}/seed{s}' for row in ('student', 'kd') for s in (0, 1)),
+  }
+  sweep_config = json.load(open(tmp_path / 'study/runs/sweep/cnn_tiny/kd/kd_weight1/config.json'))
+  assert (sweep_config['train_split'], sweep_config['test_split']) == ('train[:80%]', 'train[80%:]')
+  assert '## `cnn_tiny`' in open(page).read()
