@@ -129,6 +129,10 @@ def student_table(rows: dict[str, dict[str, Any]]) -> list[str]:
   return lines
 
 
+def _score(accuracy: float) -> str:
+  return 'diverged' if math.isinf(accuracy) else f'{100 * accuracy:.2f}'
+
+
 def sweep_tables(student: str, sweeps: dict[str, dict[str, Any]]) -> list[str]:
   """Every sweep point of one student: value and validation accuracy, the chosen one bold."""
   lines = []
@@ -137,8 +141,9 @@ def sweep_tables(student: str, sweeps: dict[str, dict[str, Any]]) -> list[str]:
       key = dimension['key'].split('.')[-1]
       cells = []
       for row in dimension['rows']:
-        score = row['val_accuracy']
-        text = f'{row["value"]:g}: ' + ('diverged' if math.isinf(score) else f'{100 * score:.2f}')
+        text = f'{row["value"]:g}: {_score(row["val_accuracy"])}'
+        if len(row.get('seeds', ())) > 1:  # Each seed too: one collapsed seed shows.
+          text += ' (' + ', '.join(_score(v) for v in row['seeds']) + ')'
         text += ' (added)' if row['added'] else ''
         cells.append(f'**{text}**' if row['chosen'] else text)
       lines.append(

@@ -246,11 +246,12 @@ class Study:
     return {'changes': point, 'dimensions': tried, 'val_accuracy': score}
 
   def _sweep_dimension(self, student, method, recipe, point, key, grid):
-    values, scores, status = sorted(grid), {}, 'bracketed'
+    values, scores, seeds, status = sorted(grid), {}, {}, 'bracketed'
     for attempt in range(self.config.sweep.max_extensions + 1):
       for value in values:
         if value not in scores:
-          scores[value] = self._sweep_point(student, method, recipe, dict(point, **{key: value}))
+          seeds[value] = self._sweep_point(student, method, recipe, dict(point, **{key: value}))
+          scores[value] = sum(seeds[value]) / len(seeds[value])
       best = max(values, key=lambda v: (scores[v], -values.index(v)))
       edge = values.index(best)
       if 0 < edge < len(values) - 1 or len(values) == 1:
@@ -263,16 +264,22 @@ class Study:
     else:
       status = 'edge after extensions'
     rows = [
-      {'value': v, 'val_accuracy': scores[v], 'chosen': v == best, 'added': v not in grid}
+      {
+        'value': v,
+        'val_accuracy': scores[v],
+        'chosen': v == best,
+        'added': v not in grid,
+        'seeds': seeds[v],
+      }
       for v in values
     ]
     if len(values) == 1:
       status = 'one value'
     return best, {'key': key, 'rows': rows, 'status': status}
 
-  def _sweep_point(self, student, method, recipe, changes) -> float:
-    """The point's last-epoch validation accuracy: the mean over `sweep.seeds` (default: the
-    one `sweep.seed`); -inf when any seed diverged."""
+  def _sweep_point(self, student, method, recipe, changes) -> list[float]:
+    """The point's last-epoch validation accuracy for each of `sweep.seeds` (default: the one
+    `sweep.seed`); -inf for a seed that diverged. Their mean scores the point."""
     setting = self.setting(student)
     run_id = f'sweep/{student}/{method}/' + '_'.join(
       f'{k.split(".")[-1]}{_name(v)}' for k, v in sorted(changes.items())
@@ -289,7 +296,7 @@ class Study:
         epochs=setting['sweep_epochs'],
       )
       scores.append(_last(self.train(run_id + (f'/seed{seed}' if len(seeds) > 1 else ''), run)))
-    return sum(scores) / len(scores)
+    return scores
 
   def sweep_seeds(self) -> tuple[int, ...]:
     return tuple(self.config.sweep.get('seeds', ())) or (self.config.sweep.seed,)
@@ -456,7 +463,7 @@ def _reference(study: Study, student: str, recipe: dict) -> dict:
     for seed in seeds
   ]
   score = sum(scores) / len(scores)
-  row = {'value': 0, 'val_accuracy': score, 'chosen': False, 'added': False}
+  row = {'value': 0, 'val_accuracy': score, 'chosen': False, 'added': False, 'seeds': scores}
   dimension = {'key': 'no distillation', 'rows': [row], 'status': 'reference'}
   return {'changes': {}, 'dimensions': [dimension], 'val_accuracy': score}
 

@@ -370,6 +370,7 @@ def test_the_follow_up_study_reuses_rows_sweeps_two_seeds_and_reports_holm(tmp_p
   assert 'Holm-adjusted p' in text and '(reused)' in text and '**In progress**' not in text
   assert '| +0.80 [+0.80, +0.80] | 0.000 | 0.000 | better |' in text  # Every seed +0.8 pp.
   assert '| -2.00 [-2.00, -2.00] | 0.000 | 0.000 | worse |' in text  # The control, -2 pp.
+  assert '**1: 90.85 (90.80, 90.90)**' in text  # A sweep point: the mean and each seed.
   # Rerunning trains nothing: every run is in the ledgers.
   again = len(trained)
   study.run(config, str(tmp_path / 'work'))
