@@ -1,7 +1,8 @@
 """What happens around the train steps, each with its own trigger and state (as clu's
 `periodic_actions`): checking the steps' metrics, the progress line, checkpoints, and SIGTERM.
 
-The loop only calls `Hooks`: `start_epoch`, `after_step` after every step, and `end_epoch`.
+The loop only calls `Hooks`: `start_epoch`, `after_step` after every step, and `end_epoch`;
+`train_and_evaluate(..., hooks=[...])` adds the caller's own `StepHook`s to the built-in ones.
 Every state that is saved or logged has had its steps checked for a non-finite loss or update
 first.
 """
@@ -9,7 +10,8 @@ first.
 import dataclasses
 import signal
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -230,8 +232,17 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class StepHook(Protocol):
+  """An action of your own after every step (`train_and_evaluate(..., hooks=[...])`): it gets
+  the step's `StepEnd` and the train state as the step holds it (per-device copies under pmap)
+  and decides itself when to act, e.g. `if end.step % 100 == 0` or `if end.epoch_end`."""
+
+  def __call__(self, end: StepEnd, state: Any) -> None: ...
+
+
 class Hooks:
-  """The actions around the steps of one run, in the order the loop needs them."""
+  """The actions around the steps of one run, in the order the loop needs them: the built-in
+  ones, then `extra` (the caller's `StepHook`s)."""
 
   def __init__(
     self,
@@ -241,7 +252,9 @@ class Hooks:
     reporter: report.Reporter,
     place: parallel.Placement,
     steps_per_epoch: int,
+    extra: Sequence[StepHook] = (),
   ):
+    self.extra = tuple(extra)
     self.metrics = StepMetrics(
       name=reporter.name,
       manager=manager,
@@ -275,6 +288,8 @@ class Hooks:
     self.metrics.add(metrics)
     self.progress(end, state)
     self.checkpoints(end, state)
+    for hook in self.extra:
+      hook(end, state)
     if end.stopping:
       self.preemption.stop(end.step)
 

@@ -13,6 +13,7 @@ docs/architecture.md maps them.
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +27,6 @@ from lpe import (
   checkpoint,
   data,
   evaluate,
-  hooks,
   metrics_io,
   models,
   objectives,
@@ -40,8 +40,9 @@ from lpe import (
 )
 from lpe import config as config_lib
 from lpe import feed as feed_lib
+from lpe import hooks as hooks_lib
 from lpe import workdir as workdir_lib
-from lpe.hooks import NonFiniteLossError, Preempted
+from lpe.hooks import NonFiniteLossError, Preempted, StepHook
 
 __all__ = ['NonFiniteLossError', 'Preempted', 'Run', 'prepare', 'run_epoch', 'train_and_evaluate']
 
@@ -74,6 +75,7 @@ def train_and_evaluate(
   *,
   allow_config_change: bool = False,
   allow_optimizer_change: bool = False,
+  hooks: Sequence[StepHook] = (),
 ) -> dict[str, Any]:
   """Trains `config.model` on `config.dataset`, resuming from `workdir`, and evaluates it.
 
@@ -86,6 +88,11 @@ def train_and_evaluate(
   another config is refused unless `allow_config_change`, or `allow_optimizer_change` when only
   the optimizer's settings changed (`lpe.config.OPTIMIZER_FIELDS`; see
   `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
+
+  `hooks` are actions of your own, run after every step besides the built-in ones (checking
+  the step's metrics, the progress line, checkpoints, SIGTERM): each is called as
+  `hook(end, state)` with the step's `lpe.hooks.StepEnd` and train state, and keeps its own
+  trigger and state, as clu's periodic actions do (`lpe.hooks.StepHook`).
 
   A SIGTERM saves the state and raises `Preempted` (exit status 143); a non-finite step raises
   `NonFiniteLossError` without saving (or is skipped with `config.skip_nonfinite_batches`); a
@@ -114,7 +121,7 @@ def train_and_evaluate(
     writer = metrics_io.MetricsWriter(workdir)
     try:
       train_state = restore_or_start(run, manager, changes, writer)
-      train_state = train(run, train_state, manager, writer)
+      train_state = train(run, train_state, manager, writer, hooks)
     finally:
       run.feed.close()
       manager.wait_until_finished()
@@ -321,14 +328,16 @@ def train(
   train_state: state.TrainState,
   manager: ocp.CheckpointManager,
   writer: metrics_io.MetricsWriter,
+  extra_hooks: Sequence[StepHook] = (),
 ) -> state.TrainState:
   """Trains from `train_state`'s step to the end, epoch by epoch; returns the canonical state."""
-  loop_hooks = hooks.Hooks(
+  loop_hooks = hooks_lib.Hooks(
     run.config,
     manager=manager,
     reporter=run.reporter,
     place=run.place,
     steps_per_epoch=run.feed.steps_per_epoch,
+    extra=extra_hooks,
   )
   at = int(train_state.step)
   train_state = run.place.state(train_state)
@@ -345,7 +354,7 @@ def train(
 
 
 def run_epoch(
-  run: Run, train_state: Any, epoch: int, offset: int, loop_hooks: hooks.Hooks
+  run: Run, train_state: Any, epoch: int, offset: int, loop_hooks: hooks_lib.Hooks
 ) -> tuple[Any, dict[str, Any]]:
   """Trains the steps of `epoch` from `offset` on, saves and evaluates; returns its record."""
   per_epoch = run.feed.steps_per_epoch
@@ -356,7 +365,7 @@ def run_epoch(
     train_state, metrics = run.step_fn(train_state, run.step_teacher_variables, *inputs)
     at, offset = at + 1, offset + 1
     # Read the flag once: a SIGTERM that lands later in this step is handled after the next.
-    end = hooks.StepEnd(at, epoch, offset, offset == per_epoch, loop_hooks.stopping())
+    end = hooks_lib.StepEnd(at, epoch, offset, offset == per_epoch, loop_hooks.stopping())
     loop_hooks.after_step(end, train_state, metrics)
   train_time = time.time() - t0
   means, averaged, skipped = loop_hooks.end_epoch(at, train_state)

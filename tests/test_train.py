@@ -76,7 +76,14 @@ def test_cifar_augmentation_keeps_shape_and_content():
 
 def test_full_run_writes_outputs_and_learns(small_config, tmp_path):
   workdir = str(tmp_path / 'student')
-  result = train.train_and_evaluate(small_config, workdir)
+  seen = []
+
+  def every_epoch_end(end, state):  # A hook of the caller's own, with its own trigger.
+    if end.epoch_end:
+      seen.append((end.step, end.epoch, int(state.step)))
+
+  result = train.train_and_evaluate(small_config, workdir, hooks=[every_epoch_end])
+  assert seen == [(8, 0, 8), (16, 1, 16)]  # 512 examples in batches of 64, 2 epochs.
   for name in ('config.json', 'metrics.jsonl', 'model.msgpack', 'model.json', 'result.json'):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
