@@ -280,23 +280,34 @@ class Study:
   def _sweep_point(self, student, method, recipe, changes) -> list[float]:
     """The point's last-epoch validation accuracy for each of `sweep.seeds` (default: the one
     `sweep.seed`); -inf for a seed that diverged. Their mean scores the point."""
-    setting = self.setting(student)
     run_id = f'sweep/{student}/{method}/' + '_'.join(
       f'{k.split(".")[-1]}{_name(v)}' for k, v in sorted(changes.items())
     )
     seeds = self.sweep_seeds()
-    scores = []
-    for seed in seeds:
-      run = self.run_config(
-        setting['model'],
-        {**setting['changes'], **changes},
-        seed=seed,
-        final=False,
-        recipe=recipe,
-        epochs=setting['sweep_epochs'],
+    return [
+      _last(
+        self.train(
+          run_id + (f'/seed{seed}' if len(seeds) > 1 else ''),
+          self.student_run(student, changes, seed=seed, final=False, recipe=recipe),
+        )
       )
-      scores.append(_last(self.train(run_id + (f'/seed{seed}' if len(seeds) > 1 else ''), run)))
-    return scores
+      for seed in seeds
+    ]
+
+  def student_run(
+    self, student: str, changes: dict[str, Any], *, seed: int, final: bool, recipe: dict
+  ) -> ml_collections.ConfigDict:
+    """`run_config` for a student (or a follow-up study's setting: its model, the changes its
+    every run has, and its budgets)."""
+    setting = self.setting(student)
+    return self.run_config(
+      setting['model'],
+      {**setting['changes'], **changes},
+      seed=seed,
+      final=final,
+      recipe=recipe,
+      epochs=setting['final_epochs' if final else 'sweep_epochs'],
+    )
 
   def sweep_seeds(self) -> tuple[int, ...]:
     return tuple(self.config.sweep.get('seeds', ())) or (self.config.sweep.seed,)
@@ -323,18 +334,10 @@ class Study:
       are not trained: the records are cut to the seeds that every row has.
     """
     records: dict[str, list] = {row: [] for row in rows}
-    setting = self.setting(student)
     try:
       for seed in range(self.config.final.seeds):
         for row, changes in rows.items():
-          run = self.run_config(
-            setting['model'],
-            {**setting['changes'], **changes},
-            seed=seed,
-            final=True,
-            recipe=recipe,
-            epochs=setting['final_epochs'],
-          )
+          run = self.student_run(student, changes, seed=seed, final=True, recipe=recipe)
           records[row].append(self.train(f'final/{student}/{row}/seed{seed}', run))
     except _NotInLedger:
       done = min(len(r) for r in records.values())
@@ -444,20 +447,12 @@ def _student_runs(study: Study, sweeps: dict, finals: dict, student: str, recipe
 
 def _reference(study: Study, student: str, recipe: dict) -> dict:
   """The student alone at the sweep budget (every weight 0), shown beside the sweeps."""
-  setting = study.setting(student)
   seeds = study.sweep_seeds()
   scores = [
     _last(
       study.train(
         f'sweep/{student}/student' + (f'/seed{seed}' if len(seeds) > 1 else ''),
-        study.run_config(
-          setting['model'],
-          setting['changes'],
-          seed=seed,
-          final=False,
-          recipe=recipe,
-          epochs=setting['sweep_epochs'],
-        ),
+        study.student_run(student, {}, seed=seed, final=False, recipe=recipe),
       )
     )
     for seed in seeds
