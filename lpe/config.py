@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from lpe import augment, data, feed, models, objectives, stream
+from lpe import augment, data, feed, methods, models, objectives, stream
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -133,20 +133,13 @@ def _distill_defaults() -> ml_collections.ConfigDict:
   # 'bank': how the bank is first filled by the initial student: 'inference' (running BatchNorm
   # statistics) or 'train' (batch statistics over training-size batches, as the step sees).
   distill.bank_fill = 'inference'
-  distill.kd_weight = 0.0
-  distill.kd_temperature = 4.0
-  # The baselines (lpe/objectives.py), each with the features it reads; names are keys of both
-  # models' feature dicts (the stage names of the small CNNs; the zoo's nets have stage0..3).
-  distill.fitnet_weight = 0.0
-  distill.fitnet_feature = 'stage2'  # The hint layer; a trainable regressor maps widths.
-  distill.at_weight = 0.0
-  distill.at_features = ('stage1', 'stage2')
-  distill.sp_weight = 0.0
-  distill.sp_feature = 'stage2'
-  distill.rkd_weight = 0.0
-  distill.rkd_feature = 'embedding'
-  distill.pkt_weight = 0.0
-  distill.pkt_feature = 'embedding'
+  # Every other method (lpe/methods.py): its weight, the features it reads (keys of both models'
+  # feature dicts: the stage names of the small CNNs; the zoo's nets have stage0..3) and its
+  # settings, e.g. kd_temperature, fitnet_feature (the hint layer; a trainable regressor maps
+  # widths), at_features, sp_feature, rkd_feature.
+  for name, method in methods.METHODS.items():
+    distill[f'{name}_weight'] = 0.0
+    distill.update(dict(method.settings))
   return distill
 
 
@@ -228,7 +221,7 @@ DOMAINS = {
   'lr_decay_epochs': _AT_LEAST_0,
   'lr_decay_factor': _POSITIVE,
   'distill.ce_weight': _AT_LEAST_0,
-  'distill.lp_weight': _AT_LEAST_0,
+  **{f'distill.{name}_weight': _AT_LEAST_0 for name in methods.METHODS},
   'distill.k': _AT_LEAST_1,
   'distill.sigma2': _POSITIVE,
   'distill.sigma2_scale': _POSITIVE,
@@ -237,13 +230,7 @@ DOMAINS = {
   'distill.graph_k': _AT_LEAST_0,  # 0: k.
   'distill.graph_neighbours': _AT_LEAST_1,
   'distill.bank_momentum': _SHARE,
-  'distill.kd_weight': _AT_LEAST_0,
   'distill.kd_temperature': _POSITIVE,
-  'distill.fitnet_weight': _AT_LEAST_0,
-  'distill.at_weight': _AT_LEAST_0,
-  'distill.sp_weight': _AT_LEAST_0,
-  'distill.rkd_weight': _AT_LEAST_0,
-  'distill.pkt_weight': _AT_LEAST_0,
   'distributed.num_processes': _AT_LEAST_0,
   'distributed.process_id': Domain(-1),  # -1: from the environment.
   'log_every_steps': _AT_LEAST_1,

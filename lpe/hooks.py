@@ -17,9 +17,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from lpe import checkpoint, metrics_io, parallel, report
+from lpe import checkpoint, methods, metrics_io, parallel, report
 
-_CHECKED = ('loss', 'ce', 'lp', 'kd', 'grad_norm', 'param_norm')
+_CHECKED = ('loss', 'ce', *methods.SHOWN, 'grad_norm', 'param_norm')
 
 
 class NonFiniteLossError(FloatingPointError):

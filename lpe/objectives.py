@@ -2,24 +2,23 @@
 
 `config.distill` names a weight per method (0 turns it off) and the features each one reads; the
 cross-entropy has its own weight, `ce_weight` (1 by default; CRD's KD baseline uses 0.1 CE + 0.9
-KD):
+KD). The methods, what each reads and how its loss is called are the entries of
+`lpe.methods.METHODS`; every term is built from its entry here:
 
-| weight | term | reads |
-|---|---|---|
-| `lp_weight` | locality-preserving loss (k, sigma2; `lp_graph`) | `feature` of both nets |
-| `kd_weight` | Hinton's KD at `kd_temperature` | logits |
-| `fitnet_weight` | FitNet hint MSE through a trainable regressor | `fitnet_feature` |
-| `at_weight` | attention transfer (p=2), summed over layers | `at_features` |
-| `sp_weight` | similarity-preserving | `sp_feature` |
-| `rkd_weight` | relational KD (distance 25, angle 50) | `rkd_feature` |
-| `pkt_weight` | probabilistic knowledge transfer | `pkt_feature` |
+| reads | term |
+|---|---|
+| `'lp'` | the locality-preserving loss in the form `lp_graph` and `student_scale` name (below) |
+| `'logits'` | the loss of both nets' logits (KD), with the entry's settings as arguments |
+| `'feature'` | the loss of both nets' `<name>_feature`; through a trainable regressor for FitNet |
+| `'features'` | the sum over `<name>_features` of each feature's loss (AT) |
 
-Batch-relational terms (LP, SP, RKD, PKT) are taken over the global batch: under `pmap` their
-inputs are gathered over the device axis, so they do not depend on the device count. With
-`lp_graph` 'neighbours' or 'bank', LP keeps the neighbourhoods of the teacher's kNN graph over the
-whole training split instead (`lpe.losses.graph`): the step then passes the batch's rows of that
-graph (`graph`: example `ids`, graph `indices` and `weights`, and for 'bank' the bank's rows of
-each neighbour, `bank_neighbours`).
+Relational terms (LP, and the entries marked so: SP, RKD, PKT) are taken over the global batch:
+under `pmap` their inputs are gathered over the device axis, so they do not depend on the device
+count; the others are means of per-example losses. With `lp_graph` 'neighbours' or 'bank', LP
+keeps the neighbourhoods of the teacher's kNN graph over the whole training split instead
+(`lpe.losses.graph`): the step then passes the batch's rows of that graph (`graph`: example
+`ids`, graph `indices` and `weights`, and for 'bank' the bank's rows of each neighbour,
+`bank_neighbours`).
 """
 
 from collections.abc import Mapping
@@ -29,17 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from lpe import losses
+from lpe.methods import LABELS, METHODS
 
-METHODS = ('lp', 'kd', 'fitnet', 'at', 'sp', 'rkd', 'pkt')
-LABELS = {
-  'lp': 'LP',
-  'kd': 'KD',
-  'fitnet': 'FitNet',
-  'at': 'AT',
-  'sp': 'SP',
-  'rkd': 'RKD',
-  'pkt': 'PKT',
-}
+__all__ = ['LABELS', 'METHODS']
 
 
 def active(distill: Mapping[str, Any]) -> tuple[str, ...]:
@@ -60,14 +51,21 @@ def feature_names(distill: Mapping[str, Any]) -> set[str]:
   names = set()
   if distill.get('lp_graph', 'batch') != 'batch':
     names.add(distill['feature'])
-  for method in active(distill):
-    if method == 'lp':
-      names.add(distill['feature'])
-    elif method == 'at':
-      names.update(distill['at_features'])
-    elif method != 'kd':
-      names.add(distill[f'{method}_feature'])
+  for name in active(distill):
+    names.update(_read_features(name, distill))
   return names
+
+
+def _read_features(name: str, distill: Mapping[str, Any]) -> tuple[str, ...]:
+  """The feature-dict keys method `name` reads (none for the logits)."""
+  reads = METHODS[name].reads
+  if reads == 'lp':
+    return (distill['feature'],)
+  if reads == 'feature':
+    return (distill[f'{name}_feature'],)
+  if reads == 'features':
+    return tuple(distill[f'{name}_features'])
+  return ()
 
 
 def check_features(distill: Mapping[str, Any], s_features: Mapping, t_features: Mapping) -> None:
@@ -106,11 +104,14 @@ def init_aux_params(
   distill: Mapping[str, Any], rng: jax.Array, s_features: Mapping, t_features: Mapping
 ) -> dict[str, Any]:
   """Trainable parameters the terms need besides the student's (FitNet's regressor), or {}."""
-  if not distill.get('fitnet_weight'):
-    return {}
-  hint, target = s_features[distill['fitnet_feature']], t_features[distill['fitnet_feature']]
-  regressor = losses.FitNetRegressor(features=target.shape[-1])
-  return {'fitnet_regressor': regressor.init(rng, jnp.zeros((1, *hint.shape[1:])))['params']}
+  aux = {}
+  for name in active(distill):
+    if METHODS[name].regressor:
+      feature = distill[f'{name}_feature']
+      regressor = losses.FitNetRegressor(features=t_features[feature].shape[-1])
+      hint = jnp.zeros((1, *s_features[feature].shape[1:]))
+      aux[f'{name}_regressor'] = regressor.init(rng, hint)['params']
+  return aux
 
 
 def row_mean(values: jax.Array, rows: jax.Array | None = None) -> jax.Array:
@@ -147,30 +148,26 @@ def distillation_terms(
   """
   terms = {}
   mean = lambda values: row_mean(values, anchors)
-  if distill.get('lp_weight'):
-    terms['lp'] = mean(_locality(distill, s_features, t_features, graph, axis_name))
-  if distill.get('kd_weight'):
-    terms['kd'] = mean(losses.kd_loss(s_logits, t_logits, temperature=distill['kd_temperature']))
-  if distill.get('fitnet_weight'):
-    name = distill['fitnet_feature']
-    target = t_features[name]
-    regressor = losses.FitNetRegressor(features=target.shape[-1])
-    hint = regressor.apply({'params': aux_params['fitnet_regressor']}, s_features[name])
-    terms['fitnet'] = mean(losses.fitnet_loss(hint, target))
-  if distill.get('at_weight'):
-    terms['at'] = sum(
-      mean(losses.attention_transfer_loss(s_features[name], t_features[name]))
-      for name in distill['at_features']
-    )
-  relational = {
-    'sp': losses.similarity_preserving_loss,
-    'rkd': losses.rkd_loss,
-    'pkt': losses.pkt_loss,
-  }
-  for method, fn in relational.items():
-    if distill.get(f'{method}_weight'):
-      name = distill[f'{method}_feature']
-      terms[method] = fn(_gather(s_features[name], axis_name), _gather(t_features[name], axis_name))
+  gather = lambda x: _gather(x, axis_name)
+  for name in active(distill):
+    method = METHODS[name]
+    if method.reads == 'lp':
+      terms[name] = mean(_locality(distill, s_features, t_features, graph, axis_name))
+      continue
+    fn = getattr(losses, method.loss)
+    kwargs = {argument: distill[setting] for argument, setting in method.arguments.items()}
+    if method.reads == 'logits':
+      pairs = [(s_logits, t_logits)]
+    else:
+      pairs = [(s_features[f], t_features[f]) for f in _read_features(name, distill)]
+    if method.regressor:
+      regressor = losses.FitNetRegressor(features=pairs[0][1].shape[-1])
+      hint = regressor.apply({'params': aux_params[f'{name}_regressor']}, pairs[0][0])
+      pairs = [(hint, pairs[0][1])]
+    if method.relational:
+      terms[name] = sum(fn(gather(s), gather(t), **kwargs) for s, t in pairs)
+    else:
+      terms[name] = sum(mean(fn(s, t, **kwargs)) for s, t in pairs)
   return terms
 
 

@@ -11,8 +11,10 @@ from typing import Any
 
 import jax
 
+from lpe import methods
+
 # The loss terms a progress line shows, in this order, when the step reports them.
-PROGRESS_TERMS = ('loss', 'ce', 'lp', 'kd', 'accuracy')
+PROGRESS_TERMS = ('loss', 'ce', *methods.SHOWN, 'accuracy')
 
 
 def format_duration(seconds: float) -> str:

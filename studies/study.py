@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from lpe import checkpoint, metrics_io, report, train
+from lpe import checkpoint, methods, metrics_io, report, train
 from studies import page as study_page
 
 
@@ -52,13 +52,8 @@ _WARM_BANK = (
   ('distill.bank_fill', 'train'),
 )
 METHODS = {
-  'kd': Method('distill.kd_weight'),
-  'fitnet': Method('distill.fitnet_weight'),
-  'at': Method('distill.at_weight'),
-  'sp': Method('distill.sp_weight'),
-  'rkd': Method('distill.rkd_weight'),
-  'pkt': Method('distill.pkt_weight'),
-  'lp': Method('distill.lp_weight'),
+  # Every method of lpe by its weight, then the study's LP variants.
+  **{name: Method(f'distill.{name}_weight') for name in methods.METHODS},
   'lp_neighbours': Method('distill.lp_weight', (('distill.lp_graph', 'neighbours'),)),
   'lp_bank': Method('distill.lp_weight', (('distill.lp_graph', 'bank'),)),
   # The scale-invariant forms and the repaired graph variants (the follow-up study, issue 21).
@@ -68,7 +63,7 @@ METHODS = {
   'neighbours_control': Method(None, _ADDED),
   'lp_bank_warm': Method('distill.lp_weight', _WARM_BANK, scale_free=True),
 }
-RELATIONAL = ('sp', 'rkd', 'pkt')
+RELATIONAL = tuple(n for n, m in methods.METHODS.items() if m.relational and n != 'lp')
 GRAPH_VARIANTS = ('lp_neighbours', 'lp_bank')
 SCALE_INVARIANT = ('lp_l2', 'lp_mean')
 REPAIRED_GRAPH_VARIANTS = ('lp_neighbours_added', 'lp_bank_warm')
