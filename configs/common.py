@@ -161,3 +161,17 @@ def cifar100_lp_config(pair: str) -> ml_collections.ConfigDict:
   config.model = student
   crd_exact(crd_protocol(config, student))
   return distill(config, teacher, f'cifar100_crd_teacher_{teacher}', lp=True, kd=False)
+
+
+def cifar100_kd_config(pair: str) -> ml_collections.ConfigDict:
+  """RepDistiller's KD row of a CIFAR-100 benchmark pair: 0.1 * CE + 0.9 * KD at T = 4
+  (`train_student.py --distill kd -r 0.1 -a 0.9 -b 0`), teacher as in `cifar100_lp_config`."""
+  teacher, student = parse_pair(pair)
+  config = default_config()
+  config.dataset = 'cifar100'
+  config.model = student
+  crd_exact(crd_protocol(config, student))
+  distill(config, teacher, f'cifar100_crd_teacher_{teacher}', lp=False, kd=True)
+  config.distill.ce_weight = 0.1
+  config.distill.kd_weight = 0.9
+  return config
