@@ -45,6 +45,12 @@ def default_config() -> ml_collections.ConfigDict:
   # 'imagenet' (random-resized crop to image_size and flip; evaluation on the central crop).
   config.augment = 'none'
   config.model = 'cnn_student'
+  # PyTorch's (RepDistiller's) conventions where they differ from Flax's, for the CRD configs
+  # (docs/reproducing.md): BatchNorm's running variance from the unbiased batch variance
+  # (x n / (n - 1)), and the classifier's kernel and bias drawn as torch.nn.Linear draws them
+  # (uniform in +-1/sqrt(fan_in)) instead of Flax's LeCun-normal kernel and zero bias.
+  config.bn_unbiased_var = False
+  config.torch_classifier_init = False
 
   config.num_epochs = 3
   config.batch_size = 128  # Global batch, split over all devices.

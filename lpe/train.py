@@ -237,6 +237,8 @@ def _build_student(config: ml_collections.ConfigDict, info: data.DatasetInfo, dt
     dtype=dtype,
     bn_axis_name=parallel.AXIS if sync_bn else None,
     conv_impl=conv_impl(config),
+    bn_unbiased_var=config.bn_unbiased_var,
+    torch_classifier_init=config.torch_classifier_init,
   )
 
 

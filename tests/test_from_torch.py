@@ -92,6 +92,15 @@ def test_data_parallel_prefix_is_removed():
   jax.tree.map(np.testing.assert_array_equal, prefixed, plain)
 
 
+def test_converted_arrays_do_not_share_memory_with_the_state_dict():
+  state = numpy_state_dict('resnet8', 10)
+  variables = from_torch('resnet8', state)
+  before = jax.tree.map(np.copy, variables)
+  for value in state.values():
+    value[...] = 0  # What training the PyTorch model on after converting would do in place.
+  jax.tree.map(np.testing.assert_array_equal, variables, before)
+
+
 def test_missing_key_is_named():
   state = numpy_state_dict('resnet8', 10)
   del state['layer1.0.bn2.running_mean']

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lpe.models import build, names
-from lpe.models.layers import channel_shuffle, maxout
+from lpe.models.layers import AffineBatchNorm, channel_shuffle, maxout
 
 # name: (parameters with 100 classes, embedding width). Counts are those of the PyTorch
 # definitions in RepDistiller's models/ (BN scale and bias included, running statistics not).
@@ -215,6 +215,41 @@ def test_bn_axis_name_averages_batch_statistics_over_the_mapped_axis():
   for got, want in zip(jax.tree.leaves(got_updates), jax.tree.leaves(want_updates), strict=True):
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got[1], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('axis_name', [None, 'batch'])
+def test_unbiased_running_variance_is_pytorchs(axis_name):
+  # torch.nn.BatchNorm2d: running_var = 0.9 * running_var + 0.1 * var * n / (n - 1), n being the
+  # values per channel over every device; the batch is normalised with the biased var.
+  x = jax.random.normal(jax.random.key(2), (2, 3, 4, 4, 5)) * 3.0 + 1.0
+  bn = AffineBatchNorm(unbiased_var=True, axis_name=axis_name)
+  variables = bn.init(jax.random.key(0), x[0])
+
+  def apply(xs):
+    return bn.apply(variables, xs, mutable=['batch_stats'])
+
+  if axis_name:
+    y, updates = jax.vmap(apply, axis_name=axis_name)(x)
+    y, var = y.reshape(-1, 4, 4, 5), updates['batch_stats']['var'][0]
+  else:
+    y, updates = apply(x.reshape(-1, 4, 4, 5))
+    var = updates['batch_stats']['var']
+  flat = np.asarray(x, np.float64).reshape(-1, 5)
+  want = 0.9 + 0.1 * flat.var(0, ddof=1)
+  np.testing.assert_allclose(var, want, rtol=1e-5)
+  normalised = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 5), normalised, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_classifier_init_draws_as_torch_linear():
+  model = build('resnet8x4', 100, torch_classifier_init=True)
+  fc = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']['fc']
+  bound = 1 / math.sqrt(256)
+  for leaf in (fc['kernel'], fc['bias']):
+    assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.95 * bound
+  assert abs(float(np.std(fc['kernel'])) - bound / math.sqrt(3)) < 0.002  # 0.036, not 0.062.
+  default = build('resnet8x4', 100).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert not np.any(default['params']['fc']['bias'])
 
 
 def test_channel_shuffle_matches_pytorch_view_permute():

@@ -25,12 +25,30 @@ Example:
 
 import dataclasses
 import functools
+import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lpe.models.layers import Dtype, ModelOutput, ModuleDef, batch_norm, conv
+
+
+def torch_linear_init(fan_in: int) -> Callable[..., jax.Array]:
+  """`torch.nn.Linear`'s draw for its kernel and its bias: uniform in `+-1/sqrt(fan_in)`.
+
+  (`kaiming_uniform_(a=sqrt(5))` gives the kernel that bound, and PyTorch draws the bias with it.)
+  """
+  return _uniform(1.0 / math.sqrt(fan_in))
+
+
+def _uniform(bound: float) -> Callable[..., jax.Array]:
+  def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 class Model(nn.Module):
@@ -46,6 +64,10 @@ class Model(nn.Module):
     bn_axis_name: Axis name for cross-device BatchNorm statistics, or None. Models without
       BatchNorm accept and ignore it, so the trainer can build every model the same way.
     conv_impl: How the convs compute, one of `layers.CONV_IMPLS` (same parameters either way).
+    bn_unbiased_var: Update BatchNorm's running variance with the unbiased batch variance, as
+      PyTorch does (`layers.AffineBatchNorm`); normalisation itself uses the biased one either way.
+    torch_classifier_init: Initialise the classifier as `torch.nn.Linear` does: kernel and bias
+      uniform in `+-1/sqrt(fan_in)` (Flax's default: LeCun-normal kernel, zero bias).
   """
 
   # The classifier's submodule name, the PyTorch original's, which the parameter tree keeps.
@@ -58,13 +80,18 @@ class Model(nn.Module):
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
   conv_impl: str = 'xla'
+  bn_unbiased_var: bool = False
+  torch_classifier_init: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> ModelOutput:
     embedding, features = self.embed(x.astype(self.dtype), train)
     features['embedding'] = embedding
     x = self.before_classifier(embedding, train)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name=self.classifier_name)(x)
+    init = {}
+    if self.torch_classifier_init:
+      init = dict.fromkeys(('kernel_init', 'bias_init'), torch_linear_init(x.shape[-1]))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name=self.classifier_name, **init)(x)
     return logits, features
 
   def before_classifier(self, embedding: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -98,7 +125,13 @@ class Model(nn.Module):
     """
     return (
       functools.partial(conv, dtype=self.dtype, conv_impl=self.conv_impl),
-      batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name, conv_impl=self.conv_impl),
+      batch_norm(
+        train,
+        dtype=self.dtype,
+        axis_name=self.bn_axis_name,
+        conv_impl=self.conv_impl,
+        unbiased_var=self.bn_unbiased_var,
+      ),
     )
 
 

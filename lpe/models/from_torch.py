@@ -193,7 +193,9 @@ def _to_flax(array: np.ndarray) -> np.ndarray:
     array = array.transpose(2, 3, 1, 0)
   elif array.ndim == 2:
     array = array.T
-  return np.ascontiguousarray(array, dtype=np.float32)
+  # A copy, always: `ascontiguousarray` would return a float32 1-D array (a BatchNorm statistic, a
+  # bias) as a view of the PyTorch tensor's memory, so training that model on would change it.
+  return np.array(array, dtype=np.float32, order='C', copy=True)
 
 
 def torch_keys(name: str, num_classes: int) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:

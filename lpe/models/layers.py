@@ -233,6 +233,9 @@ class AffineBatchNorm(nn.Module):
     epsilon: Added to the variance.
     dtype: Computation dtype of `y`; statistics, `a` and `b` are float32.
     axis_name: Mapped axis to average the statistics over, or None.
+    unbiased_var: Update the running variance with the unbiased batch variance `var * n / (n - 1)`
+      (n values per channel, over every device of `axis_name`), as `torch.nn.BatchNorm2d` does;
+      the batch itself is normalised with the biased `var` either way, as in PyTorch.
   """
 
   use_running_average: bool = False
@@ -240,6 +243,7 @@ class AffineBatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
   axis_name: str | None = None
+  unbiased_var: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -260,14 +264,28 @@ class AffineBatchNorm(nn.Module):
       mean, var = moments[0], jnp.maximum(0.0, moments[1] - jnp.square(moments[0]))
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * self._running(var, x)
     a = scale * lax.rsqrt(var + self.epsilon)
     b = bias - mean * a
     return (x.astype(self.dtype) * a.astype(self.dtype) + b.astype(self.dtype)).astype(self.dtype)
 
+  def _running(self, var: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+    """The batch variance that enters the running average: `var`, or `var * n / (n - 1)`."""
+    if not self.unbiased_var:
+      return var
+    n = x.size // x.shape[-1]
+    if self.axis_name is not None:
+      n = n * lax.psum(1, self.axis_name)
+    return var * (n / jnp.maximum(n - 1, 1))
+
 
 def batch_norm(
-  train: bool, *, dtype: Dtype, axis_name: str | None, conv_impl: str = 'xla'
+  train: bool,
+  *,
+  dtype: Dtype,
+  axis_name: str | None,
+  conv_impl: str = 'xla',
+  unbiased_var: bool = False,
 ) -> Callable[..., nn.Module]:
   """Returns a BatchNorm constructor with PyTorch's defaults (momentum 0.1 there is 0.9 here).
 
@@ -279,9 +297,19 @@ def batch_norm(
       or None for per-device statistics.
     conv_impl: As the model's convs: 'xla' gives `flax.linen.BatchNorm`, 'cpu' `AffineBatchNorm`
       (the same parameters and statistics, computed in an order that suits XLA:CPU).
+    unbiased_var: PyTorch's running variance (`AffineBatchNorm.unbiased_var`); always
+      `AffineBatchNorm`, which flax's BatchNorm has no such option for.
   """
-  module = AffineBatchNorm if conv_impl == 'cpu' else nn.BatchNorm
   conv_general_dilated_fn(conv_impl)  # Rejects an unknown value.
+  if unbiased_var:
+    return functools.partial(
+      AffineBatchNorm,
+      use_running_average=not train,
+      dtype=dtype,
+      axis_name=axis_name,
+      unbiased_var=True,
+    )
+  module = AffineBatchNorm if conv_impl == 'cpu' else nn.BatchNorm
   return functools.partial(
     module,
     use_running_average=not train,
