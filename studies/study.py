@@ -91,6 +91,8 @@ DIGEST_NEUTRAL = {
   'distill.lp_warmup_epochs': 0.0,
   'distill.neighbour_batches': 'within',
   'distill.bank_fill': 'inference',
+  'bn_unbiased_var': False,
+  'torch_classifier_init': False,
 }
 
 

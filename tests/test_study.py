@@ -1,5 +1,6 @@
 """The method study: grids that bracket the optimum, paired statistics, the ledger, the page."""
 
+import importlib
 import json
 import math
 import os
@@ -276,16 +277,16 @@ def test_the_gain_plot_shows_kd_lp_and_every_graph_variant_from_the_first_studen
   assert {'kd', 'lp', *study.GRAPH_VARIANTS} == set(study_page._ALWAYS_PLOTTED)
 
 
-def test_the_committed_ledger_still_answers_every_run_of_the_study(tmp_path):
-  """Every run of the committed study is found in its ledger by its config's digest (settings
+@pytest.mark.parametrize('name', ['fashion_mnist_study', 'fashion_mnist_locality_study'])
+def test_the_committed_ledger_still_answers_every_run_of_the_study(tmp_path, name):
+  """Every run of a committed study is found in its ledger by its config's digest (settings
   added to lpe since are digest-neutral at their defaults), so the page is rebuilt unchanged."""
-  from configs import fashion_mnist_study
-
-  config = fashion_mnist_study.get_config()
+  config = importlib.import_module(f'configs.{name}').get_config()
+  committed_page = config.page
   config.page_only = True
-  config.page = str(tmp_path / 'fashion_mnist_study.md')
+  config.page = str(tmp_path / os.path.basename(committed_page))
   page = study.run(config, str(tmp_path / 'work'))
-  with open(page) as f, open('docs/results/fashion_mnist_study.md') as committed:
+  with open(page) as f, open(committed_page) as committed:
     assert f.read() == committed.read()
 
 
