@@ -50,13 +50,14 @@ class NNXModel:
   num_classes: int
   kwargs: tuple[tuple[str, Any], ...] = ()
 
-  def _build(self, rng: jax.Array) -> nnx.Module:
+  def create(self, rng: jax.Array) -> nnx.Module:
+    """A fresh `nnx.Module` with parameters drawn from `rng` (for a loop of your own)."""
     return self.module_class(self.num_classes, rngs=nnx.Rngs(params=rng), **dict(self.kwargs))
 
   @functools.cached_property
   def _abstract(self) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """The module's GraphDef and its Param and BatchStat states of shapes only (built once)."""
-    module = nnx.eval_shape(lambda: self._build(jax.random.key(0)))
+    module = nnx.eval_shape(lambda: self.create(jax.random.key(0)))
     graphdef, params, batch_stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
     if jax.tree.leaves(rest):
       kinds = sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=_is_var)})
@@ -79,13 +80,21 @@ class NNXModel:
     `x` is only checked to run: an NNX module's shapes are set by its constructor.
     """
     rng = rngs['params'] if isinstance(rngs, Mapping) else rngs
-    module = self._build(rng)
+    module = self.create(rng)
     _, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
     variables = {'params': nnx.to_pure_dict(params)}
     if jax.tree.leaves(batch_stats):
       variables['batch_stats'] = nnx.to_pure_dict(batch_stats)
     del train, x
     return variables
+
+  def merge(self, variables: Mapping[str, Any]) -> nnx.Module:
+    """The `nnx.Module` holding `variables` (`{'params', 'batch_stats'}` as `init` returns them,
+    a checkpoint's or `lpe.checkpoint.load_variables`'s)."""
+    graphdef, abstract_params, abstract_stats = self._abstract
+    params = _filled(abstract_params, variables['params'])
+    batch_stats = _filled(abstract_stats, variables.get('batch_stats', {}))
+    return nnx.merge(graphdef, params, batch_stats)
 
   def apply(
     self,
@@ -100,10 +109,7 @@ class NNXModel:
     As linen's `apply`: with `mutable` it returns `((logits, features), {'batch_stats': ...})`.
     """
     del rngs  # Registered NNX models draw no random numbers when called.
-    graphdef, abstract_params, abstract_stats = self._abstract
-    params = _filled(abstract_params, variables['params'])
-    batch_stats = _filled(abstract_stats, variables.get('batch_stats', {}))
-    module = nnx.merge(graphdef, params, batch_stats)
+    module = self.merge(variables)
     out = module(x, train=train)
     if not mutable:
       return out
