@@ -144,9 +144,9 @@ def test_launch_nnx_student_resumes_after_a_kill_exports_and_evaluates(fashion_d
   killed = str(tmp_path / 'killed')
   proc = _launch([*args, f'--workdir={killed}'])
   lines, deadline = [], time.time() + 240
-  for line in proc.stdout:  # Kill in the first epoch, past the step-6 checkpoint.
+  for line in proc.stdout:  # Kill in the second epoch, past the first epoch's checkpoints.
     lines.append(line)
-    if 'epoch 1/2 step 6/' in line:
+    if 'epoch 2/2 step 4/' in line:
       proc.send_signal(signal.SIGKILL)
       break
     assert deadline > time.time(), ''.join(lines)  # A guard against a hung child.
@@ -162,8 +162,11 @@ def test_launch_nnx_student_resumes_after_a_kill_exports_and_evaluates(fashion_d
   b, _ = checkpoint.load_variables(str(tmp_path / 'straight'))
   assert meta['model'] == 'nnx_cnn_student'
   _assert_trees_equal(a, b)  # Bitwise: the resumed run is the uninterrupted one.
-  evaluated = _launch(['--mode=evaluate', f'--checkpoint={os.path.join(killed, "model.msgpack")}'])
+  evaluated = _launch(['--mode=evaluate', f'--workdir={killed}'])  # Its config names the data.
   out, _ = evaluated.communicate(timeout=120)
   assert evaluated.returncode == 0, out
   with open(os.path.join(killed, 'result.json')) as f:
     assert f'"accuracy": {json.load(f)["test_accuracy"]}' in out, out
+  exported = _launch(['--mode=evaluate', f'--checkpoint={os.path.join(killed, "model.msgpack")}'])
+  out, _ = exported.communicate(timeout=120)  # The exported file alone (the default dataset).
+  assert exported.returncode == 0 and '"model": "nnx_cnn_student"' in out, out
