@@ -107,7 +107,7 @@ def test_nnx_teacher_serves_an_lp_student_with_feature_baselines(small_config, t
   nnx_teacher = str(tmp_path / 'teacher')
   train.train_and_evaluate(small_config, nnx_teacher)
   small_config.teacher.model = 'nnx_cnn_student'
-  small_config.teacher.checkpoint = nnx_teacher
+  small_config.teacher.checkpoint = os.path.join(nnx_teacher, 'model.msgpack')  # The file alone.
   small_config.teacher.cache_outputs = True
   d = small_config.distill
   d.lp_weight, d.k, d.at_weight, d.sp_weight, d.fitnet_weight = 0.1, 5, 10.0, 100.0, 1.0
