@@ -15,9 +15,10 @@ from lpe import config as lpe_config
 from lpe import data, evaluate, models, parallel, state, step
 
 
-def _setup(model_name: str, image_shape, n: int):
+def _setup(model_name: str, image_shape, n: int, teacher_name: str | None = None):
   info = data.DatasetInfo(10, image_shape, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1])
-  teacher = models.build('cnn_student', 10) if image_shape[0] == 28 else models.build('resnet8', 10)
+  teacher_name = teacher_name or ('cnn_student' if image_shape[0] == 28 else 'resnet8')
+  teacher = models.build(teacher_name, 10)
   teacher_vars = teacher.init(jax.random.key(1), jnp.zeros((1, *image_shape)))
   config = lpe_config.default_config()
   config.model = model_name
@@ -39,10 +40,14 @@ def _max_diff(a, b) -> float:
   )
 
 
-def step_equivalence(model_name: str, image_shape, augment: str) -> dict:
+def step_equivalence(
+  model_name: str, image_shape, augment: str, teacher_name: str | None = None
+) -> dict:
   """One train step with LP, KD, AT, SP, RKD and PKT: 1 device vs pmap vs sharded jit on 8."""
   n = 32
-  info, teacher, teacher_vars, config, images, labels = _setup(model_name, image_shape, n)
+  info, teacher, teacher_vars, config, images, labels = _setup(
+    model_name, image_shape, n, teacher_name
+  )
   config.augment = augment
   results = {}
   for mode in ('single', 'pmap', 'jit'):
@@ -113,6 +118,8 @@ if __name__ == '__main__':
     result = step_equivalence('cnn_student', (28, 28, 1), 'none')
   elif check == 'step_resnet_bn':
     result = step_equivalence('resnet8', (32, 32, 3), 'cifar')
+  elif check == 'step_nnx_bn':  # An NNX student with BatchNorm and an NNX teacher.
+    result = step_equivalence('nnx_cnn_teacher_bn', (28, 28, 1), 'none', 'nnx_cnn_student')
   elif check == 'eval':
     result = eval_counts()
   else:

@@ -37,7 +37,7 @@ def _check(name: str) -> dict:
   return json.loads(line[len('RESULT ') :])
 
 
-@pytest.mark.parametrize('check', ['step_cnn', 'step_resnet_bn'])
+@pytest.mark.parametrize('check', ['step_cnn', 'step_resnet_bn', 'step_nnx_bn'])
 def test_pmap_and_sharded_jit_step_match_single_device(check):
   """One LP+KD step: params after the update, loss and metrics equal the 1-device step."""
   result = _check(check)

@@ -3,6 +3,10 @@
 import os
 import re
 
+import jax
+import numpy as np
+from flax import nnx
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,6 +29,20 @@ def test_readme_python_examples_run():
   for _ in range(5):
     params, opt_state, loss = step(params, opt_state, namespace['images'], namespace['labels'])
   assert loss < first_loss  # The step trains.
+  # The NNX step: the student learns, the frozen teacher does not move.
+  nnx_step, student, teacher = (
+    namespace[k] for k in ('nnx_train_step', 'nnx_student', 'nnx_teacher')
+  )
+  teacher_before = jax.tree.map(np.array, nnx.state(teacher))
+  for _ in range(5):
+    nnx_loss = nnx_step(
+      student, namespace['optimizer'], teacher, namespace['images'], namespace['labels']
+    )
+  assert nnx_loss < namespace['nnx_loss']
+  after = jax.tree.leaves(nnx.state(teacher))
+  assert all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(teacher_before), after, strict=True)
+  )
 
 
 def test_readme_leads_with_the_two_commands_and_ci_runs_the_second():

@@ -5,6 +5,7 @@ from lpe.models import (  # noqa: F401
   fitnets,
   imagenet,
   mobilenetv2,
+  nnx_cnn,
   resnet,
   shufflenet,
   small_cnn,
