@@ -237,8 +237,9 @@ def _build_student(config: ml_collections.ConfigDict, info: data.DatasetInfo, dt
     dtype=dtype,
     bn_axis_name=parallel.AXIS if sync_bn else None,
     conv_impl=conv_impl(config),
-    bn_unbiased_var=config.bn_unbiased_var,
-    torch_classifier_init=config.torch_classifier_init,
+    # PyTorch's conventions (the CRD configs) only where asked for: models of your own, and the
+    # NNX ones, need not know these arguments.
+    **{k: True for k in ('bn_unbiased_var', 'torch_classifier_init') if config[k]},
   )
 
 

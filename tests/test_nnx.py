@@ -116,6 +116,11 @@ def test_nnx_teacher_serves_an_lp_student_with_feature_baselines(small_config, t
   assert result['teacher']['model'] == 'nnx_cnn_student'
   assert result['extra_params'] > 0  # FitNet's regressor, built from both models' feature shapes.
   assert 0 < result['test_accuracy'] <= 1
+  # LP over the whole split's teacher graph with a memory bank of the NNX student's embeddings.
+  d.at_weight = d.sp_weight = d.fitnet_weight = 0.0
+  d.lp_graph, d.student_scale = 'bank', 'mean'
+  bank = train.train_and_evaluate(small_config, str(tmp_path / 'bank'))
+  assert bank['objective'] == 'CE + 0.1 LP-bank (mean)' and 0 < bank['test_accuracy'] <= 1
 
 
 def _launch(args):
