@@ -78,6 +78,11 @@ def step_equivalence(
         {k: metrics[k] for k in sorted(base_metrics)},
       ),
       'loss': float(metrics['loss']),
+      # Each metric's difference relative to its own size (at least 1).
+      'max_metric_rel_diff': max(
+        abs(float(metrics[k]) - float(base_metrics[k])) / max(abs(float(base_metrics[k])), 1.0)
+        for k in base_metrics
+      ),
     }
   out['single_loss'] = float(base_metrics['loss'])
   out['param_change'] = _max_diff(
