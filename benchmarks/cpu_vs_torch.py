@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROWS = (
@@ -58,46 +59,59 @@ AVX2_ENV = {'ATEN_CPU_CAPABILITY': 'avx2', 'ONEDNN_MAX_CPU_ISA': 'AVX2'}
 
 
 def _jax_row(row: str):
-  """The compiled step of one row and its arguments (the same inputs on every call)."""
+  """The compiled step of one row, its arguments (the same inputs on every call), its parameter
+  count and the devices it runs on, as the trainer places it (`lpe.train.devices`: on one CPU
+  process, split over the host devices where the models are large enough to gain)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from lpe import config as lpe_config
-  from lpe import data, models, state, step, train
+  from lpe import data, models, parallel, state, step, train
 
   kind, name, batch, *teacher_name = row.split(':')
-  info = data.dataset_info('fashion_mnist' if name.startswith(('cnn', 'fitnet')) else 'cifar100')
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 255, (int(batch), *info.image_shape)).astype(np.uint8))
-  labels = jnp.asarray(rng.integers(0, info.num_classes, int(batch)).astype(np.int32))
   config = lpe_config.default_config()
+  config.dataset = 'fashion_mnist' if name.startswith(('cnn', 'fitnet')) else 'cifar100'
+  config.batch_size = config.eval_batch_size = int(batch)
+  info = data.dataset_info(config.dataset)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (int(batch), *info.image_shape)).astype(np.uint8)
+  labels = rng.integers(0, info.num_classes, int(batch)).astype(np.int32)
   config.optimizer, config.learning_rate, config.weight_decay = 'sgd', 0.05, 5e-4
   config.augment = 'cifar' if kind == 'ce_cifar' else 'none'
   if kind == 'forward':
     teacher = models.build(name, info.num_classes)
     variables = teacher.init(jax.random.key(1), jnp.zeros((1, *info.image_shape)), train=False)
+    config.model = name  # The forward pass splits as a student of its size would.
+    place = parallel.Placement('jit', train.devices(config, info, teacher))
     fn = jax.jit(lambda v, x: teacher.apply(v, data.preprocess(x, info), train=False))
-    args = (variables, images)
-  else:
-    student = models.build(name, info.num_classes, conv_impl=train.conv_impl(config))
-    variables = state.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
-    teacher, teacher_variables = None, None
-    if teacher_name:
-      teacher = models.build(teacher_name[0], info.num_classes)
-      teacher_variables = teacher.init(
-        jax.random.key(1), jnp.zeros((1, *info.image_shape)), train=False
-      )
-    if kind == 'kd':
-      config.distill.ce_weight, config.distill.kd_weight = 0.1, 0.9
-    if kind == 'lp':
-      config.distill.lp_weight = 0.1
-    fn = jax.jit(step.make_train_step(config, student, teacher, info))
-    args = (variables, teacher_variables, images, labels)
-  params = sum(
-    x.size for x in jax.tree.leaves(variables['params'] if kind == 'forward' else variables.params)
+    args = (jax.device_put(variables, place.replicated), place.batch((images,))[0])
+    params = sum(x.size for x in jax.tree.leaves(variables['params']))
+    return fn.lower(*args).compile(), args, params, len(place.devices)
+  config.model = name
+  student = models.build(name, info.num_classes, conv_impl=train.conv_impl(config))
+  variables = state.create_train_state(student, config, jax.random.key(0), info.image_shape, 100)
+  teacher, teacher_variables, loaded = None, None, None
+  if teacher_name:
+    teacher = models.build(teacher_name[0], info.num_classes)
+    teacher_variables = teacher.init(
+      jax.random.key(1), jnp.zeros((1, *info.image_shape)), train=False
+    )
+    loaded = types.SimpleNamespace(module=teacher, variables=teacher_variables)
+  if kind == 'kd':
+    config.distill.ce_weight, config.distill.kd_weight = 0.1, 0.9
+  if kind == 'lp':
+    config.distill.lp_weight = 0.1
+  config.teacher.cache_outputs = False
+  place = parallel.Placement('jit', train.devices(config, info, student, loaded))
+  fn = jax.jit(step.make_train_step(config, student, teacher, info))
+  args = (
+    jax.device_put(variables, place.replicated),
+    None if teacher is None else jax.device_put(teacher_variables, place.replicated),
+    *place.batch((images, labels)),
   )
-  return fn.lower(*args).compile(), args, params
+  params = sum(x.size for x in jax.tree.leaves(variables.params))
+  return fn.lower(*args).compile(), args, params, len(place.devices)
 
 
 def run_jax_worker(rows: list[str]) -> None:
@@ -113,11 +127,11 @@ def run_jax_worker(rows: list[str]) -> None:
 
   compiled = {}
   for row in rows:
-    fn, args, params = _jax_row(row)
+    fn, args, params, devices = _jax_row(row)
     jax.block_until_ready(fn(*args))  # Warm-up.
     jax.block_until_ready(fn(*args))
     compiled[row] = (fn, args)
-    print(json.dumps(dict(row=row, params=int(params))), flush=True)
+    print(json.dumps(dict(row=row, params=int(params), devices=devices)), flush=True)
   flags = os.environ.get('XLA_FLAGS', '') or 'none'
   print(f'ready jax {jax.__version__}; {chosen}; XLA_FLAGS: {flags}', flush=True)
   for line in sys.stdin:
@@ -143,7 +157,7 @@ class Side:
     self.proc = subprocess.Popen(
       cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
     )
-    self.params, self.banner = {}, ''
+    self.params, self.devices, self.banner = {}, {}, ''
     self.times, self.cpu = {row: [] for row in rows}, {row: [] for row in rows}
 
   def wait_until_ready(self) -> None:
@@ -158,6 +172,7 @@ class Side:
       if line.startswith('{'):
         info = json.loads(line)
         self.params[info['row']] = info['params']
+        self.devices[info['row']] = info.get('devices', 1)
 
   def row(self, row: str) -> str:
     """This side's row for a JAX row: PyTorch times RepDistiller's KD step for LP."""
@@ -193,6 +208,9 @@ def main() -> None:
   parser.add_argument('--settings', default='', help='Also JAX under these LPE_XLA_CPU values.')
   parser.add_argument('--before', default='', help='Also JAX from this checkout (its lpe).')
   parser.add_argument('--avx2', action='store_true', help='Emulate an AVX2-only processor.')
+  parser.add_argument(
+    '--no-one-device', action='store_true', help='Skip the JAX side on one CPU device.'
+  )
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--reps', type=int, default=3, help='Steps per row per side per round.')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
@@ -207,8 +225,13 @@ def main() -> None:
     base_env['XLA_FLAGS'] = '--xla_cpu_max_isa=AVX2'
   jax_cmd = [sys.executable, __file__, '--worker', ','.join(rows)]
   sides = [Side('JAX (auto)', jax_cmd, base_env, rows)]
+  if not args.no_one_device:
+    sides.append(Side('JAX (1 device)', jax_cmd, dict(base_env, LPE_CPU_DEVICES='1'), rows))
   for setting in filter(None, args.settings.split(',')):
     sides.append(Side(f'JAX ({setting})', jax_cmd, dict(base_env, LPE_XLA_CPU=setting), rows))
+    if not args.no_one_device:
+      env = dict(base_env, LPE_XLA_CPU=setting, LPE_CPU_DEVICES='1')
+      sides.append(Side(f'JAX ({setting}, 1 device)', jax_cmd, env, rows))
   if args.before:
     sides.append(Side('JAX (before)', jax_cmd, dict(base_env, LPE_ROOT=args.before), rows))
   if args.torch_python:
@@ -248,7 +271,9 @@ def print_report(args, rows, sides, seconds, load_before) -> None:
   for row in rows:
     cells = [f'`{row}`']
     for side in sides:
-      cells.append(f'{wall[side.label][side.row(row)]:.1f} ({cpu[side.label][side.row(row)]:.1f})')
+      r = side.row(row)
+      devices = f' [{side.devices[r]} dev]' if side.devices.get(r, 1) > 1 else ''
+      cells.append(f'{wall[side.label][r]:.1f} ({cpu[side.label][r]:.1f}){devices}')
     for side in torch_sides:
       cells.append(f'{wall["JAX (auto)"][row] / wall[side.label][side.row(row)]:.2f}')
     print('| ' + ' | '.join(cells) + ' |')

@@ -154,6 +154,10 @@ def _device_defaults(config: ml_collections.ConfigDict) -> None:
   # Devices and hosts (see lpe/parallel.py).
   config.parallelism = 'jit'  # 'jit' (sharded jit over a mesh) or 'pmap'.
   config.sync_batch_stats = True  # pmap: BatchNorm statistics over all devices (cross-replica).
+  # One process on CPU: how many of its host devices (one per core, lpe.xla_cpu) the batch is
+  # split over; 0 chooses by the models' size (lpe.parallel.choose_devices). The count changes
+  # the steps by float32 rounding only. Ignored on GPUs, TPUs and several processes (all devices).
+  config.cpu_devices = 0
   # How the zoo's convs compute (same parameters either way; lpe.models.layers.CONV_IMPLS):
   # 'xla' (lax's convolution), 'cpu' (the same convolutions with a backward pass that runs about
   # a third faster on XLA:CPU; docs/performance_cpu_conv.md) or 'auto' ('cpu' on the CPU backend,
@@ -237,6 +241,7 @@ DOMAINS = {
   'distill.graph_neighbours': _AT_LEAST_1,
   'distill.bank_momentum': _SHARE,
   'distill.kd_temperature': _POSITIVE,
+  'cpu_devices': _AT_LEAST_0,
   'distributed.num_processes': _AT_LEAST_0,
   'distributed.process_id': Domain(-1),  # -1: from the environment.
   'log_every_steps': _AT_LEAST_1,
@@ -266,7 +271,8 @@ CHOICES = {
 
 # Fields that do not change the trained parameters, so a run may resume with new values: where
 # the data and teacher files live, how often to log and checkpoint, how many checkpoints to keep,
-# the evaluation batch (masked, every example counted once), the cluster layout, and the remedy
+# the evaluation batch (masked, every example counted once), the cluster layout and the CPU
+# device count (both change the steps by float32 rounding only), and the remedy
 # for non-finite batches. Everything else (num_epochs included: it sets the learning-rate
 # schedule) needs `--allow_config_change`.
 RESUME_SAFE_FIELDS = (
@@ -276,6 +282,7 @@ RESUME_SAFE_FIELDS = (
   'input',
   'input_workers',
   'conv_impl',
+  'cpu_devices',
   'log_every_steps',
   'checkpoint_every_steps',
   'keep_checkpoints',

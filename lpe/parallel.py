@@ -12,7 +12,7 @@ the device count.
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -53,9 +53,72 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   jax.distributed.initialize(address, num_processes=num, process_id=pid)
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over every device of every process, with axis `'data'`."""
-  return jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh with axis `'data'` over `devices` (every device of every process when None)."""
+  return jax.sharding.Mesh(np.array(jax.devices() if devices is None else devices), (AXIS,))
+
+
+# One process on CPU splits a batch over its host devices (one per core, `lpe.xla_cpu`) only when
+# each device gets at least this much forward work per step (student and teacher, FLOPs): below
+# it the split's own cost ate the gain (docs/performance.md, "Every core").
+MIN_SPLIT_FLOPS = 2e8
+
+
+def forward_flops(module: Any, image_shape: tuple[int, ...], variables: Any = None) -> float:
+  """XLA's count of the floating-point operations of one example's forward pass through
+  `module` (in eval mode), from its lowered computation: nothing is compiled or run. 0 when
+  the backend gives no count."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  if variables is None:
+    variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
+  cost = jax.jit(lambda v, x: module.apply(v, x, train=False)).lower(variables, x).cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  return float((cost or {}).get('flops', 0.0))
+
+
+def fixed_device_count() -> int:
+  """The devices every run uses whatever its config (`choose_devices`): all of them on GPUs, TPUs
+  and several processes; 1 (at least) on one CPU process, which chooses its count per run."""
+  if jax.process_count() > 1 or jax.default_backend() != 'cpu':
+    return jax.device_count()
+  return 1
+
+
+def choose_devices(
+  requested: int,
+  batch_size: int,
+  flops_per_example: Callable[[], float],
+  fits: Callable[[int], bool],
+) -> list[jax.Device]:
+  """The devices a run trains on.
+
+  On GPUs and TPUs, and on several processes, every device. One process on CPU (whose host
+  devices `lpe.xla_cpu.configure` makes one per core) takes `requested` of them (at most the
+  count there is), or with `requested=0` chooses: every host device when each then gets at least
+  `MIN_SPLIT_FLOPS` of forward work per step (`flops_per_example() * batch_size / devices`), and
+  one device otherwise; fewer when `fits(n)` (the config's divisibility checks) says no.
+
+  The choice depends only on the machine's core count, the models and the config, so a run
+  resumed on the same machine gets the same devices and resumes bitwise; other device counts
+  train the same model up to float32 rounding.
+  """
+  devices = jax.devices()
+  if jax.process_count() > 1 or jax.default_backend() != 'cpu':
+    return devices
+  if requested > len(devices):
+    raise ValueError(
+      f'config.cpu_devices={requested} asks for more CPU devices than this process has '
+      f'({len(devices)}); lower it, or set LPE_CPU_DEVICES={requested} before JAX starts '
+      '(lpe.xla_cpu).'
+    )
+  if requested:
+    return devices[:requested]
+  n, flops = len(devices), functools.cache(flops_per_example)
+  while n > 1 and not (fits(n) and flops() * batch_size / n >= MIN_SPLIT_FLOPS):
+    n -= 1
+  return devices[:n]
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
@@ -79,15 +142,17 @@ def global_batch(local: Any, sharding: jax.sharding.NamedSharding) -> Any:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
-def per_device(local: Any) -> Any:
-  """Reshapes this process's rows `[n, ...]` to `[local devices, n / devices, ...]` for pmap."""
-  devices = jax.local_device_count()
+def per_device(local: Any, devices: int | None = None) -> Any:
+  """Reshapes this process's rows `[n, ...]` to `[devices, n / devices, ...]` for pmap (`devices`:
+  the count pmap maps over; every local device when None)."""
+  devices = jax.local_device_count() if devices is None else devices
   return jax.tree.map(lambda x: x.reshape(devices, x.shape[0] // devices, *x.shape[1:]), local)
 
 
-def replicate_for_pmap(tree: Any) -> Any:
-  """Copies a pytree onto every local device, stacked along a leading device axis, for pmap."""
-  devices = jax.local_devices()
+def replicate_for_pmap(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+  """Copies a pytree onto `devices` (every local device when None), stacked along a leading
+  device axis, for pmap."""
+  devices = jax.local_devices() if devices is None else devices
   sharding = jax.sharding.NamedSharding(
     jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
   )
@@ -107,17 +172,22 @@ def unreplicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 class Placement:
   """Where the state, batches and resident arrays live for a data-parallel mode, `'jit'` or
-  `'pmap'`, over every device of every process.
+  `'pmap'`, over `devices` (every device of every process when None; `choose_devices`).
 
   The canonical state (checkpoints, evaluation, export) is always mesh-replicated; under pmap the
   step works on a per-device copy (`state`, and `canonical` to come back).
   """
 
-  def __init__(self, mode: str):
+  def __init__(self, mode: str, devices: Sequence[jax.Device] | None = None):
     if mode not in ('jit', 'pmap'):
       raise ValueError(f'config.parallelism={mode!r} is unknown; use jit or pmap.')
     self.mode = mode
-    self.mesh = make_mesh()
+    self.devices = list(jax.devices() if devices is None else devices)
+    # pmap maps over this process's share of the devices; given all of them it is told none (on
+    # several processes pmap wants every device or none).
+    self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+    self._pmap_devices = None if len(self.devices) == jax.device_count() else self.devices
+    self.mesh = make_mesh(self.devices)
     self.replicated = replicated(self.mesh)
     self.sharded = batch_sharded(self.mesh)
 
@@ -125,13 +195,13 @@ class Placement:
     """`step` compiled for this mode, donating its first argument (the state)."""
     if self.mode == 'pmap':
       step = functools.partial(step, axis_name=AXIS)
-      return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+      return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=self._pmap_devices)
     return jax.jit(step, donate_argnums=(0,))
 
   def state(self, canonical: Any) -> Any:
     """Canonical (mesh-replicated) state to the form the step takes."""
     if self.mode == 'pmap':
-      return replicate_for_pmap(canonical)
+      return replicate_for_pmap(canonical, self.local_devices)
     return jax.device_put(canonical, self.replicated)
 
   def canonical(self, state: Any) -> Any:
@@ -141,7 +211,7 @@ class Placement:
   def batch(self, local_rows: Any) -> Any:
     """This process's rows of a global batch, placed for the step."""
     if self.mode == 'pmap':
-      return per_device(local_rows)
+      return per_device(local_rows, len(self.local_devices))
     return global_batch(local_rows, self.sharded)
 
   def metrics(self, metrics: Any) -> Any:
@@ -151,7 +221,7 @@ class Placement:
   def resident(self, tree: Any) -> Any:
     """Host arrays (a whole split, cached teacher outputs) held whole on every device."""
     if self.mode == 'pmap':
-      return replicate_for_pmap(tree)
+      return replicate_for_pmap(tree, self.local_devices)
     place = lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
     return jax.tree.map(place, tree)
 
@@ -160,5 +230,5 @@ class Placement:
     gathered on the devices and placed like a batch."""
     take = lambda tree, index: jax.tree.map(lambda x: x[index], tree)
     if self.mode == 'pmap':
-      return jax.pmap(take, axis_name=AXIS)
+      return jax.pmap(take, axis_name=AXIS, devices=self._pmap_devices)
     return jax.jit(take, out_shardings=self.sharded)

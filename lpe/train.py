@@ -102,7 +102,8 @@ def train_and_evaluate(
     The result: model, params, final and best test accuracy, epochs and training time.
   """
   parallel.maybe_initialize_distributed(config)
-  config_lib.validate(config, jax.device_count())
+  # Checked again over the devices `prepare` chooses (a CPU process chooses its count).
+  config_lib.validate(config, parallel.fixed_device_count())
   workdir_lib.check_usable(workdir)
   workdir_lib.check_not_in_use(workdir)
   allowed = dict(
@@ -178,12 +179,20 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   # A configured teacher is also loaded without distillation, for the evaluation diagnostics
   # (agreement, neighbourhood preservation, CKA); only distilling steps run it.
   loaded = teacher.load(config, info, dtype) if distilling or config.teacher.checkpoint else None
-  place = parallel.Placement(config.parallelism)
+  student = _build_student(config, info, dtype)
+  place = parallel.Placement(config.parallelism, devices(config, info, student, loaded))
+  config_lib.validate(config, len(place.devices))
+  logging.info(
+    'Training on %d of %d %s devices (%s).',
+    len(place.devices),
+    jax.device_count(),
+    jax.default_backend(),
+    f'config.cpu_devices={config.cpu_devices}' if config.cpu_devices else 'chosen by model size',
+  )
   streamed, test_data = _streams(config, info, place)
   train_data = None
   if streamed is None:
     train_data, test_data = _load_splits(config)
-  student = _build_student(config, info, dtype)
   cache = graph = None
   if loaded is not None:
     teacher.check_features(config.distill, student, loaded.module, info.image_shape)
@@ -226,6 +235,34 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
       feature=config.distill.feature,
     ),
     reporter=_reporter(config, workdir),
+  )
+
+
+def devices(
+  config: ml_collections.ConfigDict,
+  info: data.DatasetInfo,
+  student: Any,
+  loaded: teacher.Teacher | None = None,
+) -> list[jax.Device]:
+  """The devices the run trains on (`lpe.parallel.choose_devices`: on one CPU process,
+  `config.cpu_devices` of the host devices, or as many as the models' size gains from)."""
+
+  def flops_per_example() -> float:
+    flops = parallel.forward_flops(student, info.image_shape)
+    runs_teacher = objectives.needs_teacher(config.distill) and not config.teacher.cache_outputs
+    if loaded is not None and runs_teacher:
+      flops += parallel.forward_flops(loaded.module, info.image_shape, loaded.variables)
+    return flops
+
+  def fits(n: int) -> bool:
+    try:
+      config_lib.validate(config, n)
+    except ValueError:
+      return False
+    return True
+
+  return parallel.choose_devices(
+    config.cpu_devices, feed_lib.step_batch_size(config), flops_per_example, fits
   )
 
 

@@ -21,6 +21,15 @@ and are bitwise reproducible within one setting.
 `LPE_XLA_CPU` overrides the choice: `auto` (or unset) chooses by processor, `off` adds no flag,
 and a key of `SETTINGS` forces that setting. Flags the user set in `XLA_FLAGS` always win: a flag
 whose name is already there is never added or changed.
+
+Every core: under the 'ynn' setting (AVX-512 and AMX processors) YNNPACK's convolutions keep
+about 1.3 of 2 cores busy, so there `configure` also gives the process one host device per core
+it may run on (`--xla_force_host_platform_device_count`), and the trainer splits a batch over
+them where the models are large enough to gain (`lpe.parallel.choose_devices`,
+`config.cpu_devices`; 1.6-2.0x per step on 2 cores). Under 'ynn_dots' (AVX2) Eigen's
+convolutions already fill every core and a split gained -22% to +7%, so the process keeps one
+device (docs/performance.md, "Every core"). `LPE_CPU_DEVICES` sets the count either way (1: one
+device, as plain JAX). On GPUs and TPUs the host devices go unused.
 """
 
 import dataclasses
@@ -30,6 +39,8 @@ import warnings
 from collections.abc import MutableMapping
 
 ENV_VAR = 'LPE_XLA_CPU'
+DEVICES_ENV_VAR = 'LPE_CPU_DEVICES'
+DEVICES_FLAG = '--xla_force_host_platform_device_count'
 
 # Named XLA:CPU settings: the flags each adds to XLA_FLAGS.
 SETTINGS: dict[str, tuple[str, ...]] = {
@@ -38,6 +49,10 @@ SETTINGS: dict[str, tuple[str, ...]] = {
   # Convolutions on Eigen, dots on YNNPACK.
   'ynn_dots': ('--xla_cpu_experimental_ynn_fusion_type=individual_dot',),
 }
+
+# The settings under which one device leaves cores idle, so a process gets one host device per
+# core (measured in docs/performance.md, "Every core").
+SPLITS = frozenset({'ynn'})
 
 # The setting each instruction-set family gets (`cpu_isa`); measured in docs/performance.md.
 BY_ISA = {
@@ -60,6 +75,7 @@ class Selection:
     source: Why: 'auto' (by `isa`) or `ENV_VAR` (forced).
     added: The flags added to XLA_FLAGS (those the user had not set).
     xla_flags: XLA_FLAGS as set.
+    devices: The host devices asked for (`host_devices`); the user's own flag wins over it.
   """
 
   isa: str
@@ -67,11 +83,37 @@ class Selection:
   source: str
   added: tuple[str, ...]
   xla_flags: str
+  devices: int = 1
 
   def describe(self) -> str:
     """One line for logs and benchmark tables."""
     added = ' '.join(self.added) or 'none'
     return f'XLA:CPU: {self.isa} processor, setting {self.setting!r} ({self.source}); added {added}'
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity; `os.cpu_count()` where unknown)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def host_devices(environ: MutableMapping[str, str], cores: int | None = None) -> int:
+  """How many host devices to make: `LPE_CPU_DEVICES` when set, else one per usable core.
+
+  Raises:
+    ValueError: `LPE_CPU_DEVICES` is not a whole number of at least 1.
+  """
+  forced = environ.get(DEVICES_ENV_VAR, '').strip()
+  if not forced:
+    return usable_cores() if cores is None else cores
+  if not forced.isdigit() or int(forced) < 1:
+    raise ValueError(
+      f'{DEVICES_ENV_VAR}={forced!r} must be a whole number of CPU devices, at least 1 (1: one '
+      'device, as plain JAX).'
+    )
+  return int(forced)
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -141,20 +183,24 @@ def _backend_started() -> bool:
 
 
 def configure(
-  environ: MutableMapping[str, str] | None = None, flags: frozenset[str] | None = None
+  environ: MutableMapping[str, str] | None = None,
+  flags: frozenset[str] | None = None,
+  cores: int | None = None,
 ) -> Selection:
-  """Adds this processor's XLA:CPU setting to `XLA_FLAGS`; call it before JAX starts.
+  """Adds this processor's XLA:CPU setting and host devices to `XLA_FLAGS`; call it before JAX
+  starts.
 
   Args:
-    environ: The environment to read `LPE_XLA_CPU` from and write `XLA_FLAGS` to (os.environ
-      when None).
+    environ: The environment to read `LPE_XLA_CPU` and `LPE_CPU_DEVICES` from and write
+      `XLA_FLAGS` to (os.environ when None).
     flags: The processor's feature flags (`cpu_flags()` when None).
+    cores: The usable cores (`usable_cores()` when None).
 
   Returns:
     What was chosen and added.
 
   Raises:
-    ValueError: `LPE_XLA_CPU` names no setting.
+    ValueError: `LPE_XLA_CPU` names no setting, or `LPE_CPU_DEVICES` no count.
   """
   environ = os.environ if environ is None else environ
   isa = cpu_isa(flags)
@@ -166,7 +212,11 @@ def configure(
   else:
     names = ', '.join(['auto', 'off', *SETTINGS])
     raise ValueError(f'{ENV_VAR}={forced!r} names no XLA:CPU setting; use one of {names}.')
-  xla_flags, added = merge_flags(environ.get('XLA_FLAGS', ''), SETTINGS.get(setting, ()))
+  # Host devices where the setting leaves cores idle, or where asked for by count.
+  asked = setting in SPLITS or environ.get(DEVICES_ENV_VAR, '').strip()
+  devices = host_devices(environ, cores) if asked else 1
+  wanted = (*SETTINGS.get(setting, ()), *([f'{DEVICES_FLAG}={devices}'] if devices > 1 else []))
+  xla_flags, added = merge_flags(environ.get('XLA_FLAGS', ''), wanted)
   if added:
     environ['XLA_FLAGS'] = xla_flags
     if _backend_started() and environ is os.environ:
@@ -175,4 +225,4 @@ def configure(
         'set; call it before `import jax`.',
         stacklevel=2,
       )
-  return Selection(isa, setting, source, added, xla_flags)
+  return Selection(isa, setting, source, added, xla_flags, devices)

@@ -1,11 +1,23 @@
 """Shared fixtures: a tiny, learnable Fashion-MNIST prepared through the real offline path."""
 
+import os
+import pathlib
+
 from lpe import xla_cpu
 
 xla_cpu.configure()  # Before any test imports JAX: the suite runs with the trainer's flags.
 
+# One persistent XLA compilation cache for the suite's processes (pytest-xdist's workers and
+# the launch.py runs the tests start, which inherit the environment): the same steps compile once.
+# Set before JAX starts; a cache of your own (JAX_COMPILATION_CACHE_DIR) is kept.
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR',
+  str(pathlib.Path(__file__).resolve().parent.parent / '.pytest_cache' / 'jax_compilation'),
+)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
 import gzip  # noqa: E402
-import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -135,9 +135,9 @@ print('RESULTS ' + json.dumps(results))
 def device_results() -> dict[str, str]:
   repo_root = pathlib.Path(__file__).resolve().parent.parent
   env = dict(os.environ)
-  env['XLA_FLAGS'] = (
-    env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-  ).strip()
+  # The suite's XLA flags with 8 devices in place of conftest's one per core.
+  flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+  env['XLA_FLAGS'] = ' '.join([*flags, '--xla_force_host_platform_device_count=8'])
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(repo_root), env.get('PYTHONPATH')]))
   proc = subprocess.run(

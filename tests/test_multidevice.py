@@ -60,8 +60,9 @@ def test_eval_counts_each_example_once_on_1_3_and_8_devices():
 
 
 def _launch(args, devices, **kwargs):
+  # Every device (on one process lpe would keep this small model on one: cpu_devices=0).
   return subprocess.Popen(
-    [sys.executable, os.path.join(REPO, 'launch.py'), *args],
+    [sys.executable, os.path.join(REPO, 'launch.py'), *args, f'--config.cpu_devices={devices}'],
     cwd=REPO,
     env=_env(devices),
     stdout=subprocess.PIPE,
@@ -227,3 +228,93 @@ def test_distributed_per_process_data_reads_each_share_and_trains(
     assert json.load(f)['distributed']['per_process_data'] is True
   train_files = [n for n in os.listdir(data_dir / 'lpe_cache') if '-train-' in n]
   assert sorted(n.split('-')[-1] for n in train_files) == ['shard0of2.npz', 'shard1of2.npz']
+
+
+_CPU_SPLIT_SCRIPT = """
+import json, sys
+from lpe import xla_cpu
+xla_cpu.configure()
+import jax
+import numpy as np
+from configs import fashion_mnist_student
+from lpe import checkpoint, data, models, train
+
+data_dir, workdir = sys.argv[1], sys.argv[2]
+
+
+def config_of(model, batch=64, **fields):
+  config = fashion_mnist_student.get_config()
+  config.model, config.batch_size, config.eval_batch_size = model, batch, 26
+  config.data_dir, config.num_epochs, config.steps_per_epoch_limit = data_dir, 1, 4
+  config.checkpoint_every_steps, config.learning_rate = 2, 1e-3
+  config.update(fields)
+  return config
+
+
+def chosen(config):
+  info = data.info_of(config)
+  return len(train.devices(config, info, models.build(config.model, info.num_classes)))
+
+
+out = {'devices': jax.device_count()}
+out['small'] = chosen(config_of('cnn_student'))
+out['large'] = chosen(config_of('cnn_teacher'))
+out['large_odd_batch'] = chosen(config_of('cnn_teacher', batch=63))
+out['large_forced_1'] = chosen(config_of('cnn_teacher', cpu_devices=1))
+try:
+  chosen(config_of('cnn_teacher', cpu_devices=3))
+except ValueError as error:
+  out['too_many'] = str(error)
+
+
+class Crash(Exception):
+  pass
+
+
+def crash_at_3(end, state):
+  if end.step == 3:
+    raise Crash()
+
+
+params = {}
+for name, fields, hooks in (
+  ('auto', {}, []),
+  ('one', {'cpu_devices': 1}, []),
+  ('crashed', {}, [crash_at_3]),
+):
+  try:
+    train.train_and_evaluate(config_of('cnn_teacher', **fields), f'{workdir}/{name}', hooks=hooks)
+  except Crash:
+    train.train_and_evaluate(config_of('cnn_teacher', **fields), f'{workdir}/{name}')
+  params[name] = jax.tree.leaves(checkpoint.load_variables(f'{workdir}/{name}')[0])
+out['max_diff_one'] = max(float(np.abs(a - b).max()) for a, b in zip(params['auto'], params['one']))
+out['resumed_equal'] = all(np.array_equal(a, b) for a, b in zip(params['auto'], params['crashed']))
+print('RESULT ' + json.dumps(out))
+"""
+
+
+def test_a_cpu_process_splits_large_models_over_its_cores(fashion_data_dir, tmp_path):
+  """With 2 host devices (`LPE_CPU_DEVICES=2`, as `lpe.xla_cpu` makes them where one device leaves
+  cores idle), the trainer splits a large model's batch over both, keeps a small model (or a
+  batch that does not divide) on one, and obeys `config.cpu_devices`; the split run trains the
+  one-device run's model up to float32 rounding, and a crashed split run resumes bitwise."""
+  env = _env(1)
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace('--xla_force_host_platform_device_count=1', '')
+  env['LPE_CPU_DEVICES'] = '2'
+  proc = subprocess.run(
+    [sys.executable, '-c', _CPU_SPLIT_SCRIPT, fashion_data_dir, str(tmp_path)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  out = json.loads([x for x in proc.stdout.splitlines() if x.startswith('RESULT ')][-1][7:])
+  assert out['devices'] == 2
+  assert (out['small'], out['large'], out['large_odd_batch'], out['large_forced_1']) == (1, 2, 1, 1)
+  assert (
+    'config.cpu_devices=3 asks for more CPU devices than this process has (2)' in (out['too_many'])
+  )
+  assert 0 < out['max_diff_one'] < 1e-4, out
+  assert out['resumed_equal'], out

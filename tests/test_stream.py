@@ -165,6 +165,7 @@ def _launch(workdir, data_dir, cache, devices, extra=()) -> subprocess.Popen:
     '--config.eval_batch_size=12',
     '--config.log_every_steps=1',
     '--config.checkpoint_every_steps=2',
+    f'--config.cpu_devices={devices}',  # Every device, though the model is small.
   ]
   return subprocess.Popen(
     [sys.executable, os.path.join(REPO, 'launch.py'), *flags, *extra],
