@@ -72,6 +72,20 @@ def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
   )
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError (or `DatasetUnavailableError`) for a dataset that cannot be read as
+  `config` sets it, from its metadata (`sources.check_info`): the normalisation constants are
+  computed, and cached, when the run loads its data (`info_of`), not by a check."""
+  sources.check_info(
+    config.dataset,
+    config.data_dir or None,
+    image_size=config.image_size,
+    mean=config.data_mean,
+    std=config.data_std,
+    train_split=config.train_split,
+  )
+
+
 def info_of_model(meta: dict[str, Any], data_dir: str | None = None) -> DatasetInfo:
   """The `DatasetInfo` of the inputs an exported model was trained on, from its `model.json`."""
   return dataset_info(

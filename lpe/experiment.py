@@ -19,13 +19,13 @@ from lpe import (
   files,
   models,
   objectives,
+  preflight,
   report,
   state,
   stream,
   teacher,
   train,
 )
-from lpe import config as config_lib
 from lpe import workdir as workdir_lib
 
 
@@ -129,7 +129,7 @@ def _comparison_plan(
     plan.append((name, run))
   for name, run in plan:
     try:
-      config_lib.validate(run, jax.device_count())
+      preflight.validate(run, jax.device_count())
     except ValueError as error:
       raise ValueError(_in_run(str(error), name)) from error
     workdir_lib.check_config(run, os.path.join(workdir, name), **allowed)

@@ -21,12 +21,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lpe import data, losses, parallel, sampling
+from lpe import data, losses, objectives, parallel, sampling
 
 # The largest split (images) the device-resident input path takes when `config.input` is 'auto'.
 DEVICE_INPUT_MAX_BYTES = 2 * 2**30
-# Values of `config.input`.
-INPUTS = ('auto', 'device', 'host', 'stream')
 
 StepInputs = tuple[jax.Array, jax.Array, Any, Any]
 
@@ -34,6 +32,37 @@ StepInputs = tuple[jax.Array, jax.Array, Any, Any]
 def per_process_data(config: ml_collections.ConfigDict) -> bool:
   """Whether each process holds only its share of the training split."""
   return config.distributed.per_process_data and jax.process_count() > 1
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError for what per-process data (`config.distributed.per_process_data` on
+  several processes) cannot do: whatever needs the whole training split on every process, or
+  per-process arrays on the devices under sharded jit."""
+  if not per_process_data(config):
+    return
+  if config.train_subset:
+    raise ValueError(
+      'config.train_subset draws one subset of the whole training split, but '
+      'config.distributed.per_process_data=True gives each process only its share; turn one off.'
+    )
+  if config.distill.lp_graph != 'batch':
+    raise ValueError(
+      f'config.distill.lp_graph={config.distill.lp_graph!r} needs the whole training split on '
+      'every process (the graph and its example ids are global), but '
+      'config.distributed.per_process_data=True gives each process only its share; turn one off.'
+    )
+  if config.parallelism == 'jit':
+    caching = config.teacher.cache_outputs and bool(objectives.active(config.distill))
+    for what, on in (
+      ('input=device', config.input == 'device'),
+      ('teacher.cache_outputs', caching),
+    ):
+      if on:
+        raise ValueError(
+          f'config.{what} holds per-process data on the devices, which sharded jit cannot do '
+          'with config.distributed.per_process_data=True on several processes; use '
+          'parallelism=pmap, or turn one of them off.'
+        )
 
 
 def input_path(config: ml_collections.ConfigDict, split: data.Split) -> str:

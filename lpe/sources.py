@@ -190,13 +190,36 @@ def read_info(
     else:
       stats = _cached_stats(dataset, data_dir or default_data_dir(), shape, train_split)
       mean, std = mean or stats[0], std or stats[1]
+  _check_channels(dataset, shape, mean, std)
+  return DatasetInfo(num_classes, shape, tuple(map(float, mean)), tuple(map(float, std)))
+
+
+def check_info(
+  dataset: str,
+  data_dir: str | None = None,
+  *,
+  image_size: int = 0,
+  mean: Sequence[float] = (),
+  std: Sequence[float] = (),
+  train_split: str = 'train',
+) -> None:
+  """Raises what `read_info` would for these arguments, without computing the normalisation
+  constants: reads the dataset's classes and image shape, checks the given constants' channels
+  and, where constants would be computed from `train_split`, that the split opens (a check before
+  any work, which writes no cache)."""
+  shape = _classes_and_shape(dataset, data_dir or default_data_dir(), image_size)[1]
+  _check_channels(dataset, shape, mean, std)
+  if (not mean or not std) and (image_size or dataset not in KNOWN):
+    open_split(dataset, train_split, data_dir)
+
+
+def _check_channels(dataset: str, shape: tuple, mean: Sequence[float], std: Sequence[float]):
   for what, values in (('mean', mean), ('std', std)):
-    if len(values) != shape[-1]:
+    if values and len(values) != shape[-1]:
       raise ValueError(
         f'config.data_{what} has {len(values)} values but {dataset} images have {shape[-1]} '
         'channels; give one per channel, or () to compute them.'
       )
-  return DatasetInfo(num_classes, shape, tuple(map(float, mean)), tuple(map(float, std)))
 
 
 def _classes_and_shape(dataset: str, data_dir: str, image_size: int) -> tuple[int, tuple]:

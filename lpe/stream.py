@@ -41,6 +41,20 @@ View = Callable[[np.ndarray, np.random.Generator | None], np.ndarray]
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError for what the streaming input needs and cannot do: ImageNet-style
+  augmentation needs it (with an image size), and with `config.input='stream'`, whatever needs
+  the whole split in memory (`check_streamable`)."""
+  if config.augment == 'imagenet':
+    if config.input in ('device', 'host') or not config.image_size:
+      raise ValueError(
+        "config.augment='imagenet' crops each image at its own size, which needs "
+        "config.input='stream' (or 'auto') and config.image_size > 0 (e.g. 224); set them."
+      )
+  if config.input == 'stream':
+    check_streamable(config)
+
+
+def check_streamable(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError for what streaming cannot do: whatever needs the whole split in memory."""
   needs_split = {
     'teacher.cache_outputs=True': config.teacher.cache_outputs

@@ -65,6 +65,18 @@ def check_compatible(
     )
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError for a teacher-output cache that cannot hold: with augmentation the
+  teacher sees new images every step."""
+  caching = config.teacher.cache_outputs and objectives.active(config.distill)
+  if caching and config.augment != 'none':
+    raise ValueError(
+      f'config.teacher.cache_outputs=True needs config.augment=none: with {config.augment!r} '
+      'augmentation the teacher sees new images every step, so its outputs cannot be cached; '
+      'turn one of them off.'
+    )
+
+
 def load(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtype=jnp.float32) -> Teacher:
   """Builds `config.teacher.model` and loads `config.teacher.checkpoint`, checking they fit."""
   path = config.teacher.checkpoint

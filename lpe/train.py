@@ -31,6 +31,7 @@ from lpe import (
   models,
   objectives,
   parallel,
+  preflight,
   report,
   sources,
   state,
@@ -38,7 +39,6 @@ from lpe import (
   stream,
   teacher,
 )
-from lpe import config as config_lib
 from lpe import feed as feed_lib
 from lpe import hooks as hooks_lib
 from lpe import workdir as workdir_lib
@@ -103,7 +103,7 @@ def train_and_evaluate(
   """
   parallel.maybe_initialize_distributed(config)
   # Checked again over the devices `prepare` chooses (a CPU process chooses its count).
-  config_lib.validate(config, parallel.fixed_device_count())
+  preflight.validate(config, parallel.fixed_device_count())
   workdir_lib.check_usable(workdir)
   workdir_lib.check_not_in_use(workdir)
   allowed = dict(
@@ -181,7 +181,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   loaded = teacher.load(config, info, dtype) if distilling or config.teacher.checkpoint else None
   student = _build_student(config, info, dtype)
   place = parallel.Placement(config.parallelism, devices(config, info, student, loaded))
-  config_lib.validate(config, len(place.devices))
+  preflight.validate(config, len(place.devices))
   logging.info(
     'Training on %d of %d %s devices (%s).',
     len(place.devices),
@@ -256,7 +256,7 @@ def devices(
 
   def fits(n: int) -> bool:
     try:
-      config_lib.validate(config, n)
+      preflight.validate(config, n)
     except ValueError:
       return False
     return True
@@ -289,7 +289,7 @@ def _streams(
   size = len(sources.open_split(config.dataset, config.train_split, config.data_dir or None))
   if not stream.streams(config, size, info):
     return None, None
-  stream.check_config(config)  # 'auto' chose to stream: what streaming cannot do stops here.
+  stream.check_streamable(config)  # 'auto' chose to stream: what streaming cannot do stops here.
   return stream.open_streams(config, info, place)
 
 

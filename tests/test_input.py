@@ -11,8 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from lpe import checkpoint, data, feed, teacher, train
-from lpe import config as config_lib
+from lpe import checkpoint, data, feed, preflight, teacher, train
 from tests import faults
 
 
@@ -158,7 +157,7 @@ def test_unknown_input_path_is_refused(small_config):
   with pytest.raises(
     ValueError, match="config.input='gpu' is unknown; use auto, device, host or stream"
   ):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 def test_per_process_data_under_jit_refuses_device_held_data(small_config, monkeypatch):
@@ -170,9 +169,9 @@ def test_per_process_data_under_jit_refuses_device_held_data(small_config, monke
   assert feed.input_path(small_config, split) == 'host'
   small_config.input = 'device'
   with pytest.raises(ValueError, match='config.input=device holds per-process data'):
-    config_lib.validate(small_config, 2)
+    preflight.validate(small_config, 2)
   small_config.parallelism = 'pmap'
-  config_lib.validate(small_config, 2)
+  preflight.validate(small_config, 2)
   assert feed.input_path(small_config, split) == 'device'
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from lpe import checkpoint, config, data, sources, stream, train
+from lpe import checkpoint, data, preflight, sources, stream, train
 from tests import faults
 from tests.conftest import TINY_IMAGES, TINY_TRAIN
 
@@ -130,10 +130,10 @@ def test_what_needs_the_split_in_memory_is_refused_with_streaming(small_config):
     run_config.update_from_flattened_dict({'input': 'stream', field: value})
     run_config.distill.lp_weight = 0.1
     with pytest.raises(ValueError, match=f'config.{field}=.* needs the whole training split'):
-      config.validate(run_config, 1)
+      preflight.validate(run_config, 1)
   small_config.augment = 'imagenet'
   with pytest.raises(ValueError, match="augment='imagenet' .* config.image_size > 0"):
-    config.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 # --- launch.py: ImageNet-like JPEGs, 1 and 2 processes, killed and resumed -----------------------

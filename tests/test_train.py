@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpe import augment, checkpoint, data, experiment, models, state, step, train
-from lpe import config as config_lib
+from lpe import augment, checkpoint, data, experiment, models, preflight, state, step, train
 from tests.conftest import TEST_SIZE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +151,7 @@ def test_bad_config_values_stop_before_work(small_config, tmp_path, field, value
   small_config[field] = value
   devices = 8 if field == 'batch_size' else 1
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(small_config, devices)
+    preflight.validate(small_config, devices)
     state.make_optimizer(small_config, 10)
   assert not os.path.exists(tmp_path / 'run')
 
@@ -160,17 +159,17 @@ def test_bad_config_values_stop_before_work(small_config, tmp_path, field, value
 def test_negative_ce_weight_is_refused(small_config):
   small_config.distill.ce_weight = -0.1
   with pytest.raises(ValueError, match='config.distill.ce_weight must be >= 0, got -0.1'):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
   small_config.distill.ce_weight = 0.0
   with pytest.raises(ValueError, match='ce_weight=0 with no distillation weight leaves no loss'):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 def test_k_not_below_batch_is_a_clear_error(small_config):
   small_config.distill.lp_weight = 0.1
   small_config.distill.k = small_config.batch_size
   with pytest.raises(ValueError, match='smaller than the per-device batch'):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 def test_evaluate_saved_counts_each_test_example_once(small_config, tmp_path):
