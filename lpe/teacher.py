@@ -5,7 +5,6 @@ differentiated, updated or saved with the student.
 """
 
 import dataclasses
-import functools
 import hashlib
 import io
 import os
@@ -19,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lpe import checkpoint, data, files, losses, models, objectives
+from lpe import checkpoint, data, files, losses, objectives
 
 # The largest teacher-output cache `config.teacher.cache_outputs` builds.
 CACHE_MAX_BYTES = 2 * 2**30
@@ -78,22 +77,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def load(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtype=jnp.float32) -> Teacher:
-  """Builds `config.teacher.model` and loads `config.teacher.checkpoint`, checking they fit."""
+  """Loads `config.teacher.checkpoint` (`lpe.checkpoint.load_model`) once it is checked to hold
+  `config.teacher.model` for the dataset's classes, with `dtype` computations, for inputs of
+  `info.image_shape`; refuses non-finite weights."""
   path = config.teacher.checkpoint
   if not path:
     raise ValueError(
       'Distillation is on (a config.distill weight is > 0) but config.teacher.checkpoint is '
       "empty; set it to a teacher run's workdir or its model.msgpack."
     )
-  variables, meta = checkpoint.load_variables(path)
-  check_compatible(meta, config, info.num_classes, where=path)
-  module = models.build(config.teacher.model, info.num_classes, dtype=dtype)
-  expected = jax.eval_shape(
-    functools.partial(module.init, train=False),
-    jax.random.key(0),
-    jnp.zeros((1, *info.image_shape)),
+  check_compatible(checkpoint.read_meta(path), config, info.num_classes, where=path)
+  module, variables, meta = checkpoint.load_model(
+    path, info.image_shape, what='Teacher checkpoint', dtype=dtype
   )
-  checkpoint.check_variables_match(variables, expected, what=f'Teacher checkpoint {path}')
   check_finite(variables, where=path)
   return Teacher(module, jax.tree.map(jnp.asarray, variables), meta, path)
 

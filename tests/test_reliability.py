@@ -398,6 +398,31 @@ def test_evaluate_saved_with_another_architecture_is_a_clear_error(reference, tm
     experiment.evaluate_saved(os.path.join(workdir, 'model.msgpack'))
 
 
+def test_a_wrong_model_file_is_one_sentence_naming_it_and_the_fix(tmp_path):
+  """`checkpoint.load_model`, the one loader of saved models (teachers and evaluation): a
+  model.json that names no model, an unknown one or another architecture stops with one line
+  that names the file."""
+  module = models.build('cnn_student', 10)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  path = str(tmp_path / 'model.msgpack')
+  meta = {'model': 'cnn_student', 'num_classes': 10, 'dataset': 'fashion_mnist'}
+  checkpoint.export_variables(path, variables, meta)
+  loaded, _, read = checkpoint.load_model(path, (28, 28, 1))
+  assert loaded == module and read['model'] == 'cnn_student'
+  meta_path = str(tmp_path / 'model.json')
+  saved = files.read_json(meta_path, fix='')
+  cases = [
+    ({k: v for k, v in saved.items() if k != 'model'}, 'does not say which model'),
+    (dict(saved, model='resnet9000'), "holds a 'resnet9000' model, which is not registered"),
+    (dict(saved, model='cnn_teacher'), 'does not fit .* params/'),
+  ]
+  for edited, message in cases:
+    files.write_json(meta_path, edited)
+    with pytest.raises(ValueError, match=message) as error:
+      experiment.evaluate_saved(path)
+    assert path in str(error.value) and '\n' not in str(error.value)
+
+
 # --- One run per workdir, and the workdir's files ----------------------------------------------
 
 

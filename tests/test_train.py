@@ -182,9 +182,32 @@ def test_evaluate_saved_counts_each_test_example_once(small_config, tmp_path):
   )
   assert from_workdir['num_examples'] == from_file['num_examples'] == TEST_SIZE
   assert from_workdir['accuracy'] == from_file['accuracy'] == result['test_accuracy']
+  assert from_workdir['split'] == from_file['split'] == 'test'
   assert os.path.exists(os.path.join(workdir, 'evaluation.json'))
   with pytest.raises(ValueError, match='no checkpoint at step 999'):
     experiment.evaluate_saved(workdir, step=999)
+
+
+def test_evaluate_saved_takes_the_split_and_batch_from_the_run_or_the_caller(
+  small_config, tmp_path
+):
+  """A workdir is evaluated on its config's test_split with its eval_batch_size; a caller may
+  name another split (a slice included) and batch, for a workdir or a model file alike."""
+  workdir = str(tmp_path / 'run')
+  small_config.num_epochs = 1
+  small_config.steps_per_epoch_limit = 2
+  small_config.test_split = 'test[:70]'
+  train.train_and_evaluate(small_config, workdir)
+  evaluation = experiment.evaluate_saved(workdir)
+  assert (evaluation['split'], evaluation['num_examples']) == ('test[:70]', 70)
+  model_file = os.path.join(workdir, 'model.msgpack')
+  for path in (workdir, model_file):
+    for batch_size in (None, 7):
+      got = experiment.evaluate_saved(
+        path, data_dir=small_config.data_dir, split='train[:96]', batch_size=batch_size
+      )
+      assert (got['split'], got['num_examples']) == ('train[:96]', 96)
+      assert got['accuracy'] == experiment.evaluate_saved(workdir, split='train[:96]')['accuracy']
 
 
 def _launch(args, env_extra=None, **kwargs):
