@@ -153,6 +153,13 @@ def _run_study() -> None:
   study.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
+def _resume() -> str:
+  """The flags' resume policy (`lpe.config.Resume`): --allow_config_change allows any change."""
+  if _ALLOW_CONFIG_CHANGE.value:
+    return 'any'
+  return 'optimizer' if _ALLOW_OPTIMIZER_CHANGE.value else 'same'
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -178,12 +185,7 @@ def main(argv):
     if 'grids' in _CONFIG.value:  # A method study: the studies tool beside the library.
       _run_study()
       return
-    experiment.run(
-      _CONFIG.value,
-      _WORKDIR.value,
-      allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-      allow_optimizer_change=_ALLOW_OPTIMIZER_CHANGE.value,
-    )
+    experiment.run(_CONFIG.value, _WORKDIR.value, resume=_resume())
   except _USER_ERRORS as error:
     logging.info('Stopped:', exc_info=True)
     raise SystemExit(f'Error: {error}') from None

@@ -5,8 +5,8 @@ same types (`check_keys_and_types`), every numeric key has its range in `DOMAINS
 for a number without one) and every string with a fixed set of values its `CHOICES`; `check`
 checks all of that. What needs more than the config (the dataset, the devices, the models) is
 checked by the module that owns it, all called by `lpe.preflight.validate` before any work.
-`RESUME_SAFE_FIELDS` lists the fields a run may change when it resumes from its workdir without
-`--allow_config_change` (`changed_fields`).
+`RESUME_SAFE_FIELDS` lists the fields a run may change when it resumes from its workdir
+(`changed_fields`); a `Resume` policy allows more.
 
 This module is data: it imports only `lpe.methods` (which imports nothing from lpe), and no JAX.
 """
@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import ml_collections
 from ml_collections import config_dict
@@ -284,7 +284,7 @@ CHOICES = {
 # the evaluation batch (masked, every example counted once), the cluster layout and the CPU
 # device count (both change the steps by float32 rounding only), and the remedy
 # for non-finite batches. Everything else (num_epochs included: it sets the learning-rate
-# schedule) needs `--allow_config_change`.
+# schedule) needs `resume='any'` (`--allow_config_change`).
 RESUME_SAFE_FIELDS = (
   'name',
   'data_dir',
@@ -306,10 +306,10 @@ RESUME_SAFE_FIELDS = (
   'distributed.num_processes',
   'distributed.process_id',
 )
-# The optimizer's settings that `--allow_optimizer_change` (`allow_optimizer_change=True`) lets a
-# resumed run change, and no others: the way forward after a divergence is to resume from the
-# last good checkpoint with a lower learning rate. They change the schedule, not the optimizer
-# state's shapes (`optimizer` itself would, so it is not one of them).
+# The optimizer's settings that `resume='optimizer'` (`--allow_optimizer_change`) lets a resumed
+# run change, and no others: the way forward after a divergence is to resume from the last good
+# checkpoint with a lower learning rate. They change the schedule, not the optimizer state's
+# shapes (`optimizer` itself would, so it is not one of them).
 OPTIMIZER_FIELDS = (
   'learning_rate',
   'momentum',
@@ -318,6 +318,11 @@ OPTIMIZER_FIELDS = (
   'lr_decay_epochs',
   'lr_decay_factor',
 )
+# What a run may change when it resumes from a workdir made with another config, besides
+# `RESUME_SAFE_FIELDS`: nothing ('same'), `OPTIMIZER_FIELDS` ('optimizer'; launch.py's
+# --allow_optimizer_change) or any field ('any'; --allow_config_change).
+Resume = Literal['same', 'optimizer', 'any']
+RESUME_POLICIES: tuple[Resume, ...] = ('same', 'optimizer', 'any')
 
 
 def _kind(default: Any) -> str:

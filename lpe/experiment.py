@@ -125,7 +125,7 @@ COMPARISON_KEYS = ('teacher_checkpoint', 'runs')
 
 
 def _comparison_plan(
-  config: ml_collections.ConfigDict, workdir: str, *, allowed: dict[str, bool]
+  config: ml_collections.ConfigDict, workdir: str, *, resume: config_lib.Resume
 ) -> tuple[str, list[tuple[str, ml_collections.ConfigDict]]]:
   """The teacher path and the `(name, run config)` to train, in order, all checked before any work.
 
@@ -159,7 +159,7 @@ def _comparison_plan(
       preflight.validate(run, jax.device_count())
     except ValueError as error:
       raise ValueError(_in_run(str(error), name)) from error
-    workdir_lib.check_config(run, os.path.join(workdir, name), **allowed)
+    workdir_lib.check_config(run, os.path.join(workdir, name), resume=resume)
   if config.teacher_checkpoint:
     meta = checkpoint.load_variables(config.teacher_checkpoint)[1]
   else:
@@ -186,21 +186,17 @@ def compare(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
-  allow_config_change: bool = False,
-  allow_optimizer_change: bool = False,
+  resume: config_lib.Resume = 'same',
 ) -> list[dict[str, Any]]:
   """Trains each run of `config.runs` in `workdir/<name>` and prints a table of the results.
 
   The teacher run is trained first unless `config.teacher_checkpoint` names an exported teacher,
   which is then evaluated instead; every distilling run uses that teacher. Every run is checked
   before the first one trains. Finished runs are skipped and interrupted ones resume, so the same
-  command can be run again after a kill (with `allow_optimizer_change` after a non-finite stop,
+  command can be run again after a kill (with `resume='optimizer'` after a non-finite stop,
   whose message names the run's fields as `config.runs.<name>.*`).
   """
-  allowed = dict(
-    allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
-  )
-  teacher_path, plan = _comparison_plan(config, workdir, allowed=allowed)
+  teacher_path, plan = _comparison_plan(config, workdir, resume=resume)
   rows = []
   if config.teacher_checkpoint:
     teacher_run = config.runs.teacher
@@ -221,7 +217,7 @@ def compare(
     )
   for name, run in plan:
     try:
-      rows.append(train.train_and_evaluate(run, os.path.join(workdir, name), **allowed))
+      rows.append(train.train_and_evaluate(run, os.path.join(workdir, name), resume=resume))
     except train.NonFiniteLossError as error:  # Its advice names this run's fields.
       raise train.NonFiniteLossError(_in_run(str(error), name)) from error
   table = report.results_table(rows)
@@ -236,27 +232,23 @@ def run(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
-  allow_config_change: bool = False,
-  allow_optimizer_change: bool = False,
+  resume: config_lib.Resume = 'same',
 ) -> Any:
   """Runs a config: a comparison when it has `runs`, else one run (a study config, one with
   `grids`, is run by the `studies` tool: `studies.study.run`, as launch.py does).
 
-  `allow_config_change` lets a workdir's run continue with a config that differs from the one it
-  was started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change);
-  `allow_optimizer_change` allows only `lpe.config.OPTIMIZER_FIELDS` to differ (the way to resume
-  after a non-finite stop with a lower learning rate).
+  `resume='any'` lets a workdir's run continue with a config that differs from the one it was
+  started with (see `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change);
+  `resume='optimizer'` allows only `lpe.config.OPTIMIZER_FIELDS` to differ (the way to resume
+  after a non-finite stop with a lower learning rate); `lpe.config.Resume`.
   """
-  allowed = dict(
-    allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
-  )
   if 'grids' in config:
     raise ValueError(
       'This is a study config (it has grids): run it with launch.py or studies.study.run.'
     )
   if 'runs' in config:
-    return compare(config, workdir, **allowed)
-  return train.train_and_evaluate(config, workdir, **allowed)
+    return compare(config, workdir, resume=resume)
+  return train.train_and_evaluate(config, workdir, resume=resume)
 
 
 def evaluate_and_save(
