@@ -277,15 +277,19 @@ def train_batches(
 
 
 def eval_batches(
-  data: Split, *, batch_size: int
+  data: Split, *, batch_size: int, wrap: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Yields `(images, labels, mask)` batches covering every example exactly once.
 
   The last batch is padded to `batch_size` (so it compiles once) and `mask` marks the real rows.
-  A split that is not in memory (`lpe.stream.EvalStream`) gives its own batches, in which only
-  this process's rows are read.
+  The padding is zeros, or with `wrap` the split's first examples (cyclically), so that a pass
+  whose BatchNorm normalises each batch by its own statistics sees only real images. A split
+  that is not in memory (`lpe.stream.EvalStream`) gives its own batches, in which only this
+  process's rows are read.
   """
   if not isinstance(data, Split):
+    if wrap:
+      raise ValueError('Only a split held in memory can wrap its last batch around.')
     yield from data.eval_batches(batch_size)
     return
   for start in range(0, len(data), batch_size):
@@ -295,6 +299,10 @@ def eval_batches(
     pad = batch_size - len(labels)
     if pad:
       mask[len(labels) :] = False
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      if wrap:
+        index = np.arange(start, start + batch_size) % len(data)
+        images, labels = data.images[index], data.labels[index]
+      else:
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
     yield images, labels, mask

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lpe import checkpoint, data, files, losses, objectives
+from lpe import checkpoint, data, evaluate, files, losses, objectives
 
 # The largest teacher-output cache `config.teacher.cache_outputs` builds.
 CACHE_MAX_BYTES = 2 * 2**30
@@ -212,11 +212,9 @@ def _forward_split(teacher, variables, split, info, names, batch_size) -> dict[s
     logits, features = teacher.apply(variables, data.preprocess(images, info), train=False)
     return {n: logits if n == 'logits' else features[n] for n in names}
 
-  chunks = []
-  for images, _, mask in data.eval_batches(split, batch_size=batch_size):
-    outputs = forward(variables, images)
-    chunks.append(jax.tree.map(lambda a, m=mask: np.asarray(a)[m], outputs))
-  return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+  return evaluate.forward_split(
+    lambda images, labels, mask: forward(variables, images), split, batch_size
+  )
 
 
 def _cache_paths(cache_dir, teacher_id, split, names, batch_size) -> dict[str, str]:

@@ -94,12 +94,17 @@ def test_train_batches_are_a_function_of_seed_and_epoch():
 
 
 @pytest.mark.parametrize('n, batch_size', [(100, 32), (96, 32), (5, 8)])
-def test_eval_batches_count_every_example_once(n, batch_size):
-  seen = []
-  for images, labels, mask in data.eval_batches(_split(n), batch_size=batch_size):
+@pytest.mark.parametrize('wrap', [False, True])
+def test_eval_batches_count_every_example_once(n, batch_size, wrap):
+  seen, padding = [], []
+  for images, labels, mask in data.eval_batches(_split(n), batch_size=batch_size, wrap=wrap):
     assert images.shape[0] == labels.shape[0] == mask.shape[0] == batch_size
     seen.extend(labels[mask].tolist())
+    padding.extend(labels[~mask].tolist())
   assert sorted(seen) == list(range(n))
+  pad = -n % batch_size
+  # Zeros, or the split's first examples again, cyclically (5 examples in a batch of 8).
+  assert padding == ([i % n for i in range(pad)] if wrap else [0] * pad)
 
 
 def test_batch_larger_than_dataset_is_a_clear_error():
