@@ -11,7 +11,6 @@ Offline, Fashion-MNIST is prepared from the IDX files of Debian's `dataset-fashi
 
 import dataclasses
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lpe import sources, transforms
+from lpe import files, sources, transforms
 from lpe.sources import (  # noqa: F401  (the names lpe.data has always offered)
   DEBIAN_FASHION_MNIST_DIR,
   DatasetInfo,
@@ -187,10 +186,8 @@ def load_split(
   data = _decode(source, shard_rows(len(source), shard), image_size, f'{name} {split}')
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    # A name of its own: several processes (hosts sharing a data_dir) may write the same cache.
-    tmp = f'{cache}.{uuid.uuid4().hex}.tmp.npz'
-    np.savez(tmp, images=data.images, labels=data.labels)
-    os.replace(tmp, cache)  # Atomic: a killed run never leaves a half-written cache.
+    # Atomic, and safe for several processes (hosts sharing a data_dir) writing the same cache.
+    files.write_atomic(cache, lambda f: np.savez(f, images=data.images, labels=data.labels))
   return data
 
 

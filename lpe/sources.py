@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import re
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from lpe import transforms
+from lpe import files, transforms
 
 FOLDER, NPZ = 'folder:', 'npz:'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -429,8 +428,8 @@ def _folder_index(root: str) -> tuple[tuple[str, ...], dict[str, tuple[list[str]
           'splits the same class folders.'
         )
   splits = {}
-  for split, files in index.items():
-    pairs = [(f, classes.index(c)) for c in sorted(files) for f in files[c]]
+  for split, by_class in index.items():
+    pairs = [(f, classes.index(c)) for c in sorted(by_class) for f in by_class[c]]
     splits[split] = ([f for f, _ in pairs], [label for _, label in pairs])
   return tuple(classes), splits
 
@@ -613,10 +612,7 @@ def _cached_stats(dataset: str, data_dir: str, shape: tuple, split: str) -> tupl
   if cache:
     try:
       os.makedirs(folder, exist_ok=True)
-      tmp = f'{cache}.{uuid.uuid4().hex}.tmp'  # Processes sharing the data may write at once.
-      with open(tmp, 'w') as f:
-        json.dump({'mean': stats[0], 'std': stats[1]}, f)
-      os.replace(tmp, cache)
-    except OSError:  # Read-only data: computed again next time.
+      files.write_atomic(cache, json.dumps({'mean': stats[0], 'std': stats[1]}))
+    except (OSError, files.StorageError):  # Read-only data: computed again next time.
       pass
   return stats

@@ -6,7 +6,6 @@ differentiated, updated or saved with the student.
 
 import dataclasses
 import hashlib
-import io
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -229,9 +228,7 @@ def _cache_paths(cache_dir, teacher_id, split, names, batch_size) -> dict[str, s
 
 def _save_atomically(path: str, array: np.ndarray) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  buffer = io.BytesIO()
-  np.save(buffer, array)
-  files.write_atomic(path, buffer.getvalue())
+  files.write_atomic(path, lambda f: np.save(f, array))
 
 
 def _load_cached(path: str, rows: int) -> np.ndarray | None:

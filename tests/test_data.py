@@ -48,12 +48,14 @@ def test_two_writers_of_the_same_cache_do_not_collide(fashion_data_dir, tmp_path
   inner = []
 
   def replace_after_another_writer(src, dst):
-    if str(src).endswith('.tmp.npz') and not inner:
+    if str(src).endswith('.tmp') and str(dst).endswith('.npz') and not inner:
       inner.append(None)  # Only the first cache write lets another writer in.
       inner[0] = data.load_split('fashion_mnist', 'test', str(data_dir))
     replace(src, dst)
 
-  monkeypatch.setattr(data.os, 'replace', replace_after_another_writer)
+  monkeypatch.setattr(
+    os, 'replace', replace_after_another_writer
+  )  # As files.write_atomic calls it.
   outer = data.load_split('fashion_mnist', 'test', str(data_dir))
   np.testing.assert_array_equal(outer.images, inner[0].images)
   monkeypatch.undo()

@@ -539,6 +539,23 @@ def _fsync_full_for(name: str):
   return fsync_or_full
 
 
+def test_write_atomic_takes_a_writer_and_a_failed_one_keeps_the_old_file(tmp_path):
+  """`files.write_atomic(path, fn)`: `fn` writes to the temporary file (np.save, np.savez,
+  savefig); if it fails, the old file stays and no temporary file is left."""
+  path = str(tmp_path / 'x.npy')
+  files.write_atomic(path, lambda f: np.save(f, np.arange(3)))
+  np.testing.assert_array_equal(np.load(path), np.arange(3))
+
+  def fails(f):
+    f.write(b'half')
+    raise RuntimeError('the writer failed')
+
+  with pytest.raises(RuntimeError, match='the writer failed'):
+    files.write_atomic(path, fails)
+  np.testing.assert_array_equal(np.load(path), np.arange(3))
+  assert os.listdir(tmp_path) == ['x.npy']
+
+
 def test_atomic_export_on_a_full_disk_keeps_the_checkpoints_and_leaves_no_temporary_file(
   reference, tmp_path, monkeypatch
 ):
