@@ -147,10 +147,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     )
 
 
-def process_rows(global_batch: int) -> slice:
-  """The rows of a global batch that this process feeds (its devices' contiguous share)."""
-  per_process = global_batch // jax.process_count()
-  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+def process_rows(global_batch: int, process: tuple[int, int] | None = None) -> slice:
+  """The rows of a global batch that this process feeds (its devices' contiguous share);
+  `process`: `(index, count)` of the process (None: this one)."""
+  index, count = process or (jax.process_index(), jax.process_count())
+  per_process = global_batch // count
+  return slice(index * per_process, (index + 1) * per_process)
 
 
 def global_batch(local: Any, sharding: jax.sharding.NamedSharding) -> Any:

@@ -296,10 +296,8 @@ def _streams(
 
 def _load_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Split]:
   """The training split (this process's share with per-process data) and the test split."""
-  shard = None
-  if feed_lib.per_process_data(config):
-    shard = (jax.process_index(), jax.process_count())
   data_dir, size = config.data_dir or None, config.image_size
+  shard = feed_lib.batch_share(config).shard
   train_split = data.load_split(
     config.dataset, config.train_split, data_dir, shard=shard, image_size=size
   )

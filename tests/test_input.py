@@ -226,3 +226,23 @@ def test_corrupt_teacher_cache_file_is_computed_again_and_rewritten(
   np.testing.assert_array_equal(first[0], again[0])
   np.testing.assert_array_equal(np.load(logits), first[0])  # Rewritten whole.
   assert sorted(os.listdir(tmp_path)) == names
+
+
+def test_the_batch_share_of_each_process_is_computed_once_for_both_inputs(small_config):
+  """`feed.batch_share`: which rows of each global batch a process feeds, and which part of the
+  split it holds, for `Feed` and `StreamFeed` alike."""
+  small_config.batch_size = 64
+  shares = [feed.batch_share(small_config, (i, 2)) for i in range(2)]
+  assert [s.rows for s in shares] == [slice(0, 32), slice(32, 64)]
+  assert all(s.index_batch == 64 and s.shard is None for s in shares)
+  assert feed.batch_share(small_config) == feed.BatchShare(64, slice(0, 64), 0, None)
+  small_config.distributed.per_process_data = True  # Each draws from its own shard.
+  shares = [feed.batch_share(small_config, (i, 2)) for i in range(2)]
+  assert [(s.index_batch, s.rows, s.first_row, s.shard) for s in shares] == [
+    (32, slice(0, 32), 0, (0, 2)),
+    (32, slice(0, 32), 32, (1, 2)),
+  ]
+  small_config.distributed.per_process_data = False
+  small_config.distill.update(lp_weight=1.0, lp_graph='neighbours', neighbour_batches='added')
+  # Neighbours added on top: each feeds its half of the anchors and their neighbours.
+  assert feed.batch_share(small_config, (1, 2)).rows == slice(64, 128)
