@@ -45,6 +45,12 @@ _DATASET = flags.DEFINE_string('dataset', None, 'convert_torch: the dataset it w
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'convert_torch: its classifier outputs.')
 _OUTPUT = flags.DEFINE_string('output', None, 'convert_torch: the .msgpack file to write.')
 _STEP = flags.DEFINE_integer('step', None, 'evaluate: the checkpoint step (default: latest).')
+_SPLIT = flags.DEFINE_string(
+  'split', None, "evaluate: the split or slice (default: the run's test_split, else test)."
+)
+_EVAL_BATCH_SIZE = flags.DEFINE_integer(
+  'eval_batch_size', None, "evaluate: examples per batch (default: the run's eval_batch_size)."
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   'allow_config_change',
   False,
@@ -147,6 +153,13 @@ def _run_study() -> None:
   study.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
+def _resume() -> str:
+  """The flags' resume policy (`lpe.config.Resume`): --allow_config_change allows any change."""
+  if _ALLOW_CONFIG_CHANGE.value:
+    return 'any'
+  return 'optimizer' if _ALLOW_OPTIMIZER_CHANGE.value else 'same'
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -156,7 +169,12 @@ def main(argv):
     sys.unraisablehook = _closed_loop_reported_once(sys.unraisablehook)
   try:
     if _MODE.value == 'evaluate':
-      result = experiment.evaluate_and_save(_CHECKPOINT.value or _WORKDIR.value, step=_STEP.value)
+      result = experiment.evaluate_and_save(
+        _CHECKPOINT.value or _WORKDIR.value,
+        step=_STEP.value,
+        split=_SPLIT.value,
+        batch_size=_EVAL_BATCH_SIZE.value,
+      )
       print(json.dumps(result, indent=2))
       return
     if _MODE.value == 'convert_torch':
@@ -167,12 +185,7 @@ def main(argv):
     if 'grids' in _CONFIG.value:  # A method study: the studies tool beside the library.
       _run_study()
       return
-    experiment.run(
-      _CONFIG.value,
-      _WORKDIR.value,
-      allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-      allow_optimizer_change=_ALLOW_OPTIMIZER_CHANGE.value,
-    )
+    experiment.run(_CONFIG.value, _WORKDIR.value, resume=_resume())
   except _USER_ERRORS as error:
     logging.info('Stopped:', exc_info=True)
     raise SystemExit(f'Error: {error}') from None

@@ -10,7 +10,7 @@ __version__ = '0.1.0'
 
 _SUBMODULES = (
   'augment checkpoint config data diagnostics evaluate experiment feed hooks losses metrics_io '
-  'models objectives parallel report sampling sources state step stream teacher '
+  'models objectives parallel preflight report sampling sources state step stream teacher '
   'torch_convert train transforms workdir'
 ).split()
 

@@ -3,8 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-# Values of `config.augment`.
-AUGMENTATIONS = ('none', 'cifar')
+# The values of `config.augment` drawn here ('imagenet' is drawn by the streaming input).
+from lpe.config import DEVICE_AUGMENTATIONS as AUGMENTATIONS
 
 
 def augment_cifar(rng: jax.Array, images: jax.Array, *, axis_name: str | None = None) -> jax.Array:

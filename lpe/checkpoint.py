@@ -13,19 +13,22 @@ Two kinds of file, one job each:
   teacher is loaded from; the checksum is verified on every load.
 """
 
+import functools
 import hashlib
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
 
-from lpe import files
+from lpe import files, models
 
 EXPORT_NAME = 'model.msgpack'
 CORRUPT_DIR = 'corrupt_checkpoints'
@@ -246,6 +249,16 @@ def resolve_export(path: str) -> str:
   return path
 
 
+def read_meta(path: str) -> dict[str, Any]:
+  """The `model.json` of an exported model (`path`: its `.msgpack` or a workdir that holds one):
+  what the file holds (model, classes, dataset, inputs) without reading the weights."""
+  path = resolve_export(path)
+  meta_path = _meta_path(path)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f'{meta_path} is missing: it records what {path} holds and its hash.')
+  return files.read_json(meta_path, fix=f'export or copy {path} and {meta_path} again')
+
+
 def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """Loads exported variables and their metadata, verifying the SHA-256 recorded beside them.
 
@@ -256,10 +269,8 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     `(variables, meta)`.
   """
   path = resolve_export(path)
+  meta = read_meta(path)
   meta_path = _meta_path(path)
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f'{meta_path} is missing: it records what {path} holds and its hash.')
-  meta = files.read_json(meta_path, fix=f'export or copy {path} and {meta_path} again')
   digest = _sha256(path)
   if digest != meta.get('sha256'):
     raise ValueError(
@@ -277,6 +288,55 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
       'or not a model.msgpack written by lpe; export or copy it again.'
     ) from error
   return variables, meta
+
+
+def load_model(
+  path: str, image_shape: tuple[int, ...], *, what: str = 'Model file', **build_kwargs
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+  """An exported model, ready to run: `(module, variables, meta)`.
+
+  The one way lpe loads a saved model (a teacher, a model to evaluate): the variables and
+  `model.json` (`load_variables`, which verifies the SHA-256), the module that `model.json` names
+  (its `model` and `num_classes`; `build_kwargs` such as `dtype` go to `lpe.models.build`), and
+  a check that the variables have that module's shapes for inputs of `image_shape` `[H, W, C]`.
+
+  Args:
+    path: A `.msgpack` file written by `export_variables`, or a workdir that holds one.
+    image_shape: The inputs the model will be run on.
+    what: How errors name the file (`'<what> <path> does not fit ...'`).
+
+  Raises:
+    FileNotFoundError, ValueError: one sentence naming the file and the fix (missing, corrupt,
+      a `model.json` that names no model or an unknown one, variables of other shapes).
+  """
+  variables, meta = load_variables(path)
+  meta_path = _meta_path(resolve_export(path))
+  missing = [key for key in ('model', 'num_classes') if key not in meta]
+  if missing:
+    raise ValueError(
+      f'{meta_path} does not say which model {path} holds (it has no {" or ".join(missing)}); '
+      'export the model again.'
+    )
+  if meta['model'] not in models.names():
+    raise ValueError(
+      f'{path} holds a {meta["model"]!r} model, which is not registered (the models are '
+      f'{", ".join(models.names())}); register it (lpe.models.register) before loading the file.'
+    )
+  module = models.build(meta['model'], meta['num_classes'], **build_kwargs)
+  expected = jax.eval_shape(
+    functools.partial(module.init, train=False), jax.random.key(0), jnp.zeros((1, *image_shape))
+  )
+  shape = 'x'.join(map(str, image_shape))
+  check_variables_match(
+    variables,
+    expected,
+    what=f'{what} {path}',
+    fix=(
+      f'check that {meta_path} names the model and classes that made the file and that it was '
+      f'trained on {shape} inputs'
+    ),
+  )
+  return module, variables, meta
 
 
 def check_variables_match(

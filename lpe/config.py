@@ -1,22 +1,26 @@
 """The defaults every experiment config starts from (`configs/*.py` override them).
 
 `default_config()` is also the schema: a run config may hold only its keys, with values of the
-same types (`check_keys_and_types`), and every numeric key has its range in `DOMAINS` (a test
-fails for a number without one); `validate` checks the values before any work.
-`RESUME_SAFE_FIELDS` lists the fields a run may change when it resumes from its workdir without
-`--allow_config_change` (`changed_fields`).
+same types (`check_keys_and_types`), every numeric key has its range in `DOMAINS` (a test fails
+for a number without one) and every string with a fixed set of values its `CHOICES`; `check`
+checks all of that. What needs more than the config (the dataset, the devices, the models) is
+checked by the module that owns it, all called by `lpe.preflight.validate` before any work.
+`RESUME_SAFE_FIELDS` lists the fields a run may change when it resumes from its workdir
+(`changed_fields`); a `Resume` policy allows more.
+
+This module is data: it imports only `lpe.methods` (which imports nothing from lpe), and no JAX.
 """
 
 import dataclasses
 import difflib
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import ml_collections
 from ml_collections import config_dict
 
-from lpe import augment, data, feed, methods, models, objectives, stream
+from lpe import methods
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -251,17 +255,23 @@ DOMAINS = {
   ),
   'max_skipped_fraction': Domain(0, 1),
 }
+# The values of the settings that modules implement, named here so that the config stays data;
+# the owners import them.
+CONV_IMPLS = ('xla', 'cpu')  # How the zoo's convs compute (`lpe.models.layers`).
+DEVICE_AUGMENTATIONS = ('none', 'cifar')  # Drawn on the devices inside the step (`lpe.augment`).
+# 'imagenet' (random-resized crop and flip) is drawn by the streaming input's workers.
+AUGMENTATIONS = (*DEVICE_AUGMENTATIONS, 'imagenet')
+INPUTS = ('auto', 'device', 'host', 'stream')  # Where the training split lives (`lpe.feed`).
 LP_GRAPHS = ('batch', 'neighbours', 'bank')
 # The string settings with a fixed set of values (names of models, datasets and features are
-# checked against their registries in `validate`).
+# checked against their registries by `lpe.preflight.validate`).
 CHOICES = {
   'optimizer': ('adam', 'sgd'),
   'lr_schedule': ('constant', 'cosine', 'step'),
   'parallelism': ('jit', 'pmap'),
-  'conv_impl': ('auto', *models.layers.CONV_IMPLS),
-  # 'imagenet' (random-resized crop and flip) is drawn by the streaming input's workers.
-  'augment': (*augment.AUGMENTATIONS, 'imagenet'),
-  'input': feed.INPUTS,
+  'conv_impl': ('auto', *CONV_IMPLS),
+  'augment': AUGMENTATIONS,
+  'input': INPUTS,
   'distill.lp_graph': LP_GRAPHS,
   'distill.student_scale': ('none', 'l2', 'mean'),
   'distill.neighbour_batches': ('within', 'added'),
@@ -274,7 +284,7 @@ CHOICES = {
 # the evaluation batch (masked, every example counted once), the cluster layout and the CPU
 # device count (both change the steps by float32 rounding only), and the remedy
 # for non-finite batches. Everything else (num_epochs included: it sets the learning-rate
-# schedule) needs `--allow_config_change`.
+# schedule) needs `resume='any'` (`--allow_config_change`).
 RESUME_SAFE_FIELDS = (
   'name',
   'data_dir',
@@ -296,10 +306,10 @@ RESUME_SAFE_FIELDS = (
   'distributed.num_processes',
   'distributed.process_id',
 )
-# The optimizer's settings that `--allow_optimizer_change` (`allow_optimizer_change=True`) lets a
-# resumed run change, and no others: the way forward after a divergence is to resume from the
-# last good checkpoint with a lower learning rate. They change the schedule, not the optimizer
-# state's shapes (`optimizer` itself would, so it is not one of them).
+# The optimizer's settings that `resume='optimizer'` (`--allow_optimizer_change`) lets a resumed
+# run change, and no others: the way forward after a divergence is to resume from the last good
+# checkpoint with a lower learning rate. They change the schedule, not the optimizer state's
+# shapes (`optimizer` itself would, so it is not one of them).
 OPTIMIZER_FIELDS = (
   'learning_rate',
   'momentum',
@@ -308,6 +318,11 @@ OPTIMIZER_FIELDS = (
   'lr_decay_epochs',
   'lr_decay_factor',
 )
+# What a run may change when it resumes from a workdir made with another config, besides
+# `RESUME_SAFE_FIELDS`: nothing ('same'), `OPTIMIZER_FIELDS` ('optimizer'; launch.py's
+# --allow_optimizer_change) or any field ('any'; --allow_config_change).
+Resume = Literal['same', 'optimizer', 'any']
+RESUME_POLICIES: tuple[Resume, ...] = ('same', 'optimizer', 'any')
 
 
 def _kind(default: Any) -> str:
@@ -430,114 +445,17 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Stops before any work on config values that cannot run, naming the fix."""
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError for what the config alone shows is wrong: a key `default_config()` lacks,
+  a value of another type, a number outside its `DOMAINS` range or a string not in its `CHOICES`.
+
+  Reads nothing else (`lpe.preflight.validate` adds the checks that need the dataset, devices and
+  models).
+  """
   check_keys_and_types(config)
   check_domains(config)
-  data.info_of(config)
-  if config.model not in models.names():
-    models.build(config.model, 1)  # Raises the error that lists the valid names.
-  for key in ('batch_size', 'eval_batch_size'):
-    if config[key] % num_devices:
-      raise ValueError(
-        f'config.{key}={config[key]} does not divide over {num_devices} devices; use a multiple '
-        f'of {num_devices}.'
-      )
-  _validate_parallelism(config)
-  _validate_distill(config.distill, config.batch_size // num_devices, num_devices)
-  _validate_input(config)
-  _validate_teacher_cache(config)
-
-
-def _validate_input(config: ml_collections.ConfigDict) -> None:
-  if config.augment == 'imagenet':
-    if config.input in ('device', 'host') or not config.image_size:
-      raise ValueError(
-        "config.augment='imagenet' crops each image at its own size, which needs "
-        "config.input='stream' (or 'auto') and config.image_size > 0 (e.g. 224); set them."
-      )
-  if config.input == 'stream':
-    stream.check_config(config)
-  if config.train_subset and feed.per_process_data(config):
-    raise ValueError(
-      'config.train_subset draws one subset of the whole training split, but '
-      'config.distributed.per_process_data=True gives each process only its share; turn one off.'
-    )
 
 
 def _one_of(values) -> str:
   """`'a, b or c'`."""
   return f'{", ".join(values[:-1])} or {values[-1]}'
-
-
-def _validate_parallelism(config: ml_collections.ConfigDict) -> None:
-  if config.parallelism == 'jit' and not config.sync_batch_stats:
-    raise ValueError(
-      'config.sync_batch_stats=False needs config.parallelism=pmap: under sharded jit BatchNorm '
-      'statistics are always over the global batch.'
-    )
-
-
-def _validate_distill(d: ml_collections.ConfigDict, per_device: int, num_devices: int) -> None:
-  if d.ce_weight == 0 and not objectives.active(d):
-    raise ValueError(
-      'config.distill.ce_weight=0 with no distillation weight leaves no loss to train on; set '
-      'ce_weight > 0 or a distill.*_weight.'
-    )
-  if d.lp_weight and not 1 <= d.k < per_device:
-    raise ValueError(
-      f'config.distill.k={d.k} must be at least 1 and smaller than the per-device batch '
-      f'({per_device * num_devices} over {num_devices} devices = {per_device}); lower k or raise '
-      'batch_size.'
-    )
-  _validate_graph(d, per_device * num_devices)
-
-
-def _validate_graph(d: ml_collections.ConfigDict, batch_size: int) -> None:
-  if d.lp_graph == 'batch':
-    return
-  # With neighbours added on top, lp_weight=0 is the sampler's control row.
-  control = d.lp_graph == 'neighbours' and d.neighbour_batches == 'added'
-  if not d.lp_weight and not control:
-    raise ValueError(
-      f'config.distill.lp_graph={d.lp_graph!r} sets how LP sees neighbours, but '
-      'config.distill.lp_weight is 0; set lp_weight > 0 or lp_graph=batch (or, for the '
-      "sampler's control row, lp_graph=neighbours with neighbour_batches=added)."
-    )
-  graph_k = d.graph_k or d.k  # Both >= 1 or 0 (`DOMAINS`).
-  if d.lp_graph == 'neighbours':
-    m = d.graph_neighbours
-    within = d.neighbour_batches == 'within'
-    if not 1 <= m <= graph_k or (within and batch_size % (1 + m)):
-      raise ValueError(
-        f'config.distill.graph_neighbours={m} must be between 1 and the graph k ({graph_k}), and '
-        f'1 + {m} must divide config.batch_size={batch_size} (each anchor comes with {m} '
-        'neighbours); change one of them.'
-      )
-
-
-def _validate_teacher_cache(config: ml_collections.ConfigDict) -> None:
-  caching = config.teacher.cache_outputs and objectives.active(config.distill)
-  if feed.per_process_data(config) and config.distill.lp_graph != 'batch':
-    raise ValueError(
-      f'config.distill.lp_graph={config.distill.lp_graph!r} needs the whole training split on '
-      'every process (the graph and its example ids are global), but '
-      'config.distributed.per_process_data=True gives each process only its share; turn one off.'
-    )
-  if feed.per_process_data(config) and config.parallelism == 'jit':
-    for what, on in (
-      ('input=device', config.input == 'device'),
-      ('teacher.cache_outputs', caching),
-    ):
-      if on:
-        raise ValueError(
-          f'config.{what} holds per-process data on the devices, which sharded jit cannot do '
-          'with config.distributed.per_process_data=True on several processes; use '
-          'parallelism=pmap, or turn one of them off.'
-        )
-  if caching and config.augment != 'none':
-    raise ValueError(
-      f'config.teacher.cache_outputs=True needs config.augment=none: with {config.augment!r} '
-      'augmentation the teacher sees new images every step, so its outputs cannot be cached; '
-      'turn one of them off.'
-    )

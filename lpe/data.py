@@ -11,7 +11,6 @@ Offline, Fashion-MNIST is prepared from the IDX files of Debian's `dataset-fashi
 
 import dataclasses
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lpe import sources, transforms
+from lpe import files, sources, transforms
 from lpe.sources import (  # noqa: F401  (the names lpe.data has always offered)
   DEBIAN_FASHION_MNIST_DIR,
   DatasetInfo,
@@ -69,6 +68,20 @@ def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
     mean=config.get('data_mean', ()),
     std=config.get('data_std', ()),
     train_split=config.get('train_split', 'train'),
+  )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError (or `DatasetUnavailableError`) for a dataset that cannot be read as
+  `config` sets it, from its metadata (`sources.check_info`): the normalisation constants are
+  computed, and cached, when the run loads its data (`info_of`), not by a check."""
+  sources.check_info(
+    config.dataset,
+    config.data_dir or None,
+    image_size=config.image_size,
+    mean=config.data_mean,
+    std=config.data_std,
+    train_split=config.train_split,
   )
 
 
@@ -173,10 +186,8 @@ def load_split(
   data = _decode(source, shard_rows(len(source), shard), image_size, f'{name} {split}')
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    # A name of its own: several processes (hosts sharing a data_dir) may write the same cache.
-    tmp = f'{cache}.{uuid.uuid4().hex}.tmp.npz'
-    np.savez(tmp, images=data.images, labels=data.labels)
-    os.replace(tmp, cache)  # Atomic: a killed run never leaves a half-written cache.
+    # Atomic, and safe for several processes (hosts sharing a data_dir) writing the same cache.
+    files.write_atomic(cache, lambda f: np.savez(f, images=data.images, labels=data.labels))
   return data
 
 
@@ -263,15 +274,19 @@ def train_batches(
 
 
 def eval_batches(
-  data: Split, *, batch_size: int
+  data: Split, *, batch_size: int, wrap: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Yields `(images, labels, mask)` batches covering every example exactly once.
 
   The last batch is padded to `batch_size` (so it compiles once) and `mask` marks the real rows.
-  A split that is not in memory (`lpe.stream.EvalStream`) gives its own batches, in which only
-  this process's rows are read.
+  The padding is zeros, or with `wrap` the split's first examples (cyclically), so that a pass
+  whose BatchNorm normalises each batch by its own statistics sees only real images. A split
+  that is not in memory (`lpe.stream.EvalStream`) gives its own batches, in which only this
+  process's rows are read.
   """
   if not isinstance(data, Split):
+    if wrap:
+      raise ValueError('Only a split held in memory can wrap its last batch around.')
     yield from data.eval_batches(batch_size)
     return
   for start in range(0, len(data), batch_size):
@@ -281,6 +296,10 @@ def eval_batches(
     pad = batch_size - len(labels)
     if pad:
       mask[len(labels) :] = False
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      if wrap:
+        index = np.arange(start, start + batch_size) % len(data)
+        images, labels = data.images[index], data.labels[index]
+      else:
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
     yield images, labels, mask

@@ -1,8 +1,14 @@
 """Evaluation over every example of a split, once each: accuracy, and with a teacher, how much of
-the teacher the student keeps (top-1 agreement, neighbourhood preservation, linear CKA)."""
+the teacher the student keeps (top-1 agreement, neighbourhood preservation, linear CKA).
+
+`forward_batches` is lpe's one pass of a model over a split, in padded batches, every example
+once; `forward_split` collects its outputs on the host. Evaluation, the teacher's output cache
+(`lpe.teacher`) and a memory bank's first fill (`lpe.state.embeddings`) run through them.
+"""
 
 import dataclasses
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -60,29 +66,77 @@ def teacher_step(teacher: nn.Module, variables, images, *, info: data.DatasetInf
   return logits.astype(jnp.float32), features[feature].astype(jnp.float32)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
+def host_rows(x: jax.Array, mask: np.ndarray) -> np.ndarray:
+  """The rows of a batch's output `x` that `mask` marks, on this host (gathered from every
+  process when `x` is sharded over several)."""
+  if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))[mask]
+  return np.asarray(x)[mask]
 
 
 Batch = tuple[Any, Any, Any, np.ndarray]  # images, labels, mask (placed), host mask
 
 
 def placed_batches(
-  split: data.Split, batch_size: int, sharding: jax.sharding.Sharding | None = None
-) -> list[Batch]:
-  """Every padded evaluation batch of `split`, this process's rows placed along `sharding`."""
-  batches = []
-  for images, labels, mask in data.eval_batches(split, batch_size=batch_size):
+  split: data.Split,
+  batch_size: int,
+  sharding: jax.sharding.Sharding | None = None,
+  *,
+  wrap: bool = False,
+) -> Iterator[Batch]:
+  """Every padded evaluation batch of `split` (`data.eval_batches`; `wrap`: padded with its
+  first examples), this process's rows placed along `sharding` (None: left on the host)."""
+  for images, labels, mask in data.eval_batches(split, batch_size=batch_size, wrap=wrap):
     host_mask = mask
     if sharding is not None:
       rows = parallel.process_rows(batch_size)
       images, labels, mask = parallel.global_batch(
         (images[rows], labels[rows], mask[rows]), sharding
       )
-    batches.append((images, labels, mask, host_mask))
-  return batches
+    yield images, labels, mask, host_mask
+
+
+def forward_batches(
+  fn: Callable[[Any, Any, Any], Any],
+  split: data.Split,
+  batch_size: int,
+  *,
+  sharding: jax.sharding.Sharding | None = None,
+  wrap: bool = False,
+) -> Iterator[tuple[Batch, Any]]:
+  """The pass of a model over `split`: each of its evaluation batches (`placed_batches`: every
+  example once, the last batch padded and masked) with `fn(images, labels, mask)` on it."""
+  for batch in placed_batches(split, batch_size, sharding, wrap=wrap):
+    yield batch, fn(*batch[:3])
+
+
+def forward_split(
+  fn: Callable[[Any, Any, Any], Any],
+  split: data.Split,
+  batch_size: int,
+  *,
+  sharding: jax.sharding.Sharding | None = None,
+  wrap: bool = False,
+) -> Any:
+  """`fn`'s outputs for every example of `split`, once each and in order, on the host.
+
+  Args:
+    fn: `fn(images, labels, mask)` on one padded batch of `batch_size` rows (`forward_batches`),
+      e.g. a jitted forward pass; returns a pytree of per-row arrays `[batch_size, ...]`.
+    split: The examples.
+    batch_size: Rows per batch.
+    sharding: Where each batch is placed (this process's rows of it), or None: not placed.
+    wrap: Pad the last batch with the split's first examples rather than zeros (for a pass in
+      which BatchNorm normalises each batch by its own statistics).
+
+  Returns:
+    `fn`'s pytree with each array's real rows concatenated: `[len(split), ...]`.
+  """
+  chunks = [
+    jax.tree.map(lambda x, mask=batch[3]: host_rows(x, mask), outputs)
+    for batch, outputs in forward_batches(fn, split, batch_size, sharding=sharding, wrap=wrap)
+  ]
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
 
 
 def evaluate(
@@ -134,12 +188,15 @@ class Evaluator:
 
   @functools.cached_property
   def _batches(self) -> list[tuple[Batch, Any]]:
-    batches = placed_batches(self.split, self.batch_size, self.sharding)
-    if self.teacher is None:
-      return [(batch, None) for batch in batches]
-    module, variables = self.teacher
-    step = functools.partial(teacher_step, module, info=self.info, feature=self.feature)
-    return [(batch, step(variables, batch[0])) for batch in batches]
+    """The placed batches, each with the teacher's outputs on it (None without a teacher)."""
+    teacher_outputs = lambda images, labels, mask: None
+    if self.teacher is not None:
+      module, variables = self.teacher
+      step = functools.partial(teacher_step, module, info=self.info, feature=self.feature)
+      teacher_outputs = lambda images, labels, mask: step(variables, images)
+    return list(
+      forward_batches(teacher_outputs, self.split, self.batch_size, sharding=self.sharding)
+    )
 
   def __call__(self, variables: dict[str, Any]) -> dict[str, float]:
     sums: dict[str, float] = {}
@@ -158,7 +215,7 @@ class Evaluator:
       )
       for key, value in out.items():
         if key in embeddings:
-          embeddings[key].append(_to_host(value)[host_mask])
+          embeddings[key].append(host_rows(value, host_mask))
         else:
           sums[key] = sums.get(key, 0.0) + float(value)
     return self._result(sums, embeddings)

@@ -12,6 +12,7 @@ for 'neighbours' the batches are anchors with some of their graph neighbours
 (`lpe.sampling.neighbour_aware_index_batches`, a pure function of `(seed, epoch, step)`).
 """
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -21,12 +22,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lpe import data, losses, parallel, sampling
+from lpe import data, losses, objectives, parallel, sampling
 
 # The largest split (images) the device-resident input path takes when `config.input` is 'auto'.
 DEVICE_INPUT_MAX_BYTES = 2 * 2**30
-# Values of `config.input`.
-INPUTS = ('auto', 'device', 'host', 'stream')
 
 StepInputs = tuple[jax.Array, jax.Array, Any, Any]
 
@@ -34,6 +33,74 @@ StepInputs = tuple[jax.Array, jax.Array, Any, Any]
 def per_process_data(config: ml_collections.ConfigDict) -> bool:
   """Whether each process holds only its share of the training split."""
   return config.distributed.per_process_data and jax.process_count() > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShare:
+  """What a process feeds of each step's global batch (`batch_share`).
+
+  Attributes:
+    index_batch: The batch its index batches are drawn for: its share of the global batch when it
+      holds only its share of the data, else the whole global batch (of which it feeds its rows).
+    rows: The rows of each index batch that it feeds.
+    first_row: The global-batch row of `rows.start`.
+    shard: `(index, count)`, the shard of the training split it holds (`data.shard_rows`), or
+      None: it holds the whole split.
+  """
+
+  index_batch: int
+  rows: slice
+  first_row: int
+  shard: tuple[int, int] | None
+
+  @property
+  def per_process(self) -> bool:
+    return self.shard is not None
+
+
+def batch_share(
+  config: ml_collections.ConfigDict, process: tuple[int, int] | None = None
+) -> BatchShare:
+  """This process's share of each step's global batch and of the training split, the same for
+  the in-memory input (`Feed`) and the streamed one (`lpe.stream.StreamFeed`); `process`:
+  `(index, count)` of the process (None: this one)."""
+  index, count = process or (jax.process_index(), jax.process_count())
+  if config.distributed.per_process_data and count > 1:
+    size = config.batch_size // count
+    return BatchShare(size, slice(0, size), index * size, (index, count))
+  rows = parallel.process_rows(step_batch_size(config), (index, count))
+  return BatchShare(config.batch_size, rows, rows.start, None)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError for what per-process data (`config.distributed.per_process_data` on
+  several processes) cannot do: whatever needs the whole training split on every process, or
+  per-process arrays on the devices under sharded jit."""
+  if not per_process_data(config):
+    return
+  if config.train_subset:
+    raise ValueError(
+      'config.train_subset draws one subset of the whole training split, but '
+      'config.distributed.per_process_data=True gives each process only its share; turn one off.'
+    )
+  if config.distill.lp_graph != 'batch':
+    raise ValueError(
+      f'config.distill.lp_graph={config.distill.lp_graph!r} needs the whole training split on '
+      'every process (the graph and its example ids are global), but '
+      'config.distributed.per_process_data=True gives each process only its share; turn one off.'
+    )
+  if config.parallelism == 'jit':
+    caching = config.teacher.cache_outputs and bool(objectives.active(config.distill))
+    for what, on in (
+      ('input=device', config.input == 'device'),
+      ('teacher.cache_outputs', caching),
+    ):
+      if on:
+        raise ValueError(
+          f'config.{what} holds per-process data on the devices, which sharded jit cannot do '
+          'with config.distributed.per_process_data=True on several processes; use '
+          'parallelism=pmap, or turn one of them off.'
+        )
 
 
 def input_path(config: ml_collections.ConfigDict, split: data.Split) -> str:
@@ -78,14 +145,9 @@ class Feed:
     self._graph = graph
     self._neighbours = config.distill.lp_graph == 'neighbours' and config.distill.graph_neighbours
     self._layout = config.distill.neighbour_batches
-    per_process = per_process_data(config)
-    # The batch this process draws its index batches for: its share of the global batch when it
-    # holds only its share of the data, else the whole global batch (of which it feeds its rows).
-    self._index_batch = (
-      config.batch_size // jax.process_count() if per_process else config.batch_size
-    )
-    self._rows = slice(None) if per_process else parallel.process_rows(step_batch_size(config))
-    self.steps_per_epoch = steps_in_epoch(config, len(split), self._index_batch, per_process)
+    share = batch_share(config)
+    self._index_batch, self._rows = share.index_batch, share.rows
+    self.steps_per_epoch = steps_in_epoch(config, len(split), share)
     resident = {}
     if input_path(config, split) == 'device':
       resident.update(images=split.images, labels=split.labels)
@@ -139,13 +201,11 @@ def step_batch_size(config: ml_collections.ConfigDict) -> int:
   return config.batch_size
 
 
-def steps_in_epoch(
-  config: ml_collections.ConfigDict, num_examples: int, index_batch: int, per_process: bool
-) -> int:
+def steps_in_epoch(config: ml_collections.ConfigDict, num_examples: int, share: BatchShare) -> int:
   """Steps in an epoch of `num_examples` (this process's share with per-process data) drawn in
-  index batches of `index_batch`, capped by `config.steps_per_epoch_limit`."""
-  steps = data.steps_per_epoch(num_examples, index_batch)
-  if per_process:  # Shares differ by at most one example: every process takes the fewest steps.
+  index batches of `share.index_batch`, capped by `config.steps_per_epoch_limit`."""
+  steps = data.steps_per_epoch(num_examples, share.index_batch)
+  if share.per_process:  # Shares differ by at most one example: every process takes the fewest.
     steps = int(np.min(multihost_utils.process_allgather(np.int32(steps))))
   if config.steps_per_epoch_limit:
     steps = min(steps, config.steps_per_epoch_limit)

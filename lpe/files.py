@@ -1,11 +1,12 @@
 """A run's files on disk: atomic writes, readable-or-named reads, and filesystem faults in one line.
 
 Every file lpe writes whole (`config.json`, `result.json`, `model.msgpack` and `model.json`,
-`evaluation.json`, a comparison's `summary.md`) goes through `write_atomic`: the bytes go to a
-temporary file beside the target, are flushed to the disk (fsync), and the temporary file is
-renamed over the target. A kill, a crash or a full disk therefore leaves the old file or the new
-one, never a torn one; a failed write removes its temporary file. `metrics.jsonl`, the one file
-that is appended to, has its own repair (`lpe.metrics_io`).
+`evaluation.json`, a comparison's `summary.md`, the caches of decoded splits, normalisation
+constants and teacher outputs, a study's pages and plots) goes through `write_atomic`: the bytes
+go to a temporary file beside the target, are flushed to the disk (fsync), and the temporary file
+is renamed over the target. A kill, a crash or a full disk therefore leaves the old file or the
+new one, never a torn one; a failed write removes its temporary file. `metrics.jsonl`, the one
+file that is appended to, has its own repair (`lpe.metrics_io`).
 
 A full disk, an exceeded quota, a read-only filesystem or a denied permission is a
 `StorageError`: one sentence that names the file, what was kept and what to do.
@@ -16,7 +17,8 @@ import json
 import os
 import re
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 # Faults of the filesystem rather than of lpe: what each means, and what to do about it.
 _FAULTS = {
@@ -49,8 +51,11 @@ def fault_message(code: int, path: str, kept: str) -> str:
   )
 
 
-def write_atomic(path: str, content: bytes | str) -> None:
+def write_atomic(path: str, content: bytes | str | Callable[[BinaryIO], None]) -> None:
   """Replaces `path` with `content` atomically: the old file or the new one, never a torn one.
+
+  `content` is the bytes or text, or a function that writes them to the binary file it is given
+  (for a large file better not held in memory twice, e.g. `lambda f: np.savez(f, x=x)`).
 
   Example: `write_atomic('runs/lp/result.json', json.dumps(result))`.
 
@@ -64,7 +69,10 @@ def write_atomic(path: str, content: bytes | str) -> None:
   try:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     with os.fdopen(fd, 'wb') as f:
-      f.write(data)
+      if callable(data):
+        data(f)
+      else:
+        f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -132,7 +132,7 @@ class StepMetrics:
     return (
       f'to {where} with a lower learning rate, run the same command with '
       f'--allow_optimizer_change --config.learning_rate={self._learning_rate / 10:.3g} '
-      '(allow_optimizer_change=True in Python)'
+      "(resume='optimizer' in Python)"
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from lpe import losses
 from lpe.methods import LABELS, METHODS
@@ -36,6 +37,48 @@ __all__ = ['LABELS', 'METHODS']
 def active(distill: Mapping[str, Any]) -> tuple[str, ...]:
   """The methods whose weight is non-zero, in `METHODS` order."""
   return tuple(m for m in METHODS if distill.get(f'{m}_weight', 0.0))
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises a ValueError for an objective that cannot train on `num_devices` devices: no loss at
+  all, LP's k not below the per-device batch, or LP's whole-split graph set up wrongly."""
+  d = config.distill
+  per_device = config.batch_size // num_devices
+  if d.ce_weight == 0 and not active(d):
+    raise ValueError(
+      'config.distill.ce_weight=0 with no distillation weight leaves no loss to train on; set '
+      'ce_weight > 0 or a distill.*_weight.'
+    )
+  if d.lp_weight and not 1 <= d.k < per_device:
+    raise ValueError(
+      f'config.distill.k={d.k} must be at least 1 and smaller than the per-device batch '
+      f'({per_device * num_devices} over {num_devices} devices = {per_device}); lower k or raise '
+      'batch_size.'
+    )
+  _check_graph(d, per_device * num_devices)
+
+
+def _check_graph(d: ml_collections.ConfigDict, batch_size: int) -> None:
+  if d.lp_graph == 'batch':
+    return
+  # With neighbours added on top, lp_weight=0 is the sampler's control row.
+  control = d.lp_graph == 'neighbours' and d.neighbour_batches == 'added'
+  if not d.lp_weight and not control:
+    raise ValueError(
+      f'config.distill.lp_graph={d.lp_graph!r} sets how LP sees neighbours, but '
+      'config.distill.lp_weight is 0; set lp_weight > 0 or lp_graph=batch (or, for the '
+      "sampler's control row, lp_graph=neighbours with neighbour_batches=added)."
+    )
+  graph_k = d.graph_k or d.k  # Both >= 1 or 0 (`lpe.config.DOMAINS`).
+  if d.lp_graph == 'neighbours':
+    m = d.graph_neighbours
+    within = d.neighbour_batches == 'within'
+    if not 1 <= m <= graph_k or (within and batch_size % (1 + m)):
+      raise ValueError(
+        f'config.distill.graph_neighbours={m} must be between 1 and the graph k ({graph_k}), and '
+        f'1 + {m} must divide config.batch_size={batch_size} (each anchor comes with {m} '
+        'neighbours); change one of them.'
+      )
 
 
 def needs_teacher(distill: Mapping[str, Any]) -> bool:

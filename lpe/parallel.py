@@ -131,10 +131,28 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 
 
-def process_rows(global_batch: int) -> slice:
-  """The rows of a global batch that this process feeds (its devices' contiguous share)."""
-  per_process = global_batch // jax.process_count()
-  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises a ValueError for batches that do not divide over `num_devices` devices, or BatchNorm
+  statistics per device under sharded jit (which has only the global batch's)."""
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % num_devices:
+      raise ValueError(
+        f'config.{key}={config[key]} does not divide over {num_devices} devices; use a multiple '
+        f'of {num_devices}.'
+      )
+  if config.parallelism == 'jit' and not config.sync_batch_stats:
+    raise ValueError(
+      'config.sync_batch_stats=False needs config.parallelism=pmap: under sharded jit BatchNorm '
+      'statistics are always over the global batch.'
+    )
+
+
+def process_rows(global_batch: int, process: tuple[int, int] | None = None) -> slice:
+  """The rows of a global batch that this process feeds (its devices' contiguous share);
+  `process`: `(index, count)` of the process (None: this one)."""
+  index, count = process or (jax.process_index(), jax.process_count())
+  per_process = global_batch // count
+  return slice(index * per_process, (index + 1) * per_process)
 
 
 def global_batch(local: Any, sharding: jax.sharding.NamedSharding) -> Any:

@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import re
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from lpe import transforms
+from lpe import files, transforms
 
 FOLDER, NPZ = 'folder:', 'npz:'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -190,13 +189,36 @@ def read_info(
     else:
       stats = _cached_stats(dataset, data_dir or default_data_dir(), shape, train_split)
       mean, std = mean or stats[0], std or stats[1]
+  _check_channels(dataset, shape, mean, std)
+  return DatasetInfo(num_classes, shape, tuple(map(float, mean)), tuple(map(float, std)))
+
+
+def check_info(
+  dataset: str,
+  data_dir: str | None = None,
+  *,
+  image_size: int = 0,
+  mean: Sequence[float] = (),
+  std: Sequence[float] = (),
+  train_split: str = 'train',
+) -> None:
+  """Raises what `read_info` would for these arguments, without computing the normalisation
+  constants: reads the dataset's classes and image shape, checks the given constants' channels
+  and, where constants would be computed from `train_split`, that the split opens (a check before
+  any work, which writes no cache)."""
+  shape = _classes_and_shape(dataset, data_dir or default_data_dir(), image_size)[1]
+  _check_channels(dataset, shape, mean, std)
+  if (not mean or not std) and (image_size or dataset not in KNOWN):
+    open_split(dataset, train_split, data_dir)
+
+
+def _check_channels(dataset: str, shape: tuple, mean: Sequence[float], std: Sequence[float]):
   for what, values in (('mean', mean), ('std', std)):
-    if len(values) != shape[-1]:
+    if values and len(values) != shape[-1]:
       raise ValueError(
         f'config.data_{what} has {len(values)} values but {dataset} images have {shape[-1]} '
         'channels; give one per channel, or () to compute them.'
       )
-  return DatasetInfo(num_classes, shape, tuple(map(float, mean)), tuple(map(float, std)))
 
 
 def _classes_and_shape(dataset: str, data_dir: str, image_size: int) -> tuple[int, tuple]:
@@ -406,8 +428,8 @@ def _folder_index(root: str) -> tuple[tuple[str, ...], dict[str, tuple[list[str]
           'splits the same class folders.'
         )
   splits = {}
-  for split, files in index.items():
-    pairs = [(f, classes.index(c)) for c in sorted(files) for f in files[c]]
+  for split, by_class in index.items():
+    pairs = [(f, classes.index(c)) for c in sorted(by_class) for f in by_class[c]]
     splits[split] = ([f for f, _ in pairs], [label for _, label in pairs])
   return tuple(classes), splits
 
@@ -590,10 +612,7 @@ def _cached_stats(dataset: str, data_dir: str, shape: tuple, split: str) -> tupl
   if cache:
     try:
       os.makedirs(folder, exist_ok=True)
-      tmp = f'{cache}.{uuid.uuid4().hex}.tmp'  # Processes sharing the data may write at once.
-      with open(tmp, 'w') as f:
-        json.dump({'mean': stats[0], 'std': stats[1]}, f)
-      os.replace(tmp, cache)
-    except OSError:  # Read-only data: computed again next time.
+      files.write_atomic(cache, json.dumps({'mean': stats[0], 'std': stats[1]}))
+    except (OSError, files.StorageError):  # Read-only data: computed again next time.
       pass
   return stats

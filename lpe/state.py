@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from lpe import data, models, objectives, teacher
+from lpe import data, evaluate, models, objectives, teacher
 
 
 class TrainState(train_state.TrainState):
@@ -129,7 +129,7 @@ def embeddings(
   `batch_size` by its own statistics, as the training step does (the running statistics are
   neither used nor changed); the last batch is completed with the split's first examples, whose
   rows are dropped, so every batch has `batch_size` rows. Models without BatchNorm give the same
-  values either way.
+  values either way. One pass over the split (`lpe.evaluate.forward_split`).
   """
   train = batch_statistics and bool(variables.get('batch_stats'))
 
@@ -142,18 +142,9 @@ def embeddings(
       _, features = model.apply(variables, x, train=False)
     return features[feature].astype(jnp.float32)
 
-  if not train:
-    chunks = [
-      np.asarray(forward(variables, images))[mask]
-      for images, _, mask in data.eval_batches(split, batch_size=batch_size)
-    ]
-    return np.concatenate(chunks)
-  n = len(split)
-  chunks = []
-  for start in range(0, n, batch_size):
-    index = np.arange(start, start + batch_size) % n
-    chunks.append(np.asarray(forward(variables, split.images[index]))[: n - start])
-  return np.concatenate(chunks)
+  return evaluate.forward_split(
+    lambda images, labels, mask: forward(variables, images), split, batch_size, wrap=train
+  )
 
 
 def variables_of(state: TrainState) -> dict[str, Any]:

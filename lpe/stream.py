@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
@@ -41,6 +40,20 @@ View = Callable[[np.ndarray, np.random.Generator | None], np.ndarray]
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError for what the streaming input needs and cannot do: ImageNet-style
+  augmentation needs it (with an image size), and with `config.input='stream'`, whatever needs
+  the whole split in memory (`check_streamable`)."""
+  if config.augment == 'imagenet':
+    if config.input in ('device', 'host') or not config.image_size:
+      raise ValueError(
+        "config.augment='imagenet' crops each image at its own size, which needs "
+        "config.input='stream' (or 'auto') and config.image_size > 0 (e.g. 224); set them."
+      )
+  if config.input == 'stream':
+    check_streamable(config)
+
+
+def check_streamable(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError for what streaming cannot do: whatever needs the whole split in memory."""
   needs_split = {
     'teacher.cache_outputs=True': config.teacher.cache_outputs
@@ -173,19 +186,16 @@ class StreamFeed:
     place: parallel.Placement,
   ):
     """Streams `source` (the whole training split) for `config`'s steps, placed by `place`."""
-    per_process = feed_lib.per_process_data(config)
-    count, index = jax.process_count(), jax.process_index()
-    shard = data.shard_rows(len(source), (index, count) if per_process else None)
-    index_batch = config.batch_size // count if per_process else config.batch_size
-    rows = slice(0, index_batch) if per_process else parallel.process_rows(config.batch_size)
-    self.steps_per_epoch = feed_lib.steps_in_epoch(config, len(shard), index_batch, per_process)
+    share = feed_lib.batch_share(config)
+    shard = data.shard_rows(len(source), share.shard)
+    self.steps_per_epoch = feed_lib.steps_in_epoch(config, len(shard), share)
     self.batches = StepBatches(
       source,
       seed=config.seed,
       steps_per_epoch=self.steps_per_epoch,
-      index_batch=index_batch,
-      rows=rows,
-      first_row=index * index_batch if per_process else rows.start,
+      index_batch=share.index_batch,
+      rows=share.rows,
+      first_row=share.first_row,
       shard=shard,
       augment=config.augment,
       shape=info.image_shape,

@@ -5,9 +5,7 @@ differentiated, updated or saved with the student.
 """
 
 import dataclasses
-import functools
 import hashlib
-import io
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lpe import checkpoint, data, files, losses, models, objectives
+from lpe import checkpoint, data, evaluate, files, losses, objectives
 
 # The largest teacher-output cache `config.teacher.cache_outputs` builds.
 CACHE_MAX_BYTES = 2 * 2**30
@@ -65,23 +63,32 @@ def check_compatible(
     )
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError for a teacher-output cache that cannot hold: with augmentation the
+  teacher sees new images every step."""
+  caching = config.teacher.cache_outputs and objectives.active(config.distill)
+  if caching and config.augment != 'none':
+    raise ValueError(
+      f'config.teacher.cache_outputs=True needs config.augment=none: with {config.augment!r} '
+      'augmentation the teacher sees new images every step, so its outputs cannot be cached; '
+      'turn one of them off.'
+    )
+
+
 def load(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtype=jnp.float32) -> Teacher:
-  """Builds `config.teacher.model` and loads `config.teacher.checkpoint`, checking they fit."""
+  """Loads `config.teacher.checkpoint` (`lpe.checkpoint.load_model`) once it is checked to hold
+  `config.teacher.model` for the dataset's classes, with `dtype` computations, for inputs of
+  `info.image_shape`; refuses non-finite weights."""
   path = config.teacher.checkpoint
   if not path:
     raise ValueError(
       'Distillation is on (a config.distill weight is > 0) but config.teacher.checkpoint is '
       "empty; set it to a teacher run's workdir or its model.msgpack."
     )
-  variables, meta = checkpoint.load_variables(path)
-  check_compatible(meta, config, info.num_classes, where=path)
-  module = models.build(config.teacher.model, info.num_classes, dtype=dtype)
-  expected = jax.eval_shape(
-    functools.partial(module.init, train=False),
-    jax.random.key(0),
-    jnp.zeros((1, *info.image_shape)),
+  check_compatible(checkpoint.read_meta(path), config, info.num_classes, where=path)
+  module, variables, meta = checkpoint.load_model(
+    path, info.image_shape, what='Teacher checkpoint', dtype=dtype
   )
-  checkpoint.check_variables_match(variables, expected, what=f'Teacher checkpoint {path}')
   check_finite(variables, where=path)
   return Teacher(module, jax.tree.map(jnp.asarray, variables), meta, path)
 
@@ -204,11 +211,9 @@ def _forward_split(teacher, variables, split, info, names, batch_size) -> dict[s
     logits, features = teacher.apply(variables, data.preprocess(images, info), train=False)
     return {n: logits if n == 'logits' else features[n] for n in names}
 
-  chunks = []
-  for images, _, mask in data.eval_batches(split, batch_size=batch_size):
-    outputs = forward(variables, images)
-    chunks.append(jax.tree.map(lambda a, m=mask: np.asarray(a)[m], outputs))
-  return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+  return evaluate.forward_split(
+    lambda images, labels, mask: forward(variables, images), split, batch_size
+  )
 
 
 def _cache_paths(cache_dir, teacher_id, split, names, batch_size) -> dict[str, str]:
@@ -223,9 +228,7 @@ def _cache_paths(cache_dir, teacher_id, split, names, batch_size) -> dict[str, s
 
 def _save_atomically(path: str, array: np.ndarray) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  buffer = io.BytesIO()
-  np.save(buffer, array)
-  files.write_atomic(path, buffer.getvalue())
+  files.write_atomic(path, lambda f: np.save(f, array))
 
 
 def _load_cached(path: str, rows: int) -> np.ndarray | None:

@@ -31,6 +31,7 @@ from lpe import (
   models,
   objectives,
   parallel,
+  preflight,
   report,
   sources,
   state,
@@ -73,8 +74,7 @@ def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
-  allow_config_change: bool = False,
-  allow_optimizer_change: bool = False,
+  resume: config_lib.Resume = 'same',
   hooks: Sequence[StepHook] = (),
 ) -> dict[str, Any]:
   """Trains `config.model` on `config.dataset`, resuming from `workdir`, and evaluates it.
@@ -85,8 +85,8 @@ def train_and_evaluate(
   resumes from the latest good checkpoint; a finished run returns its saved result. The config
   and the workdir are checked (and the teacher and data loaded) before anything is written; one
   run at a time holds the workdir (`lpe.workdir.lock`). A workdir that holds a run made with
-  another config is refused unless `allow_config_change`, or `allow_optimizer_change` when only
-  the optimizer's settings changed (`lpe.config.OPTIMIZER_FIELDS`; see
+  another config is refused unless `resume='any'`, or `resume='optimizer'` when only the
+  optimizer's settings changed (`lpe.config.OPTIMIZER_FIELDS`; see
   `lpe.config.RESUME_SAFE_FIELDS` for the fields that may always change).
 
   `hooks` are actions of your own, run after every step besides the built-in ones (checking
@@ -103,19 +103,16 @@ def train_and_evaluate(
   """
   parallel.maybe_initialize_distributed(config)
   # Checked again over the devices `prepare` chooses (a CPU process chooses its count).
-  config_lib.validate(config, parallel.fixed_device_count())
+  preflight.validate(config, parallel.fixed_device_count())
   workdir_lib.check_usable(workdir)
   workdir_lib.check_not_in_use(workdir)
-  allowed = dict(
-    allow_config_change=allow_config_change, allow_optimizer_change=allow_optimizer_change
-  )
-  finished, changes = _finished_or_changes(config, workdir, allowed, say=True)
+  finished, changes = _finished_or_changes(config, workdir, resume, say=True)
   if finished is not None:
     return finished
   run = prepare(config, workdir)
   with workdir_lib.lock(workdir), workdir_lib.storage_faults(workdir):
     # Checked again under the lock: another run may have written the workdir meanwhile.
-    finished, changes = _finished_or_changes(config, workdir, allowed)
+    finished, changes = _finished_or_changes(config, workdir, resume)
     if finished is not None:
       return finished
     manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints)
@@ -131,7 +128,11 @@ def train_and_evaluate(
 
 
 def _finished_or_changes(
-  config: ml_collections.ConfigDict, workdir: str, allowed: dict[str, bool], *, say: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  resume: config_lib.Resume,
+  *,
+  say: bool = False,
 ) -> tuple[dict[str, Any] | None, list[str]]:
   """The saved result when the run in `workdir` is finished, and the allowed config changes.
 
@@ -139,7 +140,7 @@ def _finished_or_changes(
   applied (only a larger num_epochs trains more). `say`: print the warnings of an unreadable
   result.json (once per run).
   """
-  changes = workdir_lib.check_config(config, workdir, **allowed)
+  changes = workdir_lib.check_config(config, workdir, resume=resume)
   reporter = _reporter(config, workdir)
   warn = reporter.warning if say else None
   finished = workdir_lib.finished_result(workdir, config, warn=warn)
@@ -181,7 +182,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   loaded = teacher.load(config, info, dtype) if distilling or config.teacher.checkpoint else None
   student = _build_student(config, info, dtype)
   place = parallel.Placement(config.parallelism, devices(config, info, student, loaded))
-  config_lib.validate(config, len(place.devices))
+  preflight.validate(config, len(place.devices))
   logging.info(
     'Training on %d of %d %s devices (%s).',
     len(place.devices),
@@ -256,7 +257,7 @@ def devices(
 
   def fits(n: int) -> bool:
     try:
-      config_lib.validate(config, n)
+      preflight.validate(config, n)
     except ValueError:
       return False
     return True
@@ -289,16 +290,14 @@ def _streams(
   size = len(sources.open_split(config.dataset, config.train_split, config.data_dir or None))
   if not stream.streams(config, size, info):
     return None, None
-  stream.check_config(config)  # 'auto' chose to stream: what streaming cannot do stops here.
+  stream.check_streamable(config)  # 'auto' chose to stream: what streaming cannot do stops here.
   return stream.open_streams(config, info, place)
 
 
 def _load_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Split]:
   """The training split (this process's share with per-process data) and the test split."""
-  shard = None
-  if feed_lib.per_process_data(config):
-    shard = (jax.process_index(), jax.process_count())
   data_dir, size = config.data_dir or None, config.image_size
+  shard = feed_lib.batch_share(config).shard
   train_split = data.load_split(
     config.dataset, config.train_split, data_dir, shard=shard, image_size=size
   )

@@ -47,19 +47,21 @@ def check_config(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
-  allow_config_change: bool = False,
-  allow_optimizer_change: bool = False,
+  resume: config_lib.Resume = 'same',
 ) -> list[str]:
   """Refuses to continue the run in `workdir` with a config that differs from its config.json.
 
   Fields in `lpe.config.RESUME_SAFE_FIELDS` may change freely, those in
-  `lpe.config.OPTIMIZER_FIELDS` with `allow_optimizer_change` (the way forward after a
-  divergence: resume from the last good checkpoint with a lower learning rate), and any field
-  with `allow_config_change`. Reads files only.
+  `lpe.config.OPTIMIZER_FIELDS` with `resume='optimizer'` (the way forward after a divergence:
+  resume from the last good checkpoint with a lower learning rate), and any field with
+  `resume='any'`. Reads files only.
 
   Returns:
     The changed fields (`'field: old -> new'`) that were allowed.
   """
+  if resume not in config_lib.RESUME_POLICIES:
+    policies = ', '.join(map(repr, config_lib.RESUME_POLICIES))
+    raise ValueError(f'resume={resume!r} is unknown; use one of {policies}.')
   path = os.path.join(workdir, CONFIG_NAME)
   if not os.path.exists(path):
     return []
@@ -69,15 +71,16 @@ def check_config(
   )
   changes = config_lib.changed_fields(saved, json.loads(config.to_json_best_effort()))
   optimizer = [c for c in changes if c.split(':')[0] in config_lib.OPTIMIZER_FIELDS]
-  refused = [] if allow_config_change else changes
-  if allow_optimizer_change:
-    refused = [c for c in refused if c not in optimizer]
-  if refused:
-    shown = '; '.join(refused[:3]) + (f'; and {len(refused) - 3} more' if len(refused) > 3 else '')
-    option = 'allow_optimizer_change' if set(refused) <= set(optimizer) else 'allow_config_change'
+  refused = {'same': changes, 'optimizer': [c for c in changes if c not in optimizer], 'any': []}
+  if refused[resume]:
+    shown = '; '.join(refused[resume][:3])
+    if len(refused[resume]) > 3:
+      shown += f'; and {len(refused[resume]) - 3} more'
+    needed = 'optimizer' if not refused['optimizer'] else 'any'
+    option = {'optimizer': 'allow_optimizer_change', 'any': 'allow_config_change'}[needed]
     raise ValueError(
       f'{workdir} holds a run made with another config ({shown}); use another --workdir, or '
-      f'pass --{option} ({option}=True) to continue it with this config.'
+      f"pass --{option} (resume='{needed}' in Python) to continue it with this config."
     )
   return changes
 

@@ -183,8 +183,7 @@ def _plot_gain_vs_size(summaries, path: str) -> None:
   ax.set_ylabel('gain over the student alone (pp, 95% CI)')
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _plot_paired(rows, path: str) -> None:
@@ -205,8 +204,7 @@ def _plot_paired(rows, path: str) -> None:
   ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=30, ha='right')
   ax.set_ylabel('minus the student alone,\nsame seed (pp, last epoch)')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _plot_curves(curves: dict[str, list[list[float]]], path: str, ylabel: str) -> None:
@@ -220,7 +218,14 @@ def _plot_curves(curves: dict[str, list[list[float]]], path: str, ylabel: str) -
   ax.set_ylabel(ylabel)
   ax.legend(ncol=2, fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+  """Writes `fig` as a PNG file atomically (`lpe.files.write_atomic`) and closes it."""
+  import matplotlib.pyplot as plt
+
+  files.write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=110))
   plt.close(fig)
 
 

@@ -143,7 +143,8 @@ class Study:
   """One study's runs in `workdir`, recorded in `config.ledger`."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool):
-    self.config, self.workdir, self.allow = config, workdir, allow_config_change
+    self.config, self.workdir = config, workdir
+    self.resume = 'any' if allow_config_change else 'same'  # `lpe.config.Resume`.
     self.ledger = _read_ledger(config.ledger)
     # Runs of earlier studies (read only): a run with the same id and config digest is taken
     # from them instead of being trained again.
@@ -189,7 +190,7 @@ class Study:
     start = time.time()
     diverged = None
     try:
-      result = train.train_and_evaluate(config, workdir, allow_config_change=self.allow)
+      result = train.train_and_evaluate(config, workdir, resume=self.resume)
     except train.NonFiniteLossError as error:
       # A result of the study, not a crash of it: the point scores below every other, and
       # a final row says how many seeds diverged.

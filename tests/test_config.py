@@ -1,12 +1,18 @@
 """lpe.config: every numeric setting has a domain, every bad value is refused, NaN included."""
 
+import ast
 import math
+import os
 import re
+import subprocess
+import sys
 
 import ml_collections
 import pytest
 
 from lpe import config as config_lib
+from lpe import data, preflight
+from tests.conftest import write_image_folder
 
 
 def _numeric_settings(
@@ -60,7 +66,7 @@ def test_nan_and_out_of_range_values_of_every_numeric_setting_are_refused(key):
     group, _, name = key.rpartition('.')
     (values[group] if group else values)[name] = (bad,) if is_tuple else bad
     with pytest.raises(ValueError, match=re.escape(f'config.{key}')):
-      config_lib.validate(ml_collections.ConfigDict(values), 1)
+      config_lib.check(ml_collections.ConfigDict(values))
 
 
 @pytest.mark.parametrize(
@@ -78,7 +84,7 @@ def test_nan_and_bad_values_from_the_issue_are_refused_with_their_fix(key, value
   config = config_lib.default_config()
   config[key] = value
   with pytest.raises(ValueError, match=re.escape(message)):
-    config_lib.validate(config, 1)
+    config_lib.check(config)
 
 
 def test_nan_in_a_saved_config_is_not_a_change_on_resume():
@@ -87,3 +93,61 @@ def test_nan_in_a_saved_config_is_not_a_change_on_resume():
   assert config_lib.changed_fields(saved, dict(saved)) == []
   changed = config_lib.changed_fields(saved, dict(saved, learning_rate=1e-3))
   assert changed == ['learning_rate: nan -> 0.001']
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _lpe_imports(path: str) -> set[str]:
+  """The lpe modules a source file imports (`from lpe import x`, `from lpe.x import y`,
+  `import lpe.x`), as dotted names."""
+  found = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      if node.module == 'lpe':
+        found.update(f'lpe.{alias.name}' for alias in node.names)
+      elif node.module.startswith('lpe.'):
+        found.add(node.module)
+    elif isinstance(node, ast.Import):
+      found.update(a.name for a in node.names if a.name.startswith('lpe.'))
+  return found
+
+
+def _source(module: str) -> str:
+  path = os.path.join(REPO, *module.split('.'))
+  return os.path.join(path, '__init__.py') if os.path.isdir(path) else path + '.py'
+
+
+def test_config_imports_only_leaves_of_lpe():
+  """The config is data: every lpe module it imports imports nothing else from lpe (so the
+  config stands at the edge of the import graph, not in its middle)."""
+  imported = _lpe_imports(_source('lpe.config'))
+  assert imported == {'lpe.methods'}  # A new import must be a leaf too (below).
+  for module in imported:
+    assert _lpe_imports(_source(module)) == set(), module
+
+
+def test_importing_the_config_loads_no_jax():
+  code = (
+    'import sys, lpe.config; print(sorted(m for m in ("jax", "flax", "numpy") if m in sys.modules))'
+  )
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == '[]'
+
+
+def test_the_preflight_checks_a_dataset_without_computing_its_constants(tmp_path):
+  """`lpe.preflight.validate` reads a folder dataset's metadata only: its normalisation constants
+  are not computed nor cached (the run computes them when it loads its data), yet a bad split of
+  the training data is refused before any work."""
+  root = write_image_folder(tmp_path / 'pets', classes=3, per_class=(4, 2), sizes=((20, 24),))
+  config = config_lib.default_config()
+  config.dataset = f'folder:{root}'
+  config.train_split = 'train[:9]'
+  preflight.validate(config, 1)
+  assert 'lpe_cache' not in os.listdir(root)
+  data.info_of(config)  # What the run does: computes and caches them.
+  assert 'lpe_cache' in os.listdir(root)
+  config.train_split = 'trian'
+  with pytest.raises(ValueError, match="has no split 'trian'"):
+    preflight.validate(config, 1)

@@ -24,8 +24,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from ml_collections import config_flags
 
-from lpe import checkpoint, data, experiment, models, objectives, train
-from lpe import config as config_lib
+from lpe import checkpoint, data, experiment, models, objectives, preflight, train
 
 # ml_collections loads config files with the deprecated importlib `load_module`.
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
@@ -95,7 +94,7 @@ def _teacher_config(model: str, dataset: str) -> str:
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_is_valid_and_documents_its_command(name):
   for run in _runs(_load(name)):
-    config_lib.validate(run, 1)
+    preflight.validate(run, 1)
   assert name in [config for config, _ in COMMAND.findall(_doc(name))], 'no launch command'
 
 

@@ -234,8 +234,7 @@ def test_zoo_model_same_logits_and_gradients(name, shape):
 def test_config_conv_impl_auto_picks_cpu_on_the_cpu_backend_and_bad_values_are_refused(
   small_config,
 ):
-  from lpe import config as config_lib
-  from lpe import train
+  from lpe import preflight, train
 
   assert small_config.conv_impl == 'auto'
   assert train.conv_impl(small_config) == ('cpu' if jax.default_backend() == 'cpu' else 'xla')
@@ -245,7 +244,7 @@ def test_config_conv_impl_auto_picks_cpu_on_the_cpu_backend_and_bad_values_are_r
   with pytest.raises(
     ValueError, match="config.conv_impl='im2col' is unknown; use auto, xla or cpu"
   ):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 def test_training_runs_with_either_conv_impl_end_alike(small_config, tmp_path):

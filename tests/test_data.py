@@ -48,12 +48,14 @@ def test_two_writers_of_the_same_cache_do_not_collide(fashion_data_dir, tmp_path
   inner = []
 
   def replace_after_another_writer(src, dst):
-    if str(src).endswith('.tmp.npz') and not inner:
+    if str(src).endswith('.tmp') and str(dst).endswith('.npz') and not inner:
       inner.append(None)  # Only the first cache write lets another writer in.
       inner[0] = data.load_split('fashion_mnist', 'test', str(data_dir))
     replace(src, dst)
 
-  monkeypatch.setattr(data.os, 'replace', replace_after_another_writer)
+  monkeypatch.setattr(
+    os, 'replace', replace_after_another_writer
+  )  # As files.write_atomic calls it.
   outer = data.load_split('fashion_mnist', 'test', str(data_dir))
   np.testing.assert_array_equal(outer.images, inner[0].images)
   monkeypatch.undo()
@@ -94,12 +96,17 @@ def test_train_batches_are_a_function_of_seed_and_epoch():
 
 
 @pytest.mark.parametrize('n, batch_size', [(100, 32), (96, 32), (5, 8)])
-def test_eval_batches_count_every_example_once(n, batch_size):
-  seen = []
-  for images, labels, mask in data.eval_batches(_split(n), batch_size=batch_size):
+@pytest.mark.parametrize('wrap', [False, True])
+def test_eval_batches_count_every_example_once(n, batch_size, wrap):
+  seen, padding = [], []
+  for images, labels, mask in data.eval_batches(_split(n), batch_size=batch_size, wrap=wrap):
     assert images.shape[0] == labels.shape[0] == mask.shape[0] == batch_size
     seen.extend(labels[mask].tolist())
+    padding.extend(labels[~mask].tolist())
   assert sorted(seen) == list(range(n))
+  pad = -n % batch_size
+  # Zeros, or the split's first examples again, cyclically (5 examples in a batch of 8).
+  assert padding == ([i % n for i in range(pad)] if wrap else [0] * pad)
 
 
 def test_batch_larger_than_dataset_is_a_clear_error():

@@ -17,6 +17,7 @@ from lpe import (
   metrics_io,
   models,
   objectives,
+  preflight,
   state,
   teacher,
   train,
@@ -148,7 +149,7 @@ def test_the_graph_is_the_teachers_knn_graph_over_the_training_split(fashion_dat
 def test_graph_settings_that_cannot_work_are_refused(small_config, changes, message):
   small_config.distill.update(dict(dict(lp_weight=1.0, lp_graph='neighbours'), **changes))
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 def test_graph_lp_with_per_process_data_is_refused(small_config, monkeypatch):
@@ -156,7 +157,7 @@ def test_graph_lp_with_per_process_data_is_refused(small_config, monkeypatch):
   small_config.distributed.per_process_data = True
   small_config.distill.lp_weight, small_config.distill.lp_graph = 1.0, 'bank'
   with pytest.raises(ValueError, match='needs the whole training split on every process'):
-    config_lib.validate(small_config, 2)
+    preflight.validate(small_config, 2)
 
 
 def test_the_bank_restore_needs_its_shape(small_config, teacher_dir, tmp_path):
@@ -194,7 +195,7 @@ def test_added_neighbours_keep_the_ordinary_batches_as_anchors_and_the_control_t
     assert all(set(g[1:]) <= set(graph[g[0]]) for g in groups)
   config = _config(small_config, teacher_dir, 'neighbours', repaired=True)
   config.distill.lp_weight, config.num_epochs = 0.0, 1
-  config_lib.validate(config, 1)
+  preflight.validate(config, 1)
   result = train.train_and_evaluate(config, str(tmp_path / 'control'))
   assert result['objective'] == 'CE + neighbour batches'
   record = metrics_io.read_metrics(str(tmp_path / 'control'))[-1]

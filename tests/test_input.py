@@ -11,8 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from lpe import checkpoint, data, feed, teacher, train
-from lpe import config as config_lib
+from lpe import checkpoint, data, feed, preflight, teacher, train
 from tests import faults
 
 
@@ -158,7 +157,7 @@ def test_unknown_input_path_is_refused(small_config):
   with pytest.raises(
     ValueError, match="config.input='gpu' is unknown; use auto, device, host or stream"
   ):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 def test_per_process_data_under_jit_refuses_device_held_data(small_config, monkeypatch):
@@ -170,9 +169,9 @@ def test_per_process_data_under_jit_refuses_device_held_data(small_config, monke
   assert feed.input_path(small_config, split) == 'host'
   small_config.input = 'device'
   with pytest.raises(ValueError, match='config.input=device holds per-process data'):
-    config_lib.validate(small_config, 2)
+    preflight.validate(small_config, 2)
   small_config.parallelism = 'pmap'
-  config_lib.validate(small_config, 2)
+  preflight.validate(small_config, 2)
   assert feed.input_path(small_config, split) == 'device'
 
 
@@ -227,3 +226,23 @@ def test_corrupt_teacher_cache_file_is_computed_again_and_rewritten(
   np.testing.assert_array_equal(first[0], again[0])
   np.testing.assert_array_equal(np.load(logits), first[0])  # Rewritten whole.
   assert sorted(os.listdir(tmp_path)) == names
+
+
+def test_the_batch_share_of_each_process_is_computed_once_for_both_inputs(small_config):
+  """`feed.batch_share`: which rows of each global batch a process feeds, and which part of the
+  split it holds, for `Feed` and `StreamFeed` alike."""
+  small_config.batch_size = 64
+  shares = [feed.batch_share(small_config, (i, 2)) for i in range(2)]
+  assert [s.rows for s in shares] == [slice(0, 32), slice(32, 64)]
+  assert all(s.index_batch == 64 and s.shard is None for s in shares)
+  assert feed.batch_share(small_config) == feed.BatchShare(64, slice(0, 64), 0, None)
+  small_config.distributed.per_process_data = True  # Each draws from its own shard.
+  shares = [feed.batch_share(small_config, (i, 2)) for i in range(2)]
+  assert [(s.index_batch, s.rows, s.first_row, s.shard) for s in shares] == [
+    (32, slice(0, 32), 0, (0, 2)),
+    (32, slice(0, 32), 32, (1, 2)),
+  ]
+  small_config.distributed.per_process_data = False
+  small_config.distill.update(lp_weight=1.0, lp_graph='neighbours', neighbour_batches='added')
+  # Neighbours added on top: each feeds its half of the anchors and their neighbours.
+  assert feed.batch_share(small_config, (1, 2)).rows == slice(64, 128)

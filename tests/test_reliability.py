@@ -398,6 +398,31 @@ def test_evaluate_saved_with_another_architecture_is_a_clear_error(reference, tm
     experiment.evaluate_saved(os.path.join(workdir, 'model.msgpack'))
 
 
+def test_a_wrong_model_file_is_one_sentence_naming_it_and_the_fix(tmp_path):
+  """`checkpoint.load_model`, the one loader of saved models (teachers and evaluation): a
+  model.json that names no model, an unknown one or another architecture stops with one line
+  that names the file."""
+  module = models.build('cnn_student', 10)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  path = str(tmp_path / 'model.msgpack')
+  meta = {'model': 'cnn_student', 'num_classes': 10, 'dataset': 'fashion_mnist'}
+  checkpoint.export_variables(path, variables, meta)
+  loaded, _, read = checkpoint.load_model(path, (28, 28, 1))
+  assert loaded == module and read['model'] == 'cnn_student'
+  meta_path = str(tmp_path / 'model.json')
+  saved = files.read_json(meta_path, fix='')
+  cases = [
+    ({k: v for k, v in saved.items() if k != 'model'}, 'does not say which model'),
+    (dict(saved, model='resnet9000'), "holds a 'resnet9000' model, which is not registered"),
+    (dict(saved, model='cnn_teacher'), 'does not fit .* params/'),
+  ]
+  for edited, message in cases:
+    files.write_json(meta_path, edited)
+    with pytest.raises(ValueError, match=message) as error:
+      experiment.evaluate_saved(path)
+    assert path in str(error.value) and '\n' not in str(error.value)
+
+
 # --- One run per workdir, and the workdir's files ----------------------------------------------
 
 
@@ -491,7 +516,7 @@ def test_resume_of_a_finished_run_with_a_changed_config_says_nothing_was_retrain
   before = _listing(workdir)
   config = _saved_config(workdir)
   config.distill.k = 10
-  result = experiment.run(config, workdir, allow_config_change=True)
+  result = experiment.run(config, workdir, resume='any')
   out = capsys.readouterr().out
   assert (
     'holds a finished run of 2 epochs, so nothing was retrained and the changed fields '
@@ -512,6 +537,23 @@ def _fsync_full_for(name: str):
     fsync(fd)
 
   return fsync_or_full
+
+
+def test_write_atomic_takes_a_writer_and_a_failed_one_keeps_the_old_file(tmp_path):
+  """`files.write_atomic(path, fn)`: `fn` writes to the temporary file (np.save, np.savez,
+  savefig); if it fails, the old file stays and no temporary file is left."""
+  path = str(tmp_path / 'x.npy')
+  files.write_atomic(path, lambda f: np.save(f, np.arange(3)))
+  np.testing.assert_array_equal(np.load(path), np.arange(3))
+
+  def fails(f):
+    f.write(b'half')
+    raise RuntimeError('the writer failed')
+
+  with pytest.raises(RuntimeError, match='the writer failed'):
+    files.write_atomic(path, fails)
+  np.testing.assert_array_equal(np.load(path), np.arange(3))
+  assert os.listdir(tmp_path) == ['x.npy']
 
 
 def test_atomic_export_on_a_full_disk_keeps_the_checkpoints_and_leaves_no_temporary_file(
@@ -714,18 +756,20 @@ def test_nan_stop_advice_resumes_from_the_last_good_checkpoint_with_a_lower_lear
       train.train_and_evaluate(config, workdir)
   advice = re.search(
     r'to resume from step 3 with a lower learning rate, run the same command with '
-    r'(--allow_optimizer_change --config\.learning_rate=(\S+)) \(allow_optimizer_change=True',
+    r"(--allow_optimizer_change --config\.learning_rate=(\S+)) \(resume='optimizer' in Python",
     str(error.value),
   )
   assert advice and float(advice.group(2)) == pytest.approx(3e-4), str(error.value)
   lower = _config(fashion_data_dir, learning_rate=float(advice.group(2)))
   with pytest.raises(
-    ValueError, match=r'another config \(learning_rate: 0.003 -> 0.0003\).*--allow_optimizer_change'
+    ValueError,
+    match=r'another config \(learning_rate: 0.003 -> 0.0003\).*--allow_optimizer_change '
+    r"\(resume='optimizer' in Python\)",
   ):
     train.train_and_evaluate(lower, workdir)  # Without the option: refused, naming it.
   lower.num_epochs = 3
   with pytest.raises(ValueError, match=r'another config \(num_epochs: 2 -> 3\)'):
-    train.train_and_evaluate(lower, workdir, allow_optimizer_change=True)  # Only the optimizer.
+    train.train_and_evaluate(lower, workdir, resume='optimizer')  # Only the optimizer.
 
   overrides = dict(OVERRIDES, data_dir=fashion_data_dir)
   del overrides['learning_rate']
@@ -913,15 +957,19 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(preempted, tmp_p
   changed.learning_rate, changed.num_epochs = 0.1, 5
   with pytest.raises(ValueError, match=r'holds a run made with another config \(learning_rate: '):
     train.train_and_evaluate(changed, workdir)
-  with pytest.raises(ValueError, match='num_epochs: 2 -> 5.*--allow_config_change'):
+  with pytest.raises(ValueError, match="num_epochs: 2 -> 5.*--allow_config_change \\(resume='any'"):
     experiment.run(changed, workdir)
   assert sorted(os.listdir(workdir)) == before and _steps(workdir) == [8, 9, 11]
   # Fields that do not change the parameters may change; others need the flag.
   safe = saved.copy_and_resolve_references()
   safe.log_every_steps, safe.keep_checkpoints, safe.name = 1, 5, 'renamed'
   assert workdir_lib.check_config(safe, workdir) == []
-  allowed = workdir_lib.check_config(changed, workdir, allow_config_change=True)
+  allowed = workdir_lib.check_config(changed, workdir, resume='any')
   assert allowed == ['learning_rate: 0.003 -> 0.1', 'num_epochs: 2 -> 5']
+  with pytest.raises(ValueError, match=r'num_epochs: 2 -> 5\).*--allow_config_change'):
+    workdir_lib.check_config(changed, workdir, resume='optimizer')  # Not only the optimizer.
+  with pytest.raises(ValueError, match="resume='yes' is unknown; use one of 'same', 'optimizer'"):
+    workdir_lib.check_config(changed, workdir, resume='yes')
 
 
 def test_comparison_checks_every_run_before_training_any(fashion_data_dir, tmp_path):

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from lpe import checkpoint, config, data, sources, stream, train
+from lpe import checkpoint, data, feed, preflight, sources, stream, train
+from lpe import config as config_lib
 from tests import faults
 from tests.conftest import TINY_IMAGES, TINY_TRAIN
 
@@ -59,21 +60,22 @@ def test_a_preempted_streamed_run_resumes_exactly(small_config, tmp_path):
 
 
 def _batches(source, *, processes: int, per_process: bool, augment='none', shape=(28, 28, 1)):
-  """Each process's `StepBatches` for a global batch of 32 (as `StreamFeed` builds them)."""
+  """Each process's `StepBatches` for a global batch of 32 (as `StreamFeed` builds them, from
+  `feed.batch_share`)."""
+  config = config_lib.default_config()
+  config.batch_size, config.distributed.per_process_data = 32, per_process
   out = []
   for index in range(processes):
-    shard = data.shard_rows(len(source), (index, processes) if per_process else None)
-    size = 32 // processes if per_process else 32
-    local = slice(index * 32 // processes, (index + 1) * 32 // processes)
-    rows = slice(0, size) if per_process else local
+    share = feed.batch_share(config, (index, processes))
+    shard = data.shard_rows(len(source), share.shard)
     out.append(
       stream.StepBatches(
         source,
         seed=7,
-        steps_per_epoch=len(shard) // size,
-        index_batch=size,
-        rows=rows,
-        first_row=index * size if per_process else rows.start,
+        steps_per_epoch=len(shard) // share.index_batch,
+        index_batch=share.index_batch,
+        rows=share.rows,
+        first_row=share.first_row,
         shard=shard,
         augment=augment,
         shape=shape,
@@ -130,10 +132,10 @@ def test_what_needs_the_split_in_memory_is_refused_with_streaming(small_config):
     run_config.update_from_flattened_dict({'input': 'stream', field: value})
     run_config.distill.lp_weight = 0.1
     with pytest.raises(ValueError, match=f'config.{field}=.* needs the whole training split'):
-      config.validate(run_config, 1)
+      preflight.validate(run_config, 1)
   small_config.augment = 'imagenet'
   with pytest.raises(ValueError, match="augment='imagenet' .* config.image_size > 0"):
-    config.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 # --- launch.py: ImageNet-like JPEGs, 1 and 2 processes, killed and resumed -----------------------

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpe import augment, checkpoint, data, experiment, models, state, step, train
-from lpe import config as config_lib
+from lpe import augment, checkpoint, data, experiment, models, preflight, state, step, train
 from tests.conftest import TEST_SIZE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +151,7 @@ def test_bad_config_values_stop_before_work(small_config, tmp_path, field, value
   small_config[field] = value
   devices = 8 if field == 'batch_size' else 1
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(small_config, devices)
+    preflight.validate(small_config, devices)
     state.make_optimizer(small_config, 10)
   assert not os.path.exists(tmp_path / 'run')
 
@@ -160,17 +159,17 @@ def test_bad_config_values_stop_before_work(small_config, tmp_path, field, value
 def test_negative_ce_weight_is_refused(small_config):
   small_config.distill.ce_weight = -0.1
   with pytest.raises(ValueError, match='config.distill.ce_weight must be >= 0, got -0.1'):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
   small_config.distill.ce_weight = 0.0
   with pytest.raises(ValueError, match='ce_weight=0 with no distillation weight leaves no loss'):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 def test_k_not_below_batch_is_a_clear_error(small_config):
   small_config.distill.lp_weight = 0.1
   small_config.distill.k = small_config.batch_size
   with pytest.raises(ValueError, match='smaller than the per-device batch'):
-    config_lib.validate(small_config, 1)
+    preflight.validate(small_config, 1)
 
 
 def test_evaluate_saved_counts_each_test_example_once(small_config, tmp_path):
@@ -183,9 +182,32 @@ def test_evaluate_saved_counts_each_test_example_once(small_config, tmp_path):
   )
   assert from_workdir['num_examples'] == from_file['num_examples'] == TEST_SIZE
   assert from_workdir['accuracy'] == from_file['accuracy'] == result['test_accuracy']
+  assert from_workdir['split'] == from_file['split'] == 'test'
   assert os.path.exists(os.path.join(workdir, 'evaluation.json'))
   with pytest.raises(ValueError, match='no checkpoint at step 999'):
     experiment.evaluate_saved(workdir, step=999)
+
+
+def test_evaluate_saved_takes_the_split_and_batch_from_the_run_or_the_caller(
+  small_config, tmp_path
+):
+  """A workdir is evaluated on its config's test_split with its eval_batch_size; a caller may
+  name another split (a slice included) and batch, for a workdir or a model file alike."""
+  workdir = str(tmp_path / 'run')
+  small_config.num_epochs = 1
+  small_config.steps_per_epoch_limit = 2
+  small_config.test_split = 'test[:70]'
+  train.train_and_evaluate(small_config, workdir)
+  evaluation = experiment.evaluate_saved(workdir)
+  assert (evaluation['split'], evaluation['num_examples']) == ('test[:70]', 70)
+  model_file = os.path.join(workdir, 'model.msgpack')
+  for path in (workdir, model_file):
+    for batch_size in (None, 7):
+      got = experiment.evaluate_saved(
+        path, data_dir=small_config.data_dir, split='train[:96]', batch_size=batch_size
+      )
+      assert (got['split'], got['num_examples']) == ('train[:96]', 96)
+      assert got['accuracy'] == experiment.evaluate_saved(workdir, split='train[:96]')['accuracy']
 
 
 def _launch(args, env_extra=None, **kwargs):

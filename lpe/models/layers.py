@@ -19,6 +19,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# Values of the models' `conv_impl` (named in `lpe.config` with the config's other choices):
+# 'xla' runs `lax.conv_general_dilated` and `nn.max_pool` unchanged (the default; right for GPU
+# and TPU); 'cpu' arranges them for XLA:CPU: the weight gradient reads the layer input from memory
+# instead of recomputing it (a ResNet-20 training step takes about a third less time, bitwise the
+# same results), 2x2 max pooling has an elementwise gradient (bitwise the same), a conv of a
+# one-channel input (MNIST's first layer) sums its taps and BatchNorm is one affine map (both the
+# same up to float32 rounding); docs/performance_cpu_conv.md, docs/performance.md.
+# Parameters and their names are the same.
+from lpe.config import CONV_IMPLS
+
 ModuleDef = Any
 Dtype = Any
 # What every zoo model returns: logits `[n, classes]` and named features, always 'embedding'.
@@ -27,16 +37,6 @@ ModelOutput = tuple[jnp.ndarray, dict[str, jnp.ndarray]]
 # He-normal over fan-out, as RepDistiller initialises its convs (kaiming_normal_(mode='fan_out')
 # or normal(0, sqrt(2 / (k * k * out_channels))), which is the same distribution).
 CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-# Values of the models' `conv_impl`: 'xla' runs `lax.conv_general_dilated` and `nn.max_pool`
-# unchanged (the default; right for GPU and TPU); 'cpu' arranges them for XLA:CPU: the weight
-# gradient reads the layer input from memory instead of recomputing it (a ResNet-20 training step
-# takes about a third less time, bitwise the same results), 2x2 max pooling has an elementwise
-# gradient (bitwise the same), a conv of a one-channel input (MNIST's first layer) sums its taps
-# and BatchNorm is one affine map (both the same up to float32 rounding);
-# docs/performance_cpu_conv.md, docs/performance.md.
-# Parameters and their names are the same.
-CONV_IMPLS = ('xla', 'cpu')
 
 
 def _opaque_identity(x: jnp.ndarray, token: jnp.ndarray) -> jnp.ndarray:
