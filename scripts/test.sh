@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up lpe (scripts/setup.sh) and torch for the conversion tests, checks formatting and lint,
-# and runs the whole test suite.
+# and runs the whole test suite, one worker per core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,4 +11,5 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
 fi
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q --durations=25 "$@"
+# One worker per core (pytest-xdist); `-m quick` picks the inner-loop subset.
+.venv/bin/python -m pytest -q -n auto --durations=25 "$@"

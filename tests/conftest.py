@@ -5,7 +5,15 @@ import pathlib
 
 from lpe import xla_cpu
 
-xla_cpu.configure()  # Before any test imports JAX: the suite runs with the trainer's flags.
+xla_cpu.configure()  # Before any test imports JAX: the suite runs with the trainer's flags,
+# compiled at LLVM optimisation level 0: most of the suite's time is XLA compiling its many small
+# programs, and level 0 halves that (tests/test_train.py: 102 -> 52 s of compilation). XLA's own
+# optimisations of the computation still run and the convolutions and dots are the same library
+# kernels; the whole suite passes either way. LPE_TEST_OPTIMIZED=1 compiles as the trainer does.
+if os.environ.get('LPE_TEST_OPTIMIZED', '') != '1':
+  os.environ['XLA_FLAGS'], _ = xla_cpu.merge_flags(
+    os.environ.get('XLA_FLAGS', ''), ('--xla_backend_optimization_level=0',)
+  )
 
 # One persistent XLA compilation cache for the suite's processes (pytest-xdist's workers and
 # the launch.py runs the tests start, which inherit the environment): the same steps compile once.
@@ -21,6 +29,30 @@ import gzip  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# The inner-loop subset (`pytest -m quick -n auto`): unit tests that train no whole run and start
+# no process. The README's test command and CI run every test.
+QUICK_FILES = frozenset(
+  {
+    'test_augment.py',
+    'test_baseline_losses.py',
+    'test_config.py',
+    'test_data.py',
+    'test_locality_loss.py',
+    'test_loss_bad_input.py',
+    'test_loss_properties.py',
+    'test_objectives.py',
+    'test_sources.py',
+    'test_xla_cpu.py',
+  }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.path.name in QUICK_FILES:
+      item.add_marker(pytest.mark.quick)
+
 
 TRAIN_SIZE, TEST_SIZE = 512, 130  # The test split does not divide by typical batch sizes.
 
