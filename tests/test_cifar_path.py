@@ -2,7 +2,8 @@
 
 A fake `cifar-100-python.tar.gz` (the archive's format, 24 images) -> scripts/cifar100_npz.py ->
 a RepDistiller-style `.pth` teacher (resnet56, seeded weights) converted with `convert_pth` ->
-two steps of the CRD KD config (resnet56 -> resnet20) -> evaluation.
+an epoch of the CRD KD config (resnet56 -> resnet20; 20 training images in batches of 8: two
+full batches and a masked one of 4, as RepDistiller's DataLoader) -> evaluation.
 """
 
 import io
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from lpe import torch_convert, train
+from lpe import metrics_io, torch_convert, train
 from scripts import cifar100_npz
 from tests import repdistiller_golden as golden
 
@@ -58,7 +59,7 @@ def test_converter_names_a_wrong_archive(tmp_path):
 
 def test_archive_to_converted_teacher_to_kd_student_to_evaluation(tmp_path):
   torch = pytest.importorskip('torch', reason='needs torch; pip install torch==2.13.0')
-  _fake_archive(tmp_path / 'c.tar.gz')
+  _fake_archive(tmp_path / 'c.tar.gz', {'train': 20, 'test': 8})
   cifar100_npz.convert(str(tmp_path / 'c.tar.gz'), str(tmp_path / 'c.npz'))
   dataset = f'npz:{tmp_path / "c.npz"}'
   state = {k: torch.tensor(v) for k, v in golden.initial_state_dict('resnet56', 0).items()}
@@ -71,10 +72,10 @@ def test_archive_to_converted_teacher_to_kd_student_to_evaluation(tmp_path):
   config.dataset = dataset
   config.teacher.checkpoint = str(teacher)
   config.num_epochs = 1
-  config.steps_per_epoch_limit = 2
   config.batch_size = 8
   config.eval_batch_size = 8
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert math.isfinite(result['test_accuracy']) and 0 <= result['test_accuracy'] <= 1
   assert result['mean'] == list(common.REPDISTILLER_CIFAR100_MEAN)
   assert result['teacher']['model'] == 'resnet56'
+  assert [r['step'] for r in metrics_io.read_metrics(str(tmp_path / 'run'))] == [3]
