@@ -248,7 +248,7 @@ def check_accuracy(
   """
   from lpe import experiment  # noqa: PLC0415  (the evaluation path; JAX and the trainer)
 
-  _, meta = checkpoint.load_variables(path)
+  meta = checkpoint.read_meta(path)
   check = functools.partial(
     AccuracyCheck, path, meta['dataset'], meta.get('recorded_accuracy'), tolerance=tolerance
   )
