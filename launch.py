@@ -5,6 +5,9 @@
 .venv/bin/python launch.py --mode=convert_torch --checkpoint=ckpt_epoch_240.pth \
   --model=resnet32x4 --dataset=cifar100 --num_classes=100 --output=teachers/resnet32x4.msgpack
 
+A converted teacher is then evaluated on the dataset's test split, when that is here, and its
+accuracy printed beside the one the .pth records (a warning when they differ by over 0.5 points).
+
 Killed, the same command resumes the run; a SIGTERM saves first and exits with status 143. A
 mistake in the config, a missing dataset or teacher, a non-finite loss, a workdir in use by
 another run, or a full or read-only disk stops with one line (exit status 1); `--verbosity=0`
@@ -44,6 +47,16 @@ _MODEL = flags.DEFINE_string('model', None, 'convert_torch: the lpe model name, 
 _DATASET = flags.DEFINE_string('dataset', None, 'convert_torch: the dataset it was trained on.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'convert_torch: its classifier outputs.')
 _OUTPUT = flags.DEFINE_string('output', None, 'convert_torch: the .msgpack file to write.')
+_DATA_MEAN = flags.DEFINE_list(
+  'data_mean',
+  [],
+  "convert_torch: the teacher's per-channel normalisation mean, if not the dataset's.",
+)
+_DATA_STD = flags.DEFINE_list(
+  'data_std',
+  [],
+  "convert_torch: the teacher's per-channel normalisation std, if not the dataset's.",
+)
 _STEP = flags.DEFINE_integer('step', None, 'evaluate: the checkpoint step (default: latest).')
 _SPLIT = flags.DEFINE_string(
   'split', None, "evaluate: the split or slice (default: the run's test_split, else test)."
@@ -121,6 +134,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _convert_torch() -> dict:
+  """Converts the .pth, then checks the teacher's accuracy (`torch_convert.check_accuracy`): the
+  written metadata and the check's figures go to stdout as JSON, the check's line to stderr."""
   needed = {'checkpoint': _CHECKPOINT, 'model': _MODEL, 'dataset': _DATASET}
   needed.update(num_classes=_NUM_CLASSES, output=_OUTPUT)
   missing = [f'--{name}' for name, flag in needed.items() if flag.value is None]
@@ -128,13 +143,24 @@ def _convert_torch() -> dict:
     raise app.UsageError(f'--mode=convert_torch needs {", ".join(missing)}.')
   from lpe import torch_convert  # Imports torch only here.
 
-  return torch_convert.convert_pth(
+  try:
+    mean, std = ([float(x) for x in flag.value] for flag in (_DATA_MEAN, _DATA_STD))
+  except ValueError:
+    message = '--data_mean and --data_std take numbers, e.g. 0.5071,0.4867,0.4408.'
+    raise app.UsageError(message) from None
+  meta = torch_convert.convert_pth(
     _CHECKPOINT.value,
     _MODEL.value,
     _OUTPUT.value,
     num_classes=_NUM_CLASSES.value,
     dataset=_DATASET.value,
+    mean=mean,
+    std=std,
   )
+  check = torch_convert.check_accuracy(_OUTPUT.value)
+  print(check.report(), file=sys.stderr, flush=True)
+  fields = ('recorded', 'measured', 'num_examples', 'tolerance', 'differs')
+  return dict(meta, accuracy_check={k: getattr(check, k) for k in fields})
 
 
 def _run_study() -> None:

@@ -64,11 +64,14 @@ REPDISTILLER_CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 def crd_exact(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """RepDistiller's conventions where PyTorch's differ from lpe's defaults (docs/reproducing.md):
   its CIFAR-100 normalisation constants, BatchNorm's running variance from the unbiased batch
-  variance, and torch.nn.Linear's classifier init."""
+  variance, torch.nn.Linear's classifier init, and the last partial batch of each epoch trained
+  on (masked: 782 steps per epoch at batch 64, as its DataLoader's, and the learning-rate
+  schedule's epochs of 782 steps)."""
   config.data_mean = REPDISTILLER_CIFAR100_MEAN
   config.data_std = REPDISTILLER_CIFAR100_STD
   config.bn_unbiased_var = True
   config.torch_classifier_init = True
+  config.last_batch = 'masked'
   return config
 
 

@@ -60,6 +60,13 @@ def default_config() -> ml_collections.ConfigDict:
   config.batch_size = 128  # Global batch, split over all devices.
   config.eval_batch_size = 1000
   config.steps_per_epoch_limit = 0  # >0 caps the steps of an epoch (smoke tests).
+  # The examples past an epoch's last full batch: 'drop' leaves them out (num_examples //
+  # batch_size steps); 'masked' trains on them as PyTorch's DataLoader does (RepDistiller's 782
+  # steps per CIFAR-100 epoch at batch 64, not 781): one more step of the same shape, padded with
+  # rows that a mask leaves out of CE, every distillation term and BatchNorm's batch statistics.
+  # The learning-rate schedule counts those steps. For in-memory input and LP over the batch
+  # (lp_graph='batch') only; docs/reproducing.md.
+  config.last_batch = 'drop'
   # Where the training split lives: 'device' (whole on every device; each step gathers its rows
   # there), 'host' (NumPy; each batch is copied over), 'stream' (read record by record from the
   # files by `input_workers` host processes, which also decode and augment; lpe/stream.py) or
@@ -262,6 +269,7 @@ DEVICE_AUGMENTATIONS = ('none', 'cifar')  # Drawn on the devices inside the step
 # 'imagenet' (random-resized crop and flip) is drawn by the streaming input's workers.
 AUGMENTATIONS = (*DEVICE_AUGMENTATIONS, 'imagenet')
 INPUTS = ('auto', 'device', 'host', 'stream')  # Where the training split lives (`lpe.feed`).
+LAST_BATCHES = ('drop', 'masked')  # An epoch's last partial batch (`lpe.data`, `lpe.feed`).
 LP_GRAPHS = ('batch', 'neighbours', 'bank')
 # The string settings with a fixed set of values (names of models, datasets and features are
 # checked against their registries by `lpe.preflight.validate`).
@@ -272,6 +280,7 @@ CHOICES = {
   'conv_impl': ('auto', *CONV_IMPLS),
   'augment': AUGMENTATIONS,
   'input': INPUTS,
+  'last_batch': LAST_BATCHES,
   'distill.lp_graph': LP_GRAPHS,
   'distill.student_scale': ('none', 'l2', 'mean'),
   'distill.neighbour_batches': ('within', 'added'),

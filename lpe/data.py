@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from lpe import files, sources, transforms
+from lpe.config import LAST_BATCHES
 from lpe.sources import (  # noqa: F401  (the names lpe.data has always offered)
   DEBIAN_FASHION_MNIST_DIR,
   DatasetInfo,
@@ -235,12 +236,20 @@ def stratified_subset(split: Split, size: int, *, seed: int) -> Split:
   return Split(split.images[index], split.labels[index])
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  """Training steps in one epoch: the last partial batch is dropped."""
+def steps_per_epoch(num_examples: int, batch_size: int, last_batch: str = 'drop') -> int:
+  """Training steps in one epoch: `num_examples // batch_size` with the last partial batch
+  dropped (`last_batch='drop'`), `ceil(num_examples / batch_size)` with it trained on
+  (`'masked'`: one more batch of the same shape, padded with rows that a mask leaves out of every
+  loss and statistic, as PyTorch's DataLoader with `drop_last=False`, RepDistiller's, trains on
+  its last partial batch)."""
   if batch_size > num_examples:
     raise ValueError(
       f'batch_size {batch_size} is larger than the {num_examples} training examples; lower it.'
     )
+  if last_batch not in LAST_BATCHES:
+    raise ValueError(f'last_batch={last_batch!r} is unknown; use drop or masked.')
+  if last_batch == 'masked':
+    return -(-num_examples // batch_size)
   return num_examples // batch_size
 
 
@@ -250,17 +259,36 @@ def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray
 
 
 def train_index_batches(
-  num_examples: int, *, batch_size: int, seed: int, epoch: int, start_step: int = 0
+  num_examples: int,
+  *,
+  batch_size: int,
+  seed: int,
+  epoch: int,
+  start_step: int = 0,
+  last_batch: str = 'drop',
 ) -> Iterator[np.ndarray]:
   """Yields the example indices (int32 `[batch_size]`) of each batch of `epoch`, from
-  `start_step` on: consecutive slices of `epoch_permutation`, the last partial batch dropped.
+  `start_step` on: consecutive slices of `epoch_permutation`.
+
+  The last partial batch is dropped, or with `last_batch='masked'` trained on: its
+  `num_examples % batch_size` examples are padded to `batch_size` with the epoch's first ones,
+  whose rows `valid_rows` marks as padding. Either way the other batches are the same.
 
   Both input paths of the trainer read these: the host path indexes the NumPy split, the
   device-resident path gathers the same rows from the split held on the devices.
   """
   order = epoch_permutation(num_examples, seed=seed, epoch=epoch).astype(np.int32)
-  for step in range(start_step, steps_per_epoch(num_examples, batch_size)):
-    yield order[step * batch_size : (step + 1) * batch_size]
+  for step in range(start_step, steps_per_epoch(num_examples, batch_size, last_batch)):
+    index = order[step * batch_size : (step + 1) * batch_size]
+    if len(index) < batch_size:  # Padding: real examples, so every gather and feature is sound.
+      index = np.concatenate([index, order[: batch_size - len(index)]])
+    yield index
+
+
+def valid_rows(num_examples: int, batch_size: int, step: int) -> np.ndarray:
+  """Which rows of batch `step` of `train_index_batches` hold its own examples (`[batch_size]`
+  bool): all of them but the padding of a masked last batch."""
+  return np.arange(step * batch_size, (step + 1) * batch_size) < num_examples
 
 
 def train_batches(

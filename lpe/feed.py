@@ -6,6 +6,11 @@ the data-parallel mode: gathered on the devices from a split held there (`'devic
 copied from host memory (`'host'`), with this process's rows of every global batch and, when the
 teacher's outputs are cached, their rows too. Every path gives the same batches, bit for bit.
 
+With `config.last_batch='masked'` an epoch also trains on its last partial batch, padded to the
+batch's shape: each step then also gets `valid`, which of its rows hold the batch's own examples
+(`data.valid_rows`; the step leaves the others out of every loss and statistic). With 'drop' (the
+default) that input is None and the last partial batch is left out.
+
 With LP over the whole split's teacher graph (`config.distill.lp_graph` 'neighbours' or 'bank'),
 the graph is held on the devices too and each step also gets its examples' ids and graph rows;
 for 'neighbours' the batches are anchors with some of their graph neighbours
@@ -13,7 +18,6 @@ for 'neighbours' the batches are anchors with some of their graph neighbours
 """
 
 import dataclasses
-import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +31,8 @@ from lpe import data, losses, objectives, parallel, sampling
 # The largest split (images) the device-resident input path takes when `config.input` is 'auto'.
 DEVICE_INPUT_MAX_BYTES = 2 * 2**30
 
-StepInputs = tuple[jax.Array, jax.Array, Any, Any]
+# `(images, labels, teacher_outputs, graph, valid)`, as `lpe.step.train_step` takes them.
+StepInputs = tuple[jax.Array, jax.Array, Any, Any, Any]
 
 
 def per_process_data(config: ml_collections.ConfigDict) -> bool:
@@ -73,9 +78,11 @@ def batch_share(
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError for what per-process data (`config.distributed.per_process_data` on
+  """Raises a ValueError for what a masked last batch (`config.last_batch='masked'`) is not
+  implemented with, and for what per-process data (`config.distributed.per_process_data` on
   several processes) cannot do: whatever needs the whole training split on every process, or
   per-process arrays on the devices under sharded jit."""
+  _check_last_batch(config)
   if not per_process_data(config):
     return
   if config.train_subset:
@@ -133,7 +140,8 @@ class Feed:
     """Holds `split` (this process's share with per-process data) for `config`'s steps.
 
     Args:
-      config: The run's config (batch_size, seed, input, steps_per_epoch_limit, distributed).
+      config: The run's config (batch_size, seed, input, last_batch, steps_per_epoch_limit,
+        distributed).
       split: The training split as this process holds it.
       place: The data-parallel placement of the step.
       teacher_outputs: The teacher's `(logits, features)` for every example of `split`
@@ -145,6 +153,7 @@ class Feed:
     self._graph = graph
     self._neighbours = config.distill.lp_graph == 'neighbours' and config.distill.graph_neighbours
     self._layout = config.distill.neighbour_batches
+    self._last_batch = config.last_batch
     share = batch_share(config)
     self._index_batch, self._rows = share.index_batch, share.rows
     self.steps_per_epoch = steps_in_epoch(config, len(split), share)
@@ -170,15 +179,16 @@ class Feed:
         **kwargs,
       )
     else:
-      indices = data.train_index_batches(len(self._split), **kwargs)
-    for index in itertools.islice(indices, max(self.steps_per_epoch - start_step, 0)):
-      yield self._inputs(index)
+      indices = data.train_index_batches(len(self._split), last_batch=self._last_batch, **kwargs)
+    # The range first: zip stops at the epoch's last step without drawing another batch.
+    for step, index in zip(range(start_step, self.steps_per_epoch), indices, strict=False):
+      yield self._inputs(index, step)
 
   def close(self) -> None:
     """Nothing to stop: this input has no worker processes (`lpe.stream.StreamFeed` has)."""
 
-  def _inputs(self, index: np.ndarray) -> StepInputs:
-    """The step's inputs for the examples `index` (the global batch's indices)."""
+  def _inputs(self, index: np.ndarray, step: int) -> StepInputs:
+    """The step's inputs for the examples `index` (the global batch's indices) of step `step`."""
     local = index[self._rows]
     placed = self._place.batch(local) if self._resident else None
     gathered = self._take(self._resident, placed) if self._resident else {}
@@ -189,7 +199,29 @@ class Feed:
     graph = None
     if 'graph' in gathered:
       graph = dict(gathered['graph'], ids=placed)
-    return images, labels, gathered.get('teacher'), graph
+    valid = None
+    if self._last_batch == 'masked':
+      valid = self._place.batch(data.valid_rows(len(self._split), len(index), step)[self._rows])
+    return images, labels, gathered.get('teacher'), graph, valid
+
+
+def _check_last_batch(config: ml_collections.ConfigDict) -> None:
+  if config.last_batch == 'drop':
+    return
+  refused = {
+    # The graph samplers' batches and the memory bank's rows are the whole batch's.
+    f'distill.lp_graph={config.distill.lp_graph!r}': config.distill.lp_graph != 'batch',
+    # Each process's share would end its epoch on a partial batch of its own.
+    'distributed.per_process_data=True': per_process_data(config),
+    # A device whose rows are all padding would have no statistics of its own.
+    'sync_batch_stats=False': config.parallelism == 'pmap' and not config.sync_batch_stats,
+  }
+  for what, on in refused.items():
+    if on:
+      raise ValueError(
+        f"config.last_batch='masked' is not implemented with config.{what}; use "
+        'last_batch=drop or turn that setting off.'
+      )
 
 
 def step_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -203,8 +235,9 @@ def step_batch_size(config: ml_collections.ConfigDict) -> int:
 
 def steps_in_epoch(config: ml_collections.ConfigDict, num_examples: int, share: BatchShare) -> int:
   """Steps in an epoch of `num_examples` (this process's share with per-process data) drawn in
-  index batches of `share.index_batch`, capped by `config.steps_per_epoch_limit`."""
-  steps = data.steps_per_epoch(num_examples, share.index_batch)
+  index batches of `share.index_batch` (the last partial one dropped or masked,
+  `config.last_batch`), capped by `config.steps_per_epoch_limit`."""
+  steps = data.steps_per_epoch(num_examples, share.index_batch, config.last_batch)
   if share.per_process:  # Shares differ by at most one example: every process takes the fewest.
     steps = int(np.min(multihost_utils.process_allgather(np.int32(steps))))
   if config.steps_per_epoch_limit:

@@ -19,9 +19,14 @@ keeps the neighbourhoods of the teacher's kNN graph over the whole training spli
 (`lpe.losses.graph`): the step then passes the batch's rows of that graph (`graph`: example
 `ids`, graph `indices` and `weights`, and for 'bank' the bank's rows of each neighbour,
 `bank_neighbours`).
+
+A padded batch (the last of an epoch with `config.last_batch='masked'`) comes with `valid`, its
+rows that hold examples: every term is then the term of those rows alone (per-example terms
+average over them, relational ones and LP are taken on them, FitNet's regressor normalises by
+their statistics).
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -157,13 +162,34 @@ def init_aux_params(
   return aux
 
 
-def row_mean(values: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+def row_mean(
+  values: jax.Array, rows: jax.Array | None = None, *, axis_name: str | None = None
+) -> jax.Array:
   """The mean of per-example `values` over all rows, or over the rows where `rows` is True (the
-  anchors of batches with graph neighbours added on top)."""
+  anchors of batches with graph neighbours added on top, a padded batch's valid rows).
+
+  With `axis_name` (under `pmap`, where the devices may hold different numbers of such rows)
+  the sum is divided by the mean count over the devices instead of this device's count, so the
+  mean over the devices (the step's `pmean`) is the mean over all of them."""
   values = jnp.asarray(values, jnp.float32)
   if rows is None:
     return values.mean()
-  return jnp.sum(jnp.where(rows, values, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
+  count = jnp.sum(rows)
+  if axis_name is not None:
+    count = jax.lax.pmean(count.astype(jnp.float32), axis_name)
+  return jnp.sum(jnp.where(rows, values, 0.0)) / jnp.where(count > 0, count, 1)
+
+
+def example_mean(
+  anchors: jax.Array | None, valid: jax.Array | None, axis_name: str | None = None
+) -> Callable[[jax.Array], jax.Array]:
+  """How the step averages per-example values (CE, accuracy, the per-example terms): over
+  every row, its `anchors` (the same number on every device), and its `valid` rows (a padded
+  batch; their number differs between devices, so under `axis_name` the count is global)."""
+  if valid is None:
+    return lambda values: row_mean(values, anchors)
+  rows = valid if anchors is None else anchors & valid
+  return lambda values: row_mean(values, rows, axis_name=axis_name)
 
 
 def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -181,21 +207,25 @@ def distillation_terms(
   graph: Mapping[str, jax.Array] | None = None,
   axis_name: str | None = None,
   anchors: jax.Array | None = None,
+  valid: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """The active distillation terms, each a scalar batch loss (unweighted).
 
   Per-example terms are means over this device's rows (the caller averages over devices), or
   over its `anchors` rows when given (batches with graph neighbours added on top); relational
   terms are computed on the gathered global batch, the same value on every device. `graph` holds
-  the batch's rows of the whole split's teacher graph when `lp_graph` is not 'batch'.
+  the batch's rows of the whole split's teacher graph when `lp_graph` is not 'batch'. `valid`
+  (`[n]` bool, this device's rows of a padded batch) restricts every term to those rows
+  (`lp_graph` 'batch' only).
   """
   terms = {}
-  mean = lambda values: row_mean(values, anchors)
+  mean = example_mean(anchors, valid, axis_name)
   gather = lambda x: _gather(x, axis_name)
+  masked = {} if valid is None else {'where': gather(valid)}
   for name in active(distill):
     method = METHODS[name]
     if method.reads == 'lp':
-      terms[name] = mean(_locality(distill, s_features, t_features, graph, axis_name))
+      terms[name] = mean(_locality(distill, s_features, t_features, graph, axis_name, valid))
       continue
     fn = getattr(losses, method.loss)
     kwargs = {argument: distill[setting] for argument, setting in method.arguments.items()}
@@ -205,17 +235,18 @@ def distillation_terms(
       pairs = [(s_features[f], t_features[f]) for f in _read_features(name, distill)]
     if method.regressor:
       regressor = losses.FitNetRegressor(features=pairs[0][1].shape[-1])
-      hint = regressor.apply({'params': aux_params[f'{name}_regressor']}, pairs[0][0])
+      hint = regressor.apply({'params': aux_params[f'{name}_regressor']}, pairs[0][0], valid)
       pairs = [(hint, pairs[0][1])]
     if method.relational:
-      terms[name] = sum(fn(gather(s), gather(t), **kwargs) for s, t in pairs)
+      terms[name] = sum(fn(gather(s), gather(t), **masked, **kwargs) for s, t in pairs)
     else:
       terms[name] = sum(mean(fn(s, t, **kwargs)) for s, t in pairs)
   return terms
 
 
-def _locality(distill, s_features, t_features, graph, axis_name) -> jax.Array:
-  """The per-example LP loss over the neighbourhoods `distill['lp_graph']` names."""
+def _locality(distill, s_features, t_features, graph, axis_name, valid=None) -> jax.Array:
+  """The per-example LP loss over the neighbourhoods `distill['lp_graph']` names (with `valid`,
+  over those rows of the batch: 'batch' only)."""
   student = s_features[distill['feature']]
   mode = distill.get('lp_graph', 'batch')
   scale = distill.get('student_scale', 'none')
@@ -246,6 +277,7 @@ def _locality(distill, s_features, t_features, graph, axis_name) -> jax.Array:
     axis_name=axis_name,
     block_size=distill.get('knn_block_size'),
     student_scale=scale,
+    **({} if valid is None else {'where': valid}),
   )
 
 

@@ -10,12 +10,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from lpe import augment, data, losses, objectives
+from lpe import augment, data, losses, objectives, parallel
+from lpe.models import layers
 from lpe.state import TrainState, make_variables
 
 Metrics = dict[str, jax.Array]
@@ -28,6 +30,7 @@ def train_step(
   labels: jax.Array,
   teacher_outputs: tuple[jax.Array, Mapping[str, jax.Array]] | None = None,
   graph: Mapping[str, jax.Array] | None = None,
+  valid: jax.Array | None = None,
   *,
   student: nn.Module,
   teacher: nn.Module | None,
@@ -52,6 +55,10 @@ def train_step(
       their rows of the whole split's teacher graph (`indices`, `weights`, `[n, k]`;
       `lpe.feed.Feed`); None otherwise. For 'bank' the state's memory bank supplies each
       neighbour's embedding and is refreshed with these rows' embeddings after the step.
+    valid: For a padded batch (the last of an epoch with `config.last_batch='masked'`), bool
+      `[n]`: the rows that hold its examples. CE, accuracy and every distillation term are then
+      those rows' alone, and BatchNorm's batch statistics are over them only
+      (`student_forward`); the other rows (padding) change nothing. None: every row counts.
     student, teacher: The Flax modules (teacher None when not distilling).
     info: The dataset's normalisation constants.
     distill: Static hyper-parameters of the objective (`config.distill`; see lpe.objectives).
@@ -81,15 +88,15 @@ def train_step(
     if distill.get('student_scale', 'none') == 'mean':
       graph['bank_moments'] = losses.memory_bank_moments(state.bank)
   anchors = anchor_rows(distill, labels.shape[0])
+  mean = objectives.example_mean(anchors, valid, axis_name)
 
   def loss_fn(params, aux_params):
     mutable = ['batch_stats'] if state.batch_stats else False
-    out = student.apply(make_variables(params, state.batch_stats), x, train=True, mutable=mutable)
+    variables = make_variables(params, state.batch_stats)
+    out = student_forward(student, variables, x, valid=valid, mutable=mutable)
     (logits, features), new_vars = out if mutable else (out, {})
     logits = logits.astype(jnp.float32)
-    ce = objectives.row_mean(
-      optax.softmax_cross_entropy_with_integer_labels(logits, labels), anchors
-    )
+    ce = mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     terms = {}
     if objectives.active(distill):
       terms = objectives.distillation_terms(
@@ -102,9 +109,10 @@ def train_step(
         graph=graph,
         axis_name=axis_name,
         anchors=anchors,
+        valid=valid,
       )
     loss = objectives.total_loss(distill, ce, terms, step=state.step)
-    accuracy = objectives.row_mean(jnp.argmax(logits, -1) == labels, anchors)
+    accuracy = mean(jnp.argmax(logits, -1) == labels)
     batch_stats = new_vars.get('batch_stats', state.batch_stats)
     return loss, (dict(terms, ce=ce), accuracy, batch_stats, features.get(distill['feature']))
 
@@ -132,6 +140,53 @@ def train_step(
     new_state = _keep_if(finite, new_state, state)
   metrics['finite'] = finite.astype(jnp.float32)
   return new_state, metrics
+
+
+def student_forward(
+  student: nn.Module,
+  variables: Mapping[str, Any],
+  x: jax.Array,
+  *,
+  valid: jax.Array | None = None,
+  mutable: Any = False,
+) -> Any:
+  """`student.apply(variables, x, train=True, mutable=mutable)`: the training forward pass.
+
+  With `valid` (`[n]` bool) BatchNorm's batch statistics, and so its running averages, are over
+  those rows only (`lpe.models.layers.batch_statistics_over`), as PyTorch's are over a partial
+  batch's own rows. Raises a ValueError naming the modules of `variables['batch_stats']` that
+  this could not reach (an NNX or hand-written BatchNorm), whose statistics would count padding.
+  """
+  if valid is None:
+    return student.apply(variables, x, train=True, mutable=mutable)
+  with layers.batch_statistics_over(valid) as reached:
+    out = student.apply(variables, x, train=True, mutable=mutable)
+  stats = flax.traverse_util.flatten_dict(dict(variables.get('batch_stats') or {}))
+  missed = sorted({'/'.join(path[:-1]) for path in stats if tuple(path[:-1]) not in reached})
+  if missed:
+    raise ValueError(
+      "config.last_batch='masked' takes BatchNorm's batch statistics over a padded batch's own "
+      "rows in flax.linen.BatchNorm and lpe's AffineBatchNorm only, but "
+      f'{type(student).__name__} keeps batch statistics in {", ".join(missed)}, which it cannot '
+      'reach; use config.last_batch=drop (or those BatchNorms).'
+    )
+  return out
+
+
+def check_masked_batch_statistics(student: nn.Module, image_shape: tuple[int, ...]) -> None:
+  """Raises `student_forward`'s ValueError now, when `config.last_batch='masked'` cannot mask
+  the student's BatchNorm statistics: traces (compiles and runs nothing) its forward pass on a
+  padded batch of 2 rows, under the device axis a pmap student averages its statistics over."""
+  one = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+  variables = jax.eval_shape(lambda x: student.init(jax.random.key(0), x, train=False), one)
+  x = jax.ShapeDtypeStruct((1, *one.shape), jnp.float32)  # One device of the mapped axis.
+  valid = jax.ShapeDtypeStruct((1, 2), jnp.bool_)
+  mutable = ['batch_stats'] if variables.get('batch_stats') else False
+
+  def forward(variables, x, valid):
+    return student_forward(student, variables, x, valid=valid, mutable=mutable)
+
+  jax.eval_shape(jax.vmap(forward, (None, 0, 0), axis_name=parallel.AXIS), variables, x, valid)
 
 
 def anchor_rows(distill: Mapping[str, Any], rows: int) -> jax.Array | None:
@@ -172,8 +227,8 @@ def make_train_step(
   steps over which LP's weight rises (`lp_warmup_steps`); it is needed only with a warm-up.
 
   The result takes `(state, teacher_variables, images, labels, teacher_outputs=None,
-  graph=None)`; the teacher runs only when an active term of `config.distill` needs its outputs
-  (`objectives.needs_teacher`) and they are not given. Under `pmap` bind `axis_name` too
+  graph=None, valid=None)`; the teacher runs only when an active term of `config.distill` needs
+  its outputs (`objectives.needs_teacher`) and they are not given. Under `pmap` bind `axis_name` too
   (`parallel.Placement.compile` does).
   """
   distill = dict(config.distill)

@@ -54,7 +54,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_streamable(config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError for what streaming cannot do: whatever needs the whole split in memory."""
+  """Raises a ValueError for what streaming cannot do: whatever needs the whole split in memory,
+  and a masked last batch (`config.last_batch='masked'`), which it does not implement."""
   needs_split = {
     'teacher.cache_outputs=True': config.teacher.cache_outputs
     and objectives.active(config.distill),
@@ -67,6 +68,12 @@ def check_streamable(config: ml_collections.ConfigDict) -> None:
         f"config.{what} needs the whole training split in memory, which config.input='stream' "
         "does not hold; turn it off or use config.input='device' or 'host'."
       )
+  if config.last_batch != 'drop':
+    raise ValueError(
+      f"config.last_batch={config.last_batch!r} is not implemented for config.input='stream' "
+      "(streamed epochs drop their last partial batch); use last_batch='drop' or "
+      "config.input='device' or 'host'."
+    )
 
 
 def streams(config: ml_collections.ConfigDict, num_examples: int, info: data.DatasetInfo) -> bool:
@@ -214,7 +221,7 @@ class StreamFeed:
     for _ in range(self.steps_per_epoch - start_step):
       images, labels = next(self._iterator)
       self._next += 1
-      yield (*self._place.batch((images, labels)), None, None)
+      yield (*self._place.batch((images, labels)), None, None, None)
 
   def close(self) -> None:
     """Stops the input workers."""

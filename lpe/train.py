@@ -181,6 +181,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   # (agreement, neighbourhood preservation, CKA); only distilling steps run it.
   loaded = teacher.load(config, info, dtype) if distilling or config.teacher.checkpoint else None
   student = _build_student(config, info, dtype)
+  if config.last_batch == 'masked':  # A student whose statistics it cannot mask stops here.
+    step.check_masked_batch_statistics(student, info.image_shape)
   place = parallel.Placement(config.parallelism, devices(config, info, student, loaded))
   preflight.validate(config, len(place.devices))
   logging.info(

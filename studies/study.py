@@ -93,6 +93,7 @@ DIGEST_NEUTRAL = {
   'distill.bank_fill': 'inference',
   'bn_unbiased_var': False,
   'torch_classifier_init': False,
+  'last_batch': 'drop',
   'cpu_devices': 0,
 }
 

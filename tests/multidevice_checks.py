@@ -41,35 +41,57 @@ def _max_diff(a, b) -> float:
 
 
 def step_equivalence(
-  model_name: str, image_shape, augment: str, teacher_name: str | None = None
+  model_name: str,
+  image_shape,
+  augment: str,
+  teacher_name: str | None = None,
+  valid_rows: int | None = None,
 ) -> dict:
-  """One train step with LP, KD, AT, SP, RKD and PKT: 1 device vs pmap vs sharded jit on 8."""
+  """One train step with LP, KD, AT, SP, RKD and PKT: 1 device vs pmap vs sharded jit on 8.
+
+  With `valid_rows`, the batch is a padded one (`config.last_batch='masked'`) whose first
+  `valid_rows` rows are valid, so the devices hold different numbers of them (some none); the
+  student is built with lpe's AffineBatchNorm (`bn_unbiased_var`, as the CRD recipe), and
+  `sub_batch` compares the 1-device step with the plain step on those rows alone."""
   n = 32
   info, teacher, teacher_vars, config, images, labels = _setup(
     model_name, image_shape, n, teacher_name
   )
   config.augment = augment
-  results = {}
-  for mode in ('single', 'pmap', 'jit'):
-    student = models.build(model_name, 10, bn_axis_name=parallel.AXIS if mode == 'pmap' else None)
+  masked, kwargs = (), {}
+  if valid_rows is not None:
+    masked, kwargs = (None, None, np.arange(n) < valid_rows), {'bn_unbiased_var': True}
+  results, one = {}, jax.devices()[0]
+  for mode in ('single', 'pmap', 'jit', 'sub_batch'):
+    if mode == 'sub_batch' and valid_rows is None:
+      continue
+    axis = parallel.AXIS if mode == 'pmap' else None
+    student = models.build(model_name, 10, bn_axis_name=axis, **kwargs)
     start = state.create_train_state(student, config, jax.random.key(0), image_shape, 10)
     step_fn = step.make_train_step(config, student, teacher, info)
     if mode == 'single':
-      one = jax.devices()[0]
       new_state, metrics = jax.jit(step_fn)(
-        *jax.device_put((start, teacher_vars, images, labels), one)
+        *jax.device_put((start, teacher_vars, images, labels, *masked), one)
       )
+    elif mode == 'sub_batch':
+      rows = (images[:valid_rows], labels[:valid_rows])
+      new_state, metrics = jax.jit(step_fn)(*jax.device_put((start, teacher_vars, *rows), one))
     else:
       place = parallel.Placement(mode)
       compiled = place.compile(step_fn)
       canonical = jax.device_put(start, place.replicated)
       tv = place.state(jax.device_put(teacher_vars, place.replicated))
-      new_state, metrics = compiled(place.state(canonical), tv, *place.batch((images, labels)))
+      inputs = place.batch((images, labels))
+      if masked:
+        inputs = (*inputs, None, None, place.batch(masked[-1]))
+      new_state, metrics = compiled(place.state(canonical), tv, *inputs)
       new_state, metrics = place.canonical(new_state), place.metrics(metrics)
     results[mode] = (jax.device_get(state.variables_of(new_state)), jax.device_get(metrics))
   base_vars, base_metrics = results['single']
   out = {}
-  for mode in ('pmap', 'jit'):
+  for mode in ('pmap', 'jit', 'sub_batch'):
+    if mode not in results:
+      continue
     variables, metrics = results[mode]
     out[mode] = {
       'max_param_diff': _max_diff(base_vars, variables),
@@ -123,6 +145,8 @@ if __name__ == '__main__':
     result = step_equivalence('cnn_student', (28, 28, 1), 'none')
   elif check == 'step_resnet_bn':
     result = step_equivalence('resnet8', (32, 32, 3), 'cifar')
+  elif check == 'step_resnet_bn_masked':  # 11 valid rows of 32: 4, 4, 3, then 0 per device.
+    result = step_equivalence('resnet8', (32, 32, 3), 'none', valid_rows=11)
   elif check == 'step_nnx_bn':  # An NNX student with BatchNorm and an NNX teacher.
     result = step_equivalence('nnx_cnn_teacher_bn', (28, 28, 1), 'none', 'nnx_cnn_student')
   elif check == 'eval':

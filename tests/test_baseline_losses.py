@@ -206,6 +206,28 @@ def test_pkt_matches_reference(student_shape, teacher_shape):
   np.testing.assert_allclose(got, _ref_pkt(s, t, 1e-7), rtol=1e-4, atol=ATOL)
 
 
+@pytest.mark.parametrize(
+  'loss, reference',
+  [
+    (similarity_preserving_loss, _ref_sp),
+    (rkd_loss, lambda s, t: _ref_rkd(s, t, 25.0, 50.0)),
+    (pkt_loss, lambda s, t: _ref_pkt(s, t, 1e-7)),
+  ],
+)
+def test_relational_losses_with_where_are_the_losses_of_those_rows_alone(loss, reference):
+  """A padded batch (`where`): the value is the reference on the valid rows only, whatever the
+  padding holds (here inf and huge values), and the padding gets exactly zero gradient."""
+  s, t = _normal(40, 7, 2, 2, 3), _normal(41, 7, 5)
+  where = np.array([1, 0, 1, 1, 0, 1, 0], bool)
+  s[~where], t[~where] = np.inf, 1e30
+  got = jax.jit(loss)(s, t, where=where)
+  np.testing.assert_allclose(got, reference(s[where], t[where]), rtol=1e-4, atol=ATOL)
+  grad = jax.jit(jax.grad(lambda x: loss(x, t, where=where)))(jnp.asarray(s))
+  expected = jax.grad(loss)(jnp.asarray(s[where]), t[where])
+  assert np.all(np.asarray(grad)[~where] == 0)
+  np.testing.assert_allclose(np.asarray(grad)[where], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_relational_losses_with_duplicate_and_zero_rows_match_reference():
   s = _normal(16, 5, 4)
   s[3] = s[1]
@@ -388,6 +410,17 @@ def test_fitnet_regressor_nhwc_is_conv_batchnorm_relu():
   z = (z - z.mean(axis=(0, 1, 2))) / np.sqrt(z.var(axis=(0, 1, 2)) + 1e-5)
   expected = np.maximum(z * p['bn_scale'] + p['bn_bias'], 0)
   np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fitnet_regressor_with_where_normalises_by_those_rows_alone():
+  reg = FitNetRegressor(features=4)
+  x = _normal(33, 5, 2, 2, 3)
+  where = np.array([1, 1, 0, 1, 0], bool)
+  variables = reg.init(jax.random.key(2), x)
+  masked = jax.jit(reg.apply)(variables, x, where)
+  np.testing.assert_allclose(
+    np.asarray(masked)[where], reg.apply(variables, x[where]), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_fitnet_regressor_maps_vectors_to_teacher_width():

@@ -95,6 +95,29 @@ def test_train_batches_are_a_function_of_seed_and_epoch():
   np.testing.assert_array_equal(resumed[0], first[2])
 
 
+def test_masked_last_batch_trains_every_example_once_and_keeps_the_other_batches():
+  """'masked': ceil(100 / 32) = 4 batches of 32 rows; the first 3 are 'drop's, the last holds
+  the 4 remaining examples and 28 padding rows, which `valid_rows` marks."""
+  kwargs = dict(batch_size=32, seed=0, epoch=1)
+  dropped = list(data.train_index_batches(100, **kwargs))
+  masked = list(data.train_index_batches(100, last_batch='masked', **kwargs))
+  assert data.steps_per_epoch(100, 32) == len(dropped) == 3
+  assert data.steps_per_epoch(100, 32, 'masked') == len(masked) == 4
+  assert all(len(b) == 32 and b.dtype == np.int32 for b in masked)
+  for a, b in zip(dropped, masked[:3], strict=True):
+    np.testing.assert_array_equal(a, b)
+  valid = [data.valid_rows(100, 32, step) for step in range(4)]
+  assert [int(v.sum()) for v in valid] == [32, 32, 32, 4] and valid[3][:4].all()
+  seen = np.concatenate([b[v] for b, v in zip(masked, valid, strict=True)])
+  assert sorted(seen.tolist()) == list(range(100))  # Every example exactly once.
+  resumed = list(data.train_index_batches(100, last_batch='masked', start_step=3, **kwargs))
+  np.testing.assert_array_equal(resumed[0], masked[3])
+  # A multiple of the batch has no partial batch either way.
+  assert data.steps_per_epoch(96, 32, 'masked') == data.steps_per_epoch(96, 32) == 3
+  with pytest.raises(ValueError, match='use drop or masked'):
+    data.steps_per_epoch(96, 32, 'keep')
+
+
 @pytest.mark.parametrize('n, batch_size', [(100, 32), (96, 32), (5, 8)])
 @pytest.mark.parametrize('wrap', [False, True])
 def test_eval_batches_count_every_example_once(n, batch_size, wrap):

@@ -257,6 +257,123 @@ def test_convert_pth_rejects_a_pickled_model(twins, tmp_path):
     )
 
 
+def test_recorded_accuracy_reads_percent_and_fractions():
+  """RepDistiller records percent ('accuracy' in ckpt_epoch_*.pth, 'best_acc' in *_best.pth, as
+  0-d tensors); a value of at most 1 is a fraction already."""
+  read = torch_convert.recorded_accuracy
+  assert read({'accuracy': np.float32(79.42), 'model': {}}) == pytest.approx(0.7942)
+  assert read({'best_acc': np.array(74.31)}) == pytest.approx(0.7431)
+  assert read({'accuracy': 0.9}) == 0.9
+  assert read({'opt': argparse.Namespace(), 'model': {}}) is None  # RepDistiller's *_last.pth.
+  assert read({'accuracy': 'n/a', 'best_acc': float('nan')}) is None
+
+
+def _fake_npz(path, seed=0) -> tuple[str, np.ndarray]:
+  """An `npz:` dataset of random 32x32 images in 10 classes; returns its name and test images."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+  labels = np.arange(60, dtype=np.int64) % 10
+  np.savez(
+    path,
+    train_images=images[:20],
+    train_labels=labels[:20],
+    test_images=images[20:],
+    test_labels=labels[20:],
+  )
+  return f'npz:{path}', images[20:]
+
+
+def _teacher_pth(
+  twins, path, dataset, test_images, *, offset_points=0.0, record=True, mean=(), std=()
+):
+  """A resnet8 twin saved as RepDistiller saves it, and a copy of the `dataset` whose test labels
+  are its own predictions for 30 of the 40 images; it records the accuracy PyTorch measures on
+  the images normalised with `mean` and `std` (default: the dataset's), moved by
+  `offset_points`. Returns the copy's name and that accuracy."""
+  import torch
+
+  net = twins.randomize(twins.repdistiller_resnet(8, [16, 16, 32, 64], 10), seed=5)
+  info = data.dataset_info(dataset, mean=mean, std=std)
+  x = (test_images / 255.0 - np.array(info.mean)) / np.array(info.std)
+  with torch.no_grad():
+    logits, _ = net(torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32)))
+  predicted = logits.numpy().argmax(1)
+  labels = np.where(np.arange(40) < 30, predicted, (predicted + 1) % 10)
+  copy = f'{dataset[len("npz:") :]}.labelled.npz'  # lpe keeps the first file's arrays cached.
+  np.savez(copy, **dict(np.load(dataset[len('npz:') :]), test_labels=labels))
+  accuracy = float(np.mean(predicted == labels))
+  saved = {'epoch': 240, 'model': net.state_dict(), 'optimizer': {}}
+  if record:
+    saved['accuracy'] = torch.tensor(100 * accuracy + offset_points)
+  torch.save(saved, path)
+  return f'npz:{copy}', accuracy
+
+
+def test_check_on_import_agrees_with_the_accuracy_pytorch_measured(twins, tmp_path):
+  dataset, test_images = _fake_npz(tmp_path / 'd.npz')
+  dataset, accuracy = _teacher_pth(twins, tmp_path / 'ckpt_epoch_240.pth', dataset, test_images)
+  assert accuracy == 0.75
+  output = str(tmp_path / 'teacher.msgpack')
+  meta = torch_convert.convert_pth(
+    str(tmp_path / 'ckpt_epoch_240.pth'), 'resnet8', output, num_classes=10, dataset=dataset
+  )
+  assert meta['recorded_accuracy'] == pytest.approx(0.75)
+  check = torch_convert.check_accuracy(output)
+  assert (check.measured, check.num_examples, check.differs) == (0.75, 40, False)
+  assert check.report() == (
+    f'Accuracy check: the converted teacher scores 75.00% on the 40 test images of {dataset}, '
+    'the .pth records 75.00%: they agree within 0.5 points.'
+  )
+  # The same evaluation as launch.py --mode=evaluate, saved beside the teacher.
+  with open(output + '.evaluation.json') as f:
+    assert json.load(f)['accuracy'] == 0.75
+
+
+@pytest.mark.parametrize('offset_points, record', [(0.6, True), (-12.0, True), (0.0, False)])
+def test_check_on_import_warns_in_one_line_naming_the_causes(
+  twins, tmp_path, offset_points, record
+):
+  dataset, test_images = _fake_npz(tmp_path / 'd.npz')
+  pth = tmp_path / 'teacher.pth'
+  dataset, _ = _teacher_pth(
+    twins, pth, dataset, test_images, offset_points=offset_points, record=record
+  )
+  output = str(tmp_path / 'teacher.msgpack')
+  torch_convert.convert_pth(str(pth), 'resnet8', output, num_classes=10, dataset=dataset)
+  check = torch_convert.check_accuracy(output)
+  report = check.report()
+  assert '\n' not in report and check.measured == 0.75
+  if not record:
+    assert not check.differs and report.endswith('the .pth records none.')
+    return
+  assert check.differs
+  points = f'{abs(offset_points):.2f} points apart, more than 0.5'
+  assert report.startswith('WARNING: the converted teacher scores 75.00%') and points in report
+  for cause in ('--model', '--data_mean, --data_std', '--dataset'):
+    assert cause in report
+
+
+def test_check_on_import_is_skipped_without_the_dataset_and_says_how_to_run_it(
+  twins, tmp_path, monkeypatch
+):
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'no_data'))
+  net = twins.randomize(twins.repdistiller_resnet(8, [16, 16, 32, 64], 10), seed=4)
+  import torch
+
+  torch.save({'model': net.state_dict(), 'best_acc': torch.tensor(93.1)}, tmp_path / 'best.pth')
+  output = str(tmp_path / 'teacher.msgpack')
+  torch_convert.convert_pth(
+    str(tmp_path / 'best.pth'), 'resnet8', output, num_classes=10, dataset='cifar10'
+  )
+  check = torch_convert.check_accuracy(output)
+  assert check.measured is None and check.recorded == pytest.approx(0.931)
+  assert check.report() == (
+    "Accuracy check skipped: the test split of cifar10 is not available here (Dataset 'cifar10' "
+    f'is not prepared in {tmp_path / "no_data"}); the .pth records 93.10%. Where it is, run '
+    f'`launch.py --mode=evaluate --checkpoint={output}`.'
+  )
+
+
 def _launch_convert(args: list[str], python: str = sys.executable) -> subprocess.CompletedProcess:
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return subprocess.run(
@@ -281,25 +398,46 @@ def test_launch_convert_torch_names_missing_flags_and_a_missing_torch(tmp_path):
     assert proc.returncode == 1 and 'pip install torch==2.13.0' in proc.stderr
 
 
-def test_launch_convert_torch_writes_the_teacher(twins, tmp_path):
+def test_launch_convert_torch_writes_the_teacher_and_checks_its_accuracy(twins, tmp_path):
+  """The teacher's own normalisation (RepDistiller's CIFAR-100 constants) is recorded and used
+  by the check, which prints its line to stderr and its figures in the JSON on stdout."""
   import torch
 
-  net = twins.randomize(twins.repdistiller_resnet(8, [16, 16, 32, 64], 10), seed=4)
-  torch.save({'model': net.state_dict()}, tmp_path / 'ckpt.pth')
+  mean, std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+  dataset, test_images = _fake_npz(tmp_path / 'd.npz')
+  pth = tmp_path / 'ckpt.pth'
+  dataset, _ = _teacher_pth(twins, pth, dataset, test_images, mean=mean, std=std)
   output = tmp_path / 'teacher.msgpack'
   proc = _launch_convert(
     [
-      f'--checkpoint={tmp_path / "ckpt.pth"}',
+      f'--checkpoint={pth}',
       '--model=resnet8',
-      '--dataset=cifar10',
+      f'--dataset={dataset}',
       '--num_classes=10',
       f'--output={output}',
+      f'--data_mean={",".join(map(str, mean))}',
+      f'--data_std={",".join(map(str, std))}',
     ]
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   variables, meta = checkpoint.load_variables(str(output))
-  assert meta['model'] == 'resnet8' and json.loads(proc.stdout)['sha256'] == meta['sha256']
-  jax.tree.map(np.testing.assert_array_equal, variables, from_torch('resnet8', net.state_dict()))
+  printed = json.loads(proc.stdout)
+  assert meta['model'] == 'resnet8' and printed['sha256'] == meta['sha256']
+  assert (meta['mean'], meta['std']) == (list(mean), list(std))
+  state_dict = torch.load(pth, weights_only=True)['model']
+  jax.tree.map(np.testing.assert_array_equal, variables, from_torch('resnet8', state_dict))
+  assert printed['accuracy_check'] == {
+    'recorded': pytest.approx(0.75),
+    'measured': 0.75,
+    'num_examples': 40,
+    'tolerance': 0.005,
+    'differs': False,
+  }
+  assert (
+    proc.stderr.strip()
+    .splitlines()[-1]
+    .startswith('Accuracy check: the converted teacher scores 75.00% on the 40 test images')
+  )
 
 
 @pytest.mark.parametrize('content', [b'hello, not a checkpoint\n', b'', bytes(range(256)) * 4])

@@ -7,13 +7,14 @@ on two images.
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lpe.models import build, names
-from lpe.models.layers import AffineBatchNorm, channel_shuffle, maxout
+from lpe.models.layers import AffineBatchNorm, batch_statistics_over, channel_shuffle, maxout
 
 # name: (parameters with 100 classes, embedding width). Counts are those of the PyTorch
 # definitions in RepDistiller's models/ (BN scale and bias included, running statistics not).
@@ -239,6 +240,57 @@ def test_unbiased_running_variance_is_pytorchs(axis_name):
   np.testing.assert_allclose(var, want, rtol=1e-5)
   normalised = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, 5), normalised, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+  'make, axis_name, ddof',
+  [
+    (lambda axis: AffineBatchNorm(unbiased_var=True, axis_name=axis), None, 1),
+    (lambda axis: AffineBatchNorm(unbiased_var=True, axis_name=axis), 'batch', 1),
+    (lambda axis: AffineBatchNorm(axis_name=axis), 'batch', 0),
+    (lambda axis: nn.BatchNorm(False, momentum=0.9, epsilon=1e-5, axis_name=axis), None, 0),
+  ],
+)
+def test_masked_batch_statistics_are_those_of_the_valid_rows(make, axis_name, ddof):
+  """Under `batch_statistics_over(rows)` the statistics, the running averages and the valid
+  rows' outputs are those of the valid rows alone (on 2 devices holding 3 and 1 of them)."""
+  x = jax.random.normal(jax.random.key(3), (2, 3, 4, 4, 5)) * 3.0 + 1.0
+  rows = jnp.array([[True, True, True], [True, False, False]])
+  bn = make(axis_name)
+  variables = bn.init(jax.random.key(0), x[0])
+
+  def apply(xs, rows):
+    with batch_statistics_over(rows):
+      return bn.apply(variables, xs, mutable=['batch_stats'])
+
+  if axis_name:
+    y, updates = jax.vmap(apply, axis_name=axis_name)(x, rows)
+    stats = jax.tree.map(lambda v: v[0], updates['batch_stats'])
+  else:
+    y, updates = apply(x.reshape(-1, 4, 4, 5), rows.reshape(-1))
+    stats = updates['batch_stats']
+  valid = np.asarray(rows).reshape(-1)
+  flat = np.asarray(x, np.float64).reshape(6, -1, 5)[valid].reshape(-1, 5)
+  np.testing.assert_allclose(stats['mean'], 0.1 * flat.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * flat.var(0, ddof=ddof), rtol=1e-5)
+  normalised = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+  got = np.asarray(y).reshape(6, -1, 5)[valid].reshape(-1, 5)
+  np.testing.assert_allclose(got, normalised, rtol=1e-4, atol=1e-4)
+
+
+def test_flax_batch_norm_statistics_are_not_masked_over_a_device_axis():
+  """flax's BatchNorm averages per-device means: with masks it would weight the devices' rows
+  wrongly, so masking it under an axis is refused, naming the way out."""
+  bn = nn.BatchNorm(False, axis_name='batch')
+  x = jnp.ones((2, 3, 5))
+  variables = bn.init(jax.random.key(0), x[0])
+
+  def apply(xs):
+    with batch_statistics_over(jnp.ones(3, bool)):
+      return bn.apply(variables, xs, mutable=['batch_stats'])
+
+  with pytest.raises(ValueError, match='bn_unbiased_var=True or conv_impl=cpu'):
+    jax.vmap(apply, axis_name='batch')(x)
 
 
 def test_torch_classifier_init_draws_as_torch_linear():

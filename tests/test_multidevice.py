@@ -37,17 +37,22 @@ def _check(name: str) -> dict:
   return json.loads(line[len('RESULT ') :])
 
 
-@pytest.mark.parametrize('check', ['step_cnn', 'step_resnet_bn', 'step_nnx_bn'])
+@pytest.mark.parametrize(
+  'check', ['step_cnn', 'step_resnet_bn', 'step_resnet_bn_masked', 'step_nnx_bn']
+)
 def test_pmap_and_sharded_jit_step_match_single_device(check):
   """One LP+KD step: params after the update, loss and metrics equal the 1-device step up to
   float32 rounding. Splitting the batch changes the reductions' order and shapes: on an AVX2
   processor with lpe's XLA:CPU setting (dots in YNNPACK, `lpe.xla_cpu`) the ResNet step's
   parameters differed by 1.7e-4, 1.1e-3 of the step's largest update, and its metrics by 2.0e-5 of
   their size (2.5e-7 and 3.7e-7 without that setting), so the bounds are relative: a missing or
-  doubled device average would differ by the order of the update itself."""
+  doubled device average would differ by the order of the update itself.
+
+  The masked check (a padded batch whose valid rows fill 2.75 of the 8 devices) also compares
+  the 1-device masked step with the plain step on the valid rows alone (`sub_batch`)."""
   result = _check(check)
   assert result['param_change'] > 1e-4  # The step did move the parameters.
-  for mode in ('pmap', 'jit'):
+  for mode in ('pmap', 'jit', 'sub_batch')[: 2 + ('sub_batch' in result)]:
     assert result[mode]['max_param_diff'] < 5e-3 * result['param_change'], (mode, result)
     assert result[mode]['max_metric_rel_diff'] < 2e-4, (mode, result)
     np.testing.assert_allclose(result[mode]['loss'], result['single_loss'], rtol=1e-5)

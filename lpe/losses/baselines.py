@@ -7,7 +7,9 @@ Representation Distillation", ICLR 2020), so numbers are comparable with that be
 - per-example losses (`kd_loss`, `fitnet_loss`, `attention_transfer_loss`) return `[n]` values
   whose batch mean equals RepDistiller's batch loss;
 - batch-relational losses (`similarity_preserving_loss`, `rkd_loss`, `pkt_loss`) return a scalar
-  over the batch they are given (the per-device batch under `pmap`, as in single-GPU RepDistiller).
+  over the batch they are given (the per-device batch under `pmap`, as in single-GPU RepDistiller),
+  or with `where` over its rows where `where` is True: the value of the loss on those rows alone
+  (a padded last batch, `config.last_batch='masked'`; the other rows get no gradient).
 
 All losses compute in float32 (bfloat16 inputs are upcast) with full-precision matmuls, pass no
 gradient to the teacher argument (`jax.lax.stop_gradient`), and check shapes before any work.
@@ -29,7 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpe.losses.locality import _F32_TINY, _power_of_two_scale, pairwise_sq_distances
+from lpe.losses.locality import (
+  _F32_TINY,
+  _masked_rows_zeroed,
+  _power_of_two_scale,
+  pairwise_sq_distances,
+)
 
 __all__ = [
   'FitNetRegressor',
@@ -121,10 +128,28 @@ def _l2_normalize(
   return x * inv_norm
 
 
-def _smooth_l1(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Mean Huber loss with beta = 1, as `torch.nn.functional.smooth_l1_loss` (mean reduction)."""
+def _smooth_l1(x: jax.Array, y: jax.Array, count: jax.Array | None = None) -> jax.Array:
+  """Mean Huber loss with beta = 1, as `torch.nn.functional.smooth_l1_loss` (mean reduction);
+  with `count`, the sum divided by it (the entries outside a mask are 0 in both)."""
   diff = jnp.abs(x - y)
-  return jnp.mean(jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5))
+  huber = jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5)
+  return jnp.mean(huber) if count is None else jnp.sum(huber) / count
+
+
+def _masked_inputs(
+  fn: str, student: jax.Array, teacher: jax.Array, where: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The `[n, d]` inputs with the rows outside `where` zeroed, and the count of the others
+  (float32, at least 1). Zeroed rows leave every power-of-two scale to the valid rows."""
+  _check_rank(fn, 'where', where, (1,), '[n]')
+  if np.shape(where)[0] != student.shape[0]:
+    raise ValueError(
+      f'{fn}: where has {np.shape(where)[0]} rows but the features have {student.shape[0]}; '
+      'pass one flag per example.'
+    )
+  where = jnp.asarray(where, bool)
+  count = jnp.maximum(jnp.sum(where).astype(jnp.float32), 1.0)
+  return _masked_rows_zeroed(student, where), _masked_rows_zeroed(teacher, where), count
 
 
 def kd_loss(
@@ -257,11 +282,11 @@ class FitNetRegressor(nn.Module):
     transposed convolutions for 2x size ratios are not supported.)
   - `[n, d_s]` input: Dense (with bias) to `features`, then ReLU. Output `[n, features]`.
 
-  The normalisation always uses the statistics of the current batch, as PyTorch BatchNorm in
-  training mode, and keeps no running averages: the regressor is used only for the training
-  loss and dropped at evaluation, so running statistics would never be read, and the module
-  stays a pure function with only a `params` collection. Under `pmap` the statistics are
-  per device, as unsynchronised BatchNorm.
+  The normalisation always uses the statistics of the current batch (with `where`, of its rows
+  where it is True), as PyTorch BatchNorm in training mode, and keeps no running averages: the
+  regressor is used only for the training loss and dropped at evaluation, so running statistics
+  would never be read, and the module stays a pure function with only a `params` collection.
+  Under `pmap` the statistics are per device, as unsynchronised BatchNorm.
 
   Its parameters are extra trainable parameters: optimise them together with the student's, and
   do not keep them as part of the student. Count: `c_s * features + 3 * features` for NHWC
@@ -290,14 +315,22 @@ class FitNetRegressor(nn.Module):
   epsilon: float = 1e-5
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, where: jax.Array | None = None) -> jax.Array:
+    """The hint `[n, h, w, features]` or `[n, features]` of `x`; `where`: optional `[n]` bool,
+    the rows whose statistics normalise the map (a padded batch's own rows)."""
     _check_rank('FitNetRegressor', 'x', x, (2, 4), '[n, d] or NHWC [n, h, w, c]')
     x = jnp.asarray(x, jnp.float32)
     if x.ndim == 2:
       return nn.relu(nn.Dense(self.features, name='dense')(x))
     y = nn.Conv(self.features, (1, 1), name='conv')(x)
-    mean = jnp.mean(y, axis=(0, 1, 2))
-    var = jnp.var(y, axis=(0, 1, 2))  # Biased, as BatchNorm normalises with.
+    if where is None:
+      mean = jnp.mean(y, axis=(0, 1, 2))
+      var = jnp.var(y, axis=(0, 1, 2))  # Biased, as BatchNorm normalises with.
+    else:
+      weight = jnp.asarray(where, jnp.float32)[:, None, None, None]
+      count = jnp.maximum(jnp.sum(weight) * y.shape[1] * y.shape[2], 1.0)
+      mean = jnp.sum(y * weight, axis=(0, 1, 2)) / count
+      var = jnp.sum(jnp.square(y - mean) * weight, axis=(0, 1, 2)) / count
     scale = self.param('bn_scale', nn.initializers.ones, (self.features,), jnp.float32)
     bias = self.param('bn_bias', nn.initializers.zeros, (self.features,), jnp.float32)
     y = (y - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
@@ -406,7 +439,9 @@ def _row_normalized_gram(x: jax.Array) -> jax.Array:
   return _l2_normalize(jnp.matmul(x, x.T, precision=_HIGHEST), axis=1, sq_eps=sq_eps)
 
 
-def similarity_preserving_loss(student_map: jax.Array, teacher_map: jax.Array) -> jax.Array:
+def similarity_preserving_loss(
+  student_map: jax.Array, teacher_map: jax.Array, *, where: jax.Array | None = None
+) -> jax.Array:
   """Similarity-preserving loss over the batch (a scalar: the loss is batch-relational).
 
   With `f` the features flattened to `[n, d]`, `G = f f^T` (`[n, n]`) is L2-normalised row by
@@ -416,6 +451,8 @@ def similarity_preserving_loss(student_map: jax.Array, teacher_map: jax.Array) -
   Args:
     student_map: `[n, ...]` student features (e.g. NHWC maps or `[n, d]` vectors).
     teacher_map: `[n, ...]` teacher features; no gradient flows to them.
+    where: optional `[n]` bool: the loss of the rows where it is True alone (`n` their count;
+      zeroed rows add nothing to the Gram rows' norms).
 
   Returns:
     Scalar float32 loss over the batch.
@@ -435,39 +472,48 @@ def similarity_preserving_loss(student_map: jax.Array, teacher_map: jax.Array) -
   """
   student, teacher = _relational_inputs('similarity_preserving_loss', student_map, teacher_map)
   n = student.shape[0]
+  if where is not None:
+    student, teacher, n = _masked_inputs('similarity_preserving_loss', student, teacher, where)
   diff = _row_normalized_gram(student) - _row_normalized_gram(teacher)
   return _nan_unless_finite(jnp.sum(jnp.square(diff)) / (n * n), student, teacher)
 
 
-def _rkd_distances(x: jax.Array) -> jax.Array:
+def _rkd_distances(x: jax.Array, pairs: jax.Array | None = None) -> jax.Array:
   """Distances normalised by their mean over the positive entries, as RepDistiller's `pdist`.
 
   `d_ij = sqrt(max(||x_i - x_j||^2, 1e-12))` off the diagonal and 0 on it. The clamp keeps the
   square root's gradient finite (and cuts it where active) for coincident rows. Computed on
   `x / s` with `s` a power of two (and the clamp divided by `s^2`, floored at the smallest
-  normal float32), which the mean normalisation cancels exactly.
+  normal float32), which the mean normalisation cancels exactly. With `pairs` (`[n, n]` bool)
+  the other entries are 0 and out of the mean.
   """
   n = x.shape[0]
   scale = _power_of_two_scale(x)
   clamp = jnp.maximum(1e-12 / scale / scale, _F32_TINY)
   dist = jnp.sqrt(jnp.maximum(pairwise_sq_distances(x / scale), clamp))
   dist = jnp.where(jnp.eye(n, dtype=bool), 0.0, dist)
+  if pairs is not None:
+    dist = jnp.where(pairs, dist, 0.0)
   positive = dist > 0
   mean = jnp.sum(jnp.where(positive, dist, 0.0)) / jnp.sum(positive)
   return dist / mean
 
 
-def _rkd_angles(x: jax.Array) -> jax.Array:
+def _rkd_angles(x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
   """`[n, n, n]` cosines `<e_ij, e_ik>` of the unit difference vectors `e_ij = unit(x_j - x_i)`.
 
   A zero difference (`j = i`, or duplicate rows) gives a zero vector, as F.normalize. The
-  differences are taken on `x / s` (`s` a power of two), so they cannot overflow.
+  differences are taken on `x / s` (`s` a power of two), so they cannot overflow. With `rows`
+  (`[n]` bool) the cosines of triples outside them are 0.
   """
   scale = _power_of_two_scale(x)
   x = x / scale
   sq_eps = _NORMALIZE_EPS**2 / scale / scale
   unit = _l2_normalize(x[None, :, :] - x[:, None, :], axis=-1, sq_eps=sq_eps[..., None])
-  return jnp.einsum('ijd,ikd->ijk', unit, unit, precision=_HIGHEST)
+  cosines = jnp.einsum('ijd,ikd->ijk', unit, unit, precision=_HIGHEST)
+  if rows is None:
+    return cosines
+  return jnp.where(rows[:, None, None] & rows[None, :, None] & rows[None, None, :], cosines, 0.0)
 
 
 def rkd_loss(
@@ -476,6 +522,7 @@ def rkd_loss(
   *,
   distance_weight: float = 25.0,
   angle_weight: float = 50.0,
+  where: jax.Array | None = None,
 ) -> jax.Array:
   """Relational knowledge distillation over the batch (a scalar: the loss is batch-relational).
 
@@ -497,6 +544,8 @@ def rkd_loss(
     teacher_features: `[n, ...]` teacher features; no gradient flows to them.
     distance_weight: weight of the distance term.
     angle_weight: weight of the angle term.
+    where: optional `[n]` bool: the loss of the rows where it is True alone (the means over
+      their pairs and triples; fewer than 2 such rows have no distances, and give NaN).
 
   Returns:
     Scalar float32 loss over the batch.
@@ -518,16 +567,27 @@ def rkd_loss(
   arXiv 1904.05068.
   """
   student, teacher = _relational_inputs('rkd_loss', student_features, teacher_features, min_batch=2)
-  loss_d = _smooth_l1(_rkd_distances(student), _rkd_distances(teacher))
-  loss_a = _smooth_l1(_rkd_angles(student), _rkd_angles(teacher))
+  if where is None:
+    loss_d = _smooth_l1(_rkd_distances(student), _rkd_distances(teacher))
+    loss_a = _smooth_l1(_rkd_angles(student), _rkd_angles(teacher))
+  else:
+    student, teacher, n = _masked_inputs('rkd_loss', student, teacher, where)
+    rows = jnp.asarray(where, bool)
+    pairs = rows[:, None] & rows[None, :]
+    loss_d = _smooth_l1(_rkd_distances(student, pairs), _rkd_distances(teacher, pairs), n * n)
+    angles = _rkd_angles(student, rows), _rkd_angles(teacher, rows)
+    loss_a = _smooth_l1(*angles, n * n * n)
   return _nan_unless_finite(distance_weight * loss_d + angle_weight * loss_a, student, teacher)
 
 
-def _pkt_probabilities(x: jax.Array, eps: float | jax.Array) -> jax.Array:
+def _pkt_probabilities(
+  x: jax.Array, eps: float | jax.Array, pairs: jax.Array | None = None
+) -> jax.Array:
   """Rows of the cosine kernel `(cos + 1) / 2`, each normalised to sum to 1.
 
   `x_i / (||x_i|| + eps)` is computed as `(x_i / m) / (||x_i / m|| + eps / m)` with `m` a power
-  of two near the row's largest entry: the same value, without overflow in `||x_i||^2`.
+  of two near the row's largest entry: the same value, without overflow in `||x_i||^2`. With
+  `pairs` (`[n, n]` bool) the kernel is 0 outside them (a row without any is all 0).
   """
   scale = _power_of_two_scale(x, axis=1)
   x = x / scale
@@ -536,11 +596,19 @@ def _pkt_probabilities(x: jax.Array, eps: float | jax.Array) -> jax.Array:
   norm = jnp.where(sq_norm > 0, jnp.sqrt(jnp.where(sq_norm > 0, sq_norm, 1.0)), 0.0)
   unit = x / (norm + eps / scale)
   kernel = (jnp.matmul(unit, unit.T, precision=_HIGHEST) + 1.0) / 2.0
-  return kernel / jnp.sum(kernel, axis=1, keepdims=True)
+  if pairs is None:
+    return kernel / jnp.sum(kernel, axis=1, keepdims=True)
+  kernel = jnp.where(pairs, kernel, 0.0)
+  total = jnp.sum(kernel, axis=1, keepdims=True)
+  return kernel / jnp.where(total > 0, total, 1.0)
 
 
 def pkt_loss(
-  student_features: jax.Array, teacher_features: jax.Array, *, eps: float = 1e-7
+  student_features: jax.Array,
+  teacher_features: jax.Array,
+  *,
+  eps: float = 1e-7,
+  where: jax.Array | None = None,
 ) -> jax.Array:
   """Probabilistic knowledge transfer over the batch (a scalar: the loss is batch-relational).
 
@@ -556,6 +624,8 @@ def pkt_loss(
     student_features: `[n, ...]` student features.
     teacher_features: `[n, ...]` teacher features; no gradient flows to them.
     eps: positive stabiliser of the row norm and the logarithm.
+    where: optional `[n]` bool: the loss of the rows where it is True alone (the mean over
+      their `n^2` pairs).
 
   Returns:
     Scalar float32 loss over the batch.
@@ -577,6 +647,15 @@ def pkt_loss(
   fn = 'pkt_loss'
   student, teacher = _relational_inputs(fn, student_features, teacher_features)
   _check_positive(fn, 'eps', eps)
-  p_s = _pkt_probabilities(student, eps)
-  p_t = _pkt_probabilities(teacher, eps)
-  return _nan_unless_finite(jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps))), student, teacher)
+  if where is None:
+    p_s = _pkt_probabilities(student, eps)
+    p_t = _pkt_probabilities(teacher, eps)
+    loss = jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps)))
+  else:
+    student, teacher, n = _masked_inputs(fn, student, teacher, where)
+    rows = jnp.asarray(where, bool)
+    pairs = rows[:, None] & rows[None, :]
+    p_s = _pkt_probabilities(student, eps, pairs)
+    p_t = _pkt_probabilities(teacher, eps, pairs)
+    loss = jnp.sum(p_t * jnp.log((p_t + eps) / (p_s + eps))) / (n * n)
+  return _nan_unless_finite(loss, student, teacher)

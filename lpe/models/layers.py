@@ -10,8 +10,9 @@ same `nn.Conv` module and parameters, with either lax's convolution as it is ('x
 convolution with a backward pass arranged for XLA:CPU ('cpu'; docs/performance_cpu_conv.md).
 """
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -236,6 +237,11 @@ class AffineBatchNorm(nn.Module):
     unbiased_var: Update the running variance with the unbiased batch variance `var * n / (n - 1)`
       (n values per channel, over every device of `axis_name`), as `torch.nn.BatchNorm2d` does;
       the batch itself is normalised with the biased `var` either way, as in PyTorch.
+
+  Called with a `mask` (as flax's BatchNorm takes one; `batch_statistics_over` passes it), the
+  batch statistics are over the positions where the mask is True only, and under `axis_name`
+  over those of every device, however many each device holds (flax's pmean of per-device
+  means would weight the devices equally); n counts only those positions.
   """
 
   use_running_average: bool = False
@@ -246,8 +252,11 @@ class AffineBatchNorm(nn.Module):
   unbiased_var: bool = False
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """Normalises `x` `[..., c]` per channel; returns `[..., c]` in `dtype`."""
+  def __call__(self, x: jnp.ndarray, *, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Normalises `x` `[..., c]` per channel; returns `[..., c]` in `dtype`.
+
+    `mask`: None, or a bool array broadcastable to `x`: the positions the batch statistics
+    are taken over (the others are normalised with them too)."""
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
@@ -258,25 +267,87 @@ class AffineBatchNorm(nn.Module):
     else:
       xf = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
-      moments = jnp.stack([jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes)])
-      if self.axis_name is not None and not self.is_initializing():
-        moments = lax.pmean(moments, self.axis_name)
+      axis_name = None if self.is_initializing() else self.axis_name
+      count = None
+      if mask is None:
+        moments = jnp.stack([jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes)])
+        if axis_name is not None:
+          moments = lax.pmean(moments, axis_name)
+      else:
+        moments, count = _masked_moments(xf, mask, axis_name)
       mean, var = moments[0], jnp.maximum(0.0, moments[1] - jnp.square(moments[0]))
       if not self.is_initializing():
+        running_var = self._running(var, x, count)
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * self._running(var, x)
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * running_var
     a = scale * lax.rsqrt(var + self.epsilon)
     b = bias - mean * a
     return (x.astype(self.dtype) * a.astype(self.dtype) + b.astype(self.dtype)).astype(self.dtype)
 
-  def _running(self, var: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-    """The batch variance that enters the running average: `var`, or `var * n / (n - 1)`."""
+  def _running(self, var: jnp.ndarray, x: jnp.ndarray, count: jnp.ndarray | None) -> jnp.ndarray:
+    """The batch variance that enters the running average: `var`, or `var * n / (n - 1)` with
+    `n` the values per channel (`count`, over every device, when the statistics were masked)."""
     if not self.unbiased_var:
       return var
+    if count is not None:
+      return var * (count / jnp.maximum(count - 1, 1))
     n = x.size // x.shape[-1]
     if self.axis_name is not None:
       n = n * lax.psum(1, self.axis_name)
     return var * (n / jnp.maximum(n - 1, 1))
+
+
+def _masked_moments(
+  x: jnp.ndarray, mask: jnp.ndarray, axis_name: str | None
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`[E[x], E[x^2]]` per channel (`[2, c]`) over the positions where `mask` is True (summed
+  over `axis_name` before dividing) and their count per channel (`[c]`, float32)."""
+  axes = tuple(range(x.ndim - 1))
+  weight = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
+  sums = jnp.stack([jnp.sum(x * weight, axes), jnp.sum(jnp.square(x) * weight, axes)])
+  count = jnp.sum(weight, axes)
+  if axis_name is not None:
+    sums, count = lax.psum((sums, count), axis_name)
+  return sums / jnp.maximum(count, 1.0), count
+
+
+@contextlib.contextmanager
+def batch_statistics_over(rows: jnp.ndarray) -> Iterator[set[tuple[str, ...]]]:
+  """Within it, each BatchNorm that normalises by batch statistics takes them over `rows` only.
+
+  `rows` is `[n]` bool over the batch axis of the modules' inputs (the valid rows of a padded
+  batch, `config.last_batch='masked'`): as PyTorch's BatchNorm computes the statistics of a
+  partial batch over its own rows, the padding enters neither the normalisation nor the
+  running averages. It reaches `AffineBatchNorm` and `flax.linen.BatchNorm` (each is given
+  `mask=`, through a flax method interceptor, so no model's code changes); under a mapped
+  `axis_name` only `AffineBatchNorm`, which weights each device by its rows (flax's BatchNorm
+  averages per-device means, which is wrong when the devices hold different numbers of valid
+  rows: a ValueError says so when it is called).
+
+  Yields the set of the scope paths of the BatchNorm modules it reached, filled as the model
+  runs (traces), so the caller can check that no other module kept batch statistics (an NNX
+  BatchNorm, a hand-written one).
+  """
+  reached = set()
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or not isinstance(module, nn.BatchNorm | AffineBatchNorm):
+      return next_fun(*args, **kwargs)
+    if isinstance(module, nn.BatchNorm) and module.axis_name is not None:
+      raise ValueError(
+        "Masked BatchNorm statistics (config.last_batch='masked') under parallelism=pmap need "
+        "lpe's AffineBatchNorm, which weights each device by its valid rows, but this model uses "
+        'flax.linen.BatchNorm; set bn_unbiased_var=True or conv_impl=cpu (both use '
+        'AffineBatchNorm), parallelism=jit, or last_batch=drop.'
+      )
+    reached.add(tuple(module.scope.path))
+    x = args[0]
+    kwargs = dict(kwargs, mask=rows.reshape(rows.shape[0], *(1,) * (x.ndim - 1)))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield reached
 
 
 def batch_norm(
