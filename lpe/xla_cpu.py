@@ -27,7 +27,7 @@ about 1.3 of 2 cores busy, so there `configure` also gives the process one host 
 it may run on (`--xla_force_host_platform_device_count`), and the trainer splits a batch over
 them where the models are large enough to gain (`lpe.parallel.choose_devices`,
 `config.cpu_devices`; 1.6-2.0x per step on 2 cores). Under 'ynn_dots' (AVX2) Eigen's
-convolutions already fill every core and a split gained -22% to +7%, so the process keeps one
+convolutions already fill every core and a split gained -22% to +9%, so the process keeps one
 device (docs/performance.md, "Every core"). `LPE_CPU_DEVICES` sets the count either way (1: one
 device, as plain JAX). On GPUs and TPUs the host devices go unused.
 """
