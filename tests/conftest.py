@@ -5,15 +5,7 @@ import pathlib
 
 from lpe import xla_cpu
 
-xla_cpu.configure()  # Before any test imports JAX: the suite runs with the trainer's flags,
-# compiled at LLVM optimisation level 0: most of the suite's time is XLA compiling its many small
-# programs, and level 0 halves that (tests/test_train.py: 102 -> 52 s of compilation). XLA's own
-# optimisations of the computation still run and the convolutions and dots are the same library
-# kernels; the whole suite passes either way. LPE_TEST_OPTIMIZED=1 compiles as the trainer does.
-if os.environ.get('LPE_TEST_OPTIMIZED', '') != '1':
-  os.environ['XLA_FLAGS'], _ = xla_cpu.merge_flags(
-    os.environ.get('XLA_FLAGS', ''), ('--xla_backend_optimization_level=0',)
-  )
+xla_cpu.configure()  # Before any test imports JAX: the suite runs with the trainer's flags.
 
 # One persistent XLA compilation cache for the suite's processes (pytest-xdist's workers and
 # the launch.py runs the tests start, which inherit the environment): the same steps compile once.
