@@ -14,11 +14,14 @@ with momentum 0.9 and weight decay 5e-4, the student's convs as `config.conv_imp
 them); the PyTorch twins are in benchmarks/cpu_vs_torch_torch.py.
 
 Every side runs in its own long-lived process (JAX under the automatic XLA:CPU setting of
-`lpe.xla_cpu`, JAX under each `--settings` value, optionally JAX from another checkout with
+`lpe.xla_cpu` with the trainer's device choice (`[2 dev]`: the batch split over 2 host devices,
+`lpe.train.devices`), the same on one device (`LPE_CPU_DEVICES=1`; `--no-one-device` skips it),
+JAX under each `--settings` value (also on one device), optionally JAX from another checkout with
 `--before`, and PyTorch with its default threads): each compiles or builds all rows once, then
 the driver asks them in turn for `--reps` steps of one row, for `--rounds` rounds, so the load of
 a shared machine falls on all sides alike. Reported: the median wall time per step (ms) and the
-ratio of JAX (automatic setting) to PyTorch. The header gives the processor's vector ISA, the
+ratio of JAX (automatic setting) to PyTorch at its default threads (the headline: PyTorch as
+users run it); `--torch-one-thread` adds PyTorch on one thread as a footnote column. The header gives the processor's vector ISA, the
 setting chosen and the load average. Nothing is asserted.
 
 `--avx2` emulates a processor without AVX-512 as far as flags allow: XLA's own code generation
