@@ -21,8 +21,8 @@ JAX under each `--settings` value (also on one device), optionally JAX from anot
 the driver asks them in turn for `--reps` steps of one row, for `--rounds` rounds, so the load of
 a shared machine falls on all sides alike. Reported: the median wall time per step (ms) and the
 ratio of JAX (automatic setting) to PyTorch at its default threads (the headline: PyTorch as
-users run it); `--torch-one-thread` adds PyTorch on one thread as a footnote column. The header gives the processor's vector ISA, the
-setting chosen and the load average. Nothing is asserted.
+users run it); `--torch-one-thread` adds PyTorch on one thread as a footnote column. The header
+gives the processor's vector ISA, the setting chosen and the load average. Nothing is asserted.
 
 `--avx2` emulates a processor without AVX-512 as far as flags allow: XLA's own code generation
 (`--xla_cpu_max_isa=AVX2`), PyTorch's ATen kernels (`ATEN_CPU_CAPABILITY=avx2`) and oneDNN
