@@ -184,7 +184,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   if config.last_batch == 'masked':  # A student whose statistics it cannot mask stops here.
     step.check_masked_batch_statistics(student, info.image_shape)
   place = parallel.Placement(config.parallelism, devices(config, info, student, loaded))
-  preflight.validate(config, len(place.devices))
   logging.info(
     'Training on %d of %d %s devices (%s).',
     len(place.devices),
@@ -264,9 +263,14 @@ def devices(
       return False
     return True
 
-  return parallel.choose_devices(
+  chosen = parallel.choose_devices(
     config.cpu_devices, feed_lib.step_batch_size(config), flops_per_example, fits
   )
+  # The chosen count was checked by `fits` (or, at the fixed count, by `train_and_evaluate`); a
+  # count forced by `config.cpu_devices` is checked here, to say why it cannot run.
+  if config.cpu_devices and len(chosen) != parallel.fixed_device_count():
+    preflight.validate(config, len(chosen))
+  return chosen
 
 
 def _build_student(config: ml_collections.ConfigDict, info: data.DatasetInfo, dtype) -> Any:
