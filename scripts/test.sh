@@ -12,4 +12,4 @@ fi
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
 # One worker per core (pytest-xdist); `-m quick` picks the inner-loop subset.
-.venv/bin/python -m pytest -q -n auto --durations=25 "$@"
+.venv/bin/python -m pytest -q -n auto --dist loadgroup --durations=25 "$@"

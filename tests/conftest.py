@@ -44,6 +44,9 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if item.path.name in QUICK_FILES:
       item.add_marker(pytest.mark.quick)
+  # The whole runs first and the many short unit tests last, so that pytest-xdist's workers
+  # finish together instead of one waiting for a long run handed out at the end.
+  items.sort(key=lambda item: item.path.name in QUICK_FILES)
 
 
 TRAIN_SIZE, TEST_SIZE = 512, 130  # The test split does not divide by typical batch sizes.
@@ -111,30 +114,11 @@ def teacher_dir(fashion_data_dir, tmp_path_factory) -> str:
   return workdir
 
 
-@pytest.fixture(scope='module')
-def persistent_compilation_cache(request):
-  """JAX's persistent compilation cache, in .pytest_cache, for a module of many small runs.
-
-  A short run is nearly all compiling (each parameter shape's init, the train and eval steps),
-  and runs of the same shapes compile the same programs, so with the cache the module runs
-  several times faster. It is not pruned (a size limit needs the `filelock` package):
-  `pytest --cache-clear` empties it.
-  """
-  import jax  # Here, not at the top: nothing in conftest imports jax before the tests do.
-  from jax.experimental.compilation_cache import compilation_cache
-
-  options = {
-    'jax_compilation_cache_dir': str(request.config.cache.mkdir('jax_compilation_cache')),
-    'jax_persistent_cache_min_compile_time_secs': 0.0,  # Most compiles are small init ops.
-  }
-  previous = {name: getattr(jax.config, name) for name in options}
-  for name, value in options.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()  # Takes the new directory even if JAX already compiled.
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+@pytest.fixture(scope='session')
+def compile_cache() -> str:
+  """The suite's one persistent XLA compilation cache (set above), for the processes a test
+  starts with an environment of its own: every process of the suite compiles a program once."""
+  return os.environ['JAX_COMPILATION_CACHE_DIR']
 
 
 def _band_image(rng, label: int, height: int, width: int, channels: int) -> np.ndarray:

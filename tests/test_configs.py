@@ -3,10 +3,9 @@
 The one-step runs use `tfds.testing.mock_data` (16 random examples in each split), a batch of 8
 and one step per epoch: they check the whole path (data, train step, evaluation, export) and every
 model's shapes, not accuracy. A distilling config loads the model that its teacher's config
-exported, as the real runs do, so each teacher is compiled and run once for the whole file.
-
-Compiling is nearly all of it: with JAX's persistent compilation cache empty the file took 6 to
-8 minutes on 2 CPU cores shared with a training job, and about 2 minutes with the cache warm.
+exported, as the real runs do, so each teacher is compiled and run once for the whole file (one
+pytest-xdist group per teacher). Tracing and compiling are nearly all of it (about half each for
+the CIFAR ResNets with JAX's persistent compilation cache empty).
 """
 
 import functools
@@ -15,6 +14,7 @@ import importlib
 import json
 import os
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +145,7 @@ def _trained_config(name: str) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope='module')
-def run_one_step(tmp_path_factory, persistent_compilation_cache):
+def run_one_step(tmp_path_factory):
   """Runs a config for one step on mock data, once per config; returns `(workdir, rows)`."""
   root = tmp_path_factory.mktemp('runs')
   done = {}
@@ -190,7 +190,33 @@ def _trained_runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple
   return [(os.path.join(workdir, n), config.runs[n]) for n in names]
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+def _loaded_teacher(name: str) -> str | None:
+  """The teacher config whose exported run config `name` distils from, else None."""
+  config = _trained_config(name)
+  for run in _runs(config):
+    if _distilling(run) and run.teacher.checkpoint.startswith('runs/'):
+      return _teacher_config(run.teacher.model, run.dataset)
+  if config.get('teacher_checkpoint'):
+    return _teacher_config(config.runs.teacher.model, config.runs.teacher.dataset)
+  return None
+
+
+def _one_step_params() -> list:
+  """CONFIGS, each in the pytest-xdist group of the teacher it trains or loads, so that each
+  teacher trains once in the suite (`--dist loadgroup`, as scripts/test.sh runs it)."""
+  with warnings.catch_warnings():  # Collection time: `pytestmark`'s filter does not apply yet.
+    warnings.filterwarnings('ignore', 'the load_module', DeprecationWarning)
+    loaded = {name: _loaded_teacher(name) for name in CONFIGS}
+  teachers = set(loaded.values())
+  params = []
+  for name in CONFIGS:
+    group = loaded[name] or (name if name in teachers else None)
+    marks = [pytest.mark.xdist_group(f'teacher:{group}')] if group else []
+    params.append(pytest.param(name, marks=marks))
+  return params
+
+
+@pytest.mark.parametrize('name', _one_step_params())
 def test_config_trains_one_step(name, run_one_step):
   workdir, rows = run_one_step(name)
   trained = _trained_runs(_trained_config(name), workdir)

@@ -129,12 +129,6 @@ train.train_and_evaluate(config, workdir)
 """
 
 
-@pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory) -> str:
-  """A persistent XLA cache shared by this module's subprocesses: only the first compiles."""
-  return str(tmp_path_factory.mktemp('xla_cache'))
-
-
 def _popen(args: list[str], cache: str | None = None) -> subprocess.Popen:
   env = dict(os.environ, PYTHONUNBUFFERED='1', PYTHONPATH=REPO)
   if cache:  # The same executables as without the cache, so results stay bitwise equal.

@@ -141,11 +141,6 @@ def test_what_needs_the_split_in_memory_is_refused_with_streaming(small_config):
 # --- launch.py: ImageNet-like JPEGs, 1 and 2 processes, killed and resumed -----------------------
 
 
-@pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory) -> str:
-  return str(tmp_path_factory.mktemp('xla_cache'))
-
-
 def _launch(workdir, data_dir, cache, devices, extra=()) -> subprocess.Popen:
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'

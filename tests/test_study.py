@@ -157,7 +157,7 @@ def test_a_row_with_one_seed_so_far_shows_no_spread_and_no_interval():
 
 
 def test_quick_study_writes_the_page_and_resumes_from_its_ledger(
-  fashion_data_dir, tmp_path, monkeypatch, persistent_compilation_cache
+  fashion_data_dir, tmp_path, monkeypatch
 ):
   teacher = fashion_mnist_student.get_config()
   teacher.data_dir, teacher.num_epochs, teacher.steps_per_epoch_limit = fashion_data_dir, 1, 4
