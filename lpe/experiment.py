@@ -17,6 +17,7 @@ from lpe import (
   files,
   models,
   objectives,
+  parallel,
   preflight,
   report,
   state,
@@ -156,7 +157,7 @@ def _comparison_plan(
     plan.append((name, run))
   for name, run in plan:
     try:
-      preflight.validate(run, jax.device_count())
+      preflight.validate(run, parallel.fixed_device_count())
     except ValueError as error:
       raise ValueError(_in_run(str(error), name)) from error
     workdir_lib.check_config(run, os.path.join(workdir, name), resume=resume)

@@ -114,13 +114,6 @@ def teacher_dir(fashion_data_dir, tmp_path_factory) -> str:
   return workdir
 
 
-@pytest.fixture(scope='session')
-def compile_cache() -> str:
-  """The suite's one persistent XLA compilation cache (set above), for the processes a test
-  starts with an environment of its own: every process of the suite compiles a program once."""
-  return os.environ['JAX_COMPILATION_CACHE_DIR']
-
-
 def _band_image(rng, label: int, height: int, width: int, channels: int) -> np.ndarray:
   """Noise with a bright horizontal band whose height says the class (as `_write_idx`)."""
   image = rng.integers(0, 60, (height, width, channels)).astype(np.uint8)

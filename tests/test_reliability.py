@@ -129,14 +129,9 @@ train.train_and_evaluate(config, workdir)
 """
 
 
-def _popen(args: list[str], cache: str | None = None) -> subprocess.Popen:
+def _popen(args: list[str]) -> subprocess.Popen:
+  # The environment carries the suite's compilation cache (tests/conftest.py).
   env = dict(os.environ, PYTHONUNBUFFERED='1', PYTHONPATH=REPO)
-  if cache:  # The same executables as without the cache, so results stay bitwise equal.
-    env.update(
-      JAX_COMPILATION_CACHE_DIR=cache,
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-    )
   return subprocess.Popen(
     [sys.executable, *args],
     cwd=REPO,
@@ -164,7 +159,7 @@ def _signal_at(proc: subprocess.Popen, prefix: str, signum: int) -> str:
 
 
 def test_kill_preempt_and_resume_at_five_points_match_the_uninterrupted_run(
-  fashion_data_dir, reference, compile_cache, tmp_path
+  fashion_data_dir, reference, tmp_path
 ):
   """SIGTERM mid-epoch, SIGKILL between an epoch's checkpoint and its record, SIGKILL during a
   save, SIGKILL mid-epoch, then a clean finish: the parameters equal the uninterrupted run's
@@ -176,7 +171,7 @@ def test_kill_preempt_and_resume_at_five_points_match_the_uninterrupted_run(
   driver = ['-c', _DRIVER, workdir, json.dumps(overrides)]
 
   # 1. SIGTERM (preemption) through launch.py: saves the current step and exits with 143.
-  proc = _popen([*launch, *flags_], compile_cache)
+  proc = _popen([*launch, *flags_])
   out = _signal_at(proc, '[student] epoch 1/2 step 2/8', signal.SIGTERM)
   assert proc.returncode == 143, out
   saved = int(re.search(r'SIGTERM: saved step (\d+);', out).group(1))
@@ -184,13 +179,13 @@ def test_kill_preempt_and_resume_at_five_points_match_the_uninterrupted_run(
   assert 'run the same command to resume' in out
 
   # 2. SIGKILL after epoch 1's checkpoint is complete but before its metrics record.
-  out = _finish(_popen([*driver, 'record:1'], compile_cache))
+  out = _finish(_popen([*driver, 'record:1']))
   assert f'Resuming {workdir} from step {saved}.' in out and 'KILL before the record' in out, out
   assert 8 in _steps(workdir) and metrics_io.read_metrics(workdir) == []
 
   # 3. The resume writes epoch 1's record from checkpoint 8, then is SIGKILLed as the save of
   #    step 12 starts: orbax's tmp folder exists and must be ignored.
-  out = _finish(_popen([*driver, 'save:12'], compile_cache))
+  out = _finish(_popen([*driver, 'save:12']))
   assert 'epoch 1 record recovered' in out, out
   assert "'12.orbax-checkpoint-tmp'" in out.split('KILL during save:')[1].splitlines()[0], out
   assert max(_steps(workdir)) == 9
@@ -198,14 +193,14 @@ def test_kill_preempt_and_resume_at_five_points_match_the_uninterrupted_run(
   # 4. launch.py resumes from step 9 (steps 10-12 are replayed) and is SIGKILLed at step 14 or
   #    a little later: only the steps since the last *completed* save are lost (12's asynchronous
   #    save may still be in flight, so the run resumes from 9, 12 or 15).
-  proc = _popen([*launch, *flags_], compile_cache)
+  proc = _popen([*launch, *flags_])
   out = _signal_at(proc, '[student] epoch 2/2 step 6/8', signal.SIGKILL)
   assert proc.returncode == -signal.SIGKILL and f'Resuming {workdir} from step 9.' in out, out
   resumed = max(_steps(workdir))
   assert resumed in (9, 12, 15), out
 
   # 5. launch.py finishes.
-  proc = _popen([*launch, *flags_], compile_cache)
+  proc = _popen([*launch, *flags_])
   out = _finish(proc)
   assert proc.returncode == 0, out
   assert f'Resuming {workdir} from step {resumed}.' in out
@@ -603,7 +598,7 @@ echo '=== save'; $LAUNCH --workdir="$SMALL/run" 2>&1; echo "rc=$?"
 
 @pytest.mark.skipif(not _user_namespaces(), reason='needs unprivileged user namespaces (unshare)')
 def test_atomic_export_on_a_really_full_or_read_only_disk_stops_launch_in_one_line(
-  fashion_data_dir, reference, compile_cache, tmp_path
+  fashion_data_dir, reference, tmp_path
 ):
   """The same faults on real filesystems, in a user namespace of their own: a tmpfs mounted
   read-only, one with room for the run's checkpoints but not its exported model, and one too
@@ -622,7 +617,6 @@ def test_atomic_export_on_a_really_full_or_read_only_disk_stops_launch_in_one_li
     PYTHONPATH=REPO,
     SOURCE=reference,
     LAUNCH=shlex.join(launch),
-    JAX_COMPILATION_CACHE_DIR=compile_cache,
     **{k: str(v) for k, v in mounts.items()},
   )
   proc = subprocess.run(
@@ -738,7 +732,7 @@ def test_nan_step_with_skip_keeps_the_old_state_but_counts_the_step():
 
 
 def test_nan_stop_advice_resumes_from_the_last_good_checkpoint_with_a_lower_learning_rate(
-  fashion_data_dir, tmp_path, monkeypatch, compile_cache
+  fashion_data_dir, tmp_path, monkeypatch
 ):
   """The advice after a non-finite stop once did not work (a lower learning rate was refused as
   a config change); the command it names now resumes from the last good checkpoint."""
@@ -769,7 +763,7 @@ def test_nan_stop_advice_resumes_from_the_last_good_checkpoint_with_a_lower_lear
   del overrides['learning_rate']
   command = ['launch.py', '--config=configs/fashion_mnist_student.py', f'--workdir={workdir}']
   command += [f'--config.{k}={v}' for k, v in overrides.items()] + advice.group(1).split()
-  proc = _popen(command, compile_cache)
+  proc = _popen(command)
   out = _finish(proc)
   assert proc.returncode == 0, out
   assert f'Resuming {workdir} from step 3.' in out

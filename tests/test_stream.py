@@ -141,14 +141,10 @@ def test_what_needs_the_split_in_memory_is_refused_with_streaming(small_config):
 # --- launch.py: ImageNet-like JPEGs, 1 and 2 processes, killed and resumed -----------------------
 
 
-def _launch(workdir, data_dir, cache, devices, extra=()) -> subprocess.Popen:
+def _launch(workdir, data_dir, devices, extra=()) -> subprocess.Popen:
+  # The environment carries the suite's compilation cache (tests/conftest.py).
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  env.update(
-    JAX_COMPILATION_CACHE_DIR=cache,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-  )
   flags = [
     '--config=configs/fashion_mnist_student.py',
     f'--workdir={workdir}',
@@ -181,17 +177,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _processes(workdir, data_dir, cache, count: int) -> list[subprocess.Popen]:
+def _processes(workdir, data_dir, count: int) -> list[subprocess.Popen]:
   if count == 1:
-    return [_launch(workdir, data_dir, cache, 2)]
+    return [_launch(workdir, data_dir, 2)]
   cluster = [
     f'--config.distributed.coordinator_address=127.0.0.1:{_free_port()}',
     f'--config.distributed.num_processes={count}',
   ]
   return [
-    _launch(
-      workdir, data_dir, cache, 2 // count, [*cluster, f'--config.distributed.process_id={i}']
-    )
+    _launch(workdir, data_dir, 2 // count, [*cluster, f'--config.distributed.process_id={i}'])
     for i in range(count)
   ]
 
@@ -217,21 +211,19 @@ def _finish(procs: list[subprocess.Popen]) -> str:
   return outs[0]
 
 
-def test_imagenet_like_jpegs_stream_through_launch_killed_and_resumed(
-  tiny_images_dir, compile_cache, tmp_path
-):
+def test_imagenet_like_jpegs_stream_through_launch_killed_and_resumed(tiny_images_dir, tmp_path):
   """Uninterrupted on 1 process x 2 devices; killed mid-epoch and rerun on 1 process, and on 2
   processes x 1 device: every run ends with bitwise the same parameters."""
   steps = TINY_TRAIN // 16
   reference = tmp_path / 'reference'
-  out = _finish(_processes(reference, tiny_images_dir, compile_cache, 1))
+  out = _finish(_processes(reference, tiny_images_dir, 1))
   assert f'epoch 2/2 step {steps}/{steps}' in out, out
   for count in (1, 2):
     workdir = tmp_path / f'killed_{count}'
-    procs = _processes(workdir, tiny_images_dir, compile_cache, count)
+    procs = _processes(workdir, tiny_images_dir, count)
     out = _kill_at(procs, f'[student] epoch 2/2 step {steps - 1}/{steps}')
     assert procs[0].returncode == -signal.SIGKILL, out
-    out = _finish(_processes(workdir, tiny_images_dir, compile_cache, count))
+    out = _finish(_processes(workdir, tiny_images_dir, count))
     # From the last complete save (step 10's may have been cut short): mid-epoch 2 either way.
     assert any(f'Resuming {workdir} from step {s}.' in out for s in (8, 10)), out
     assert _equal(_params(workdir), _params(reference)), count
