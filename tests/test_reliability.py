@@ -643,7 +643,9 @@ def test_atomic_export_on_a_really_full_or_read_only_disk_stops_launch_in_one_li
   assert left.split()[-3:] == [str(s) for s in _steps(reference)], out
   assert 'Traceback' not in save and save.endswith('rc=1') and len(save.splitlines()) < 12, out
   assert (
-    f'Error: Could not write {mounts["SMALL"]}/run/checkpoints/3.orbax-checkpoint-tmp/' in save
+    # The path is the failed file's when orbax's error names it, else the workdir: which of
+    # orbax's threads fails first (and so which error is raised) varies from run to run.
+    f'Error: Could not write {mounts["SMALL"]}/run' in save
     and 'the disk is full (No space left on device); no checkpoint is saved' in save
   ), out
 
