@@ -228,6 +228,19 @@ def test_relational_losses_with_where_are_the_losses_of_those_rows_alone(loss, r
   np.testing.assert_allclose(np.asarray(grad)[where], expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('loss', [similarity_preserving_loss, rkd_loss, pkt_loss])
+@pytest.mark.parametrize('valid', [0, 1])
+def test_relational_losses_with_fewer_than_two_valid_rows_are_zero(loss, valid):
+  """A padded last batch with one real row (or none) has no relations to keep: the loss is 0 with
+  a zero gradient up to rounding, not NaN (RKD's mean distance over no pairs once made the run
+  stop)."""
+  s, t = _normal(42, 5, 3), _normal(43, 5, 4)
+  where = np.arange(5) < valid
+  value, grad = jax.jit(jax.value_and_grad(lambda x: loss(x, t, where=where)))(jnp.asarray(s))
+  assert abs(float(value)) < 1e-12
+  assert np.all(np.abs(np.asarray(grad)) < 1e-12) and np.all(np.asarray(grad)[valid:] == 0)
+
+
 def test_relational_losses_with_duplicate_and_zero_rows_match_reference():
   s = _normal(16, 5, 4)
   s[3] = s[1]

@@ -485,7 +485,7 @@ def _rkd_distances(x: jax.Array, pairs: jax.Array | None = None) -> jax.Array:
   square root's gradient finite (and cuts it where active) for coincident rows. Computed on
   `x / s` with `s` a power of two (and the clamp divided by `s^2`, floored at the smallest
   normal float32), which the mean normalisation cancels exactly. With `pairs` (`[n, n]` bool)
-  the other entries are 0 and out of the mean.
+  the other entries are 0 and out of the mean (all are 0 when no pair of distinct rows is in).
   """
   n = x.shape[0]
   scale = _power_of_two_scale(x)
@@ -495,8 +495,10 @@ def _rkd_distances(x: jax.Array, pairs: jax.Array | None = None) -> jax.Array:
   if pairs is not None:
     dist = jnp.where(pairs, dist, 0.0)
   positive = dist > 0
-  mean = jnp.sum(jnp.where(positive, dist, 0.0)) / jnp.sum(positive)
-  return dist / mean
+  # No positive entry (fewer than 2 rows in `pairs`): every distance is 0, and so is the result.
+  count = jnp.sum(positive)
+  mean = jnp.sum(jnp.where(positive, dist, 0.0)) / jnp.maximum(count, 1)
+  return dist / jnp.where(count > 0, mean, 1.0)
 
 
 def _rkd_angles(x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
@@ -545,7 +547,9 @@ def rkd_loss(
     distance_weight: weight of the distance term.
     angle_weight: weight of the angle term.
     where: optional `[n]` bool: the loss of the rows where it is True alone (the means over
-      their pairs and triples; fewer than 2 such rows have no distances, and give NaN).
+      their pairs and triples). Fewer than 2 such rows have no relations to keep: the loss is
+      0 with a zero gradient (as SP's and PKT's), so a padded last batch with one real row
+      trains on its other terms.
 
   Returns:
     Scalar float32 loss over the batch.
