@@ -173,8 +173,10 @@ class Evaluator:
   """`evaluator(variables)`: `evaluate` of the student with `variables`, with the run's split,
   batch, placement, teacher diagnostics, k and feature.
 
-  The placed batches and the teacher's outputs on them are computed once, at the first call:
-  the teacher is frozen, so every later evaluation runs the student only.
+  The teacher's outputs on every batch are computed once, at the first call, and kept (the
+  teacher is frozen, so every later evaluation runs the student only); the images are placed
+  again at each call rather than kept, so that a large split (ImageNet's validation images)
+  does not hold device memory between evaluations.
   """
 
   model: nn.Module
@@ -187,21 +189,27 @@ class Evaluator:
   feature: str = 'embedding'
 
   @functools.cached_property
-  def _batches(self) -> list[tuple[Batch, Any]]:
-    """The placed batches, each with the teacher's outputs on it (None without a teacher)."""
-    teacher_outputs = lambda images, labels, mask: None
-    if self.teacher is not None:
-      module, variables = self.teacher
-      step = functools.partial(teacher_step, module, info=self.info, feature=self.feature)
-      teacher_outputs = lambda images, labels, mask: step(variables, images)
-    return list(
-      forward_batches(teacher_outputs, self.split, self.batch_size, sharding=self.sharding)
+  def _teacher_outputs(self) -> list[Any]:
+    """The teacher's outputs on each placed batch."""
+    module, variables = self.teacher
+    step = functools.partial(teacher_step, module, info=self.info, feature=self.feature)
+    batches = forward_batches(
+      lambda images, labels, mask: step(variables, images),
+      self.split,
+      self.batch_size,
+      sharding=self.sharding,
     )
+    return [outputs for _, outputs in batches]
 
   def __call__(self, variables: dict[str, Any]) -> dict[str, float]:
     sums: dict[str, float] = {}
     embeddings: dict[str, list[np.ndarray]] = {'student_embedding': [], 'teacher_embedding': []}
-    for (images, labels, mask, host_mask), teacher_outputs in self._batches:
+    batches = placed_batches(self.split, self.batch_size, self.sharding)
+    if self.teacher is None:
+      batches = ((batch, None) for batch in batches)
+    else:
+      batches = zip(batches, self._teacher_outputs, strict=True)
+    for (images, labels, mask, host_mask), teacher_outputs in batches:
       out = eval_step(
         self.model,
         variables,

@@ -85,3 +85,32 @@ def test_evaluate_reports_diagnostics_against_a_teacher():
     model, variables, split, info=info, batch_size=20, teacher=(other, other_vars), k=3
   )
   assert diff['neighbourhood_preservation'] < 1.0 and 0.0 <= diff['cka'] <= 1.0
+
+
+def test_evaluator_keeps_the_teachers_outputs_not_the_images_between_calls():
+  """A run's evaluator is called every epoch: the frozen teacher's outputs are computed once and
+  kept, the images are placed again each time (a large split holds no memory between calls)."""
+  import jax
+  import jax.numpy as jnp
+
+  from lpe import data, evaluate, models
+
+  info = data.dataset_info('fashion_mnist')
+  rng = np.random.default_rng(1)
+  split = data.Split(
+    rng.integers(0, 255, (45, 28, 28, 1)).astype(np.uint8), rng.integers(0, 10, 45).astype(np.int32)
+  )
+  model = models.build('cnn_student', 10)
+  student = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  teacher = model.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
+  evaluator = evaluate.Evaluator(model, split, info, 20, teacher=(model, teacher), k=3)
+  first, again = evaluator(student), evaluator(student)
+  assert first == again
+  assert first == evaluate.evaluate(
+    model, student, split, info=info, batch_size=20, teacher=(model, teacher), k=3
+  )
+  fields = ('model', 'split', 'info', 'teacher')  # What it was given; the rest it keeps.
+  state = {name: value for name, value in vars(evaluator).items() if name not in fields}
+  kept = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array | np.ndarray)]
+  assert len(kept) == 2 * 3  # Logits and embedding of each of the 3 batches, no images.
+  assert all(x.shape[0] == 20 and x.ndim == 2 for x in kept)
