@@ -329,3 +329,37 @@ def test_unknown_name_lists_the_valid_ones():
 def test_names_lists_every_model():
   expected = {*CIFAR_MODELS, 'fitnet1', 'fitnet2', 'fitnet3', 'fitnet4', 'maxout_teacher'}
   assert expected <= set(names())
+
+
+# Conv kernels (a one-channel input, a pointwise and a depthwise conv), dense kernels.
+_KERNEL_SHAPES = [(3, 3, 1, 8), (1, 1, 24, 144), (3, 3, 1, 96), (512, 10), (1, 1)]
+
+
+def test_zoo_initializers_draw_bitwise_what_jax_initializers_draw():
+  """The zoo's initializers (flat draws cut to shape, `lpe.models.initializers`) give exactly
+  jax's values: He-normal over fan-out (the convs), LeCun normal (flax's default, the dense
+  layers) and PyTorch's uniform (a classifier's `torch_classifier_init`), for typed and raw keys."""
+  from lpe.models import initializers
+
+  pairs = [
+    (initializers.HE_NORMAL_FAN_OUT, nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')),
+    (initializers.LECUN_NORMAL, nn.initializers.lecun_normal()),
+    (initializers.uniform(0.25), lambda k, s, d: jax.random.uniform(k, s, d, -0.25, 0.25)),
+  ]
+  cases = [(shape, jnp.float32) for shape in _KERNEL_SHAPES] + [((3, 3, 4, 4), jnp.bfloat16)]
+  for key in (jax.random.key(3), jax.random.PRNGKey(4)):
+    for ours, theirs in pairs:
+      for shape, dtype in cases:
+        got, want = ours(key, shape, dtype), theirs(key, shape, dtype)
+        assert got.shape == want.shape and got.dtype == want.dtype, shape
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(shape))
+
+
+def test_zoo_initializers_draw_shapes_as_jax_does_with_another_generator():
+  """With a generator whose draws depend on their shape (`rbg`), the draw is of the shape itself:
+  still jax's values."""
+  from lpe.models import initializers
+
+  key = jax.random.key(0, impl='rbg')
+  want = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')(key, (3, 3, 4, 8))
+  np.testing.assert_array_equal(initializers.HE_NORMAL_FAN_OUT(key, (3, 3, 4, 8)), want)

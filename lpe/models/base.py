@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lpe.models import initializers
 from lpe.models.layers import Dtype, ModelOutput, ModuleDef, batch_norm, conv
 
 
@@ -41,14 +42,7 @@ def torch_linear_init(fan_in: int) -> Callable[..., jax.Array]:
 
   (`kaiming_uniform_(a=sqrt(5))` gives the kernel that bound, and PyTorch draws the bias with it.)
   """
-  return _uniform(1.0 / math.sqrt(fan_in))
-
-
-def _uniform(bound: float) -> Callable[..., jax.Array]:
-  def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+  return initializers.uniform(1.0 / math.sqrt(fan_in))
 
 
 class Model(nn.Module):
@@ -88,7 +82,7 @@ class Model(nn.Module):
     embedding, features = self.embed(x.astype(self.dtype), train)
     features['embedding'] = embedding
     x = self.before_classifier(embedding, train)
-    init = {}
+    init = {'kernel_init': initializers.LECUN_NORMAL}  # Flax's default, drawn faster.
     if self.torch_classifier_init:
       init = dict.fromkeys(('kernel_init', 'bias_init'), torch_linear_init(x.shape[-1]))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name=self.classifier_name, **init)(x)

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lpe.models.base import Model
+from lpe.models.initializers import LECUN_NORMAL
 from lpe.models.layers import global_avg_pool, max_pool_2x2, maxout
 from lpe.models.registry import register
 
@@ -96,7 +97,12 @@ class MaxoutTeacher(Model):
       features[f'stage{i}'] = x
       x = max_pool_2x2(x, self.conv_impl)
     x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(self.dense_units * _MAXOUT_DENSE_PIECES, dtype=self.dtype, name='dense')(x)
+    x = nn.Dense(
+      self.dense_units * _MAXOUT_DENSE_PIECES,
+      dtype=self.dtype,
+      kernel_init=LECUN_NORMAL,
+      name='dense',
+    )(x)
     return maxout(x, _MAXOUT_DENSE_PIECES), features
 
 

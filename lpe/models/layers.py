@@ -29,15 +29,15 @@ from jax import lax
 # same up to float32 rounding); docs/performance_cpu_conv.md, docs/performance.md.
 # Parameters and their names are the same.
 from lpe.config import CONV_IMPLS
+from lpe.models import initializers
 
 ModuleDef = Any
 Dtype = Any
 # What every zoo model returns: logits `[n, classes]` and named features, always 'embedding'.
 ModelOutput = tuple[jnp.ndarray, dict[str, jnp.ndarray]]
 
-# He-normal over fan-out, as RepDistiller initialises its convs (kaiming_normal_(mode='fan_out')
-# or normal(0, sqrt(2 / (k * k * out_channels))), which is the same distribution).
-CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# He-normal over fan-out, as RepDistiller initialises its convs (`lpe.models.initializers`).
+CONV_INIT = initializers.HE_NORMAL_FAN_OUT
 
 
 def _opaque_identity(x: jnp.ndarray, token: jnp.ndarray) -> jnp.ndarray:

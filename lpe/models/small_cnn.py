@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lpe.models.base import Model
+from lpe.models.initializers import LECUN_NORMAL
 from lpe.models.layers import conv_general_dilated_fn, max_pool_2x2
 from lpe.models.registry import register
 
@@ -39,13 +40,20 @@ class SmallCNN(Model):
     for i, width in enumerate(self.widths):
       # Flax's default init and 'SAME' padding, not layers.conv: the core models predate the zoo.
       x = nn.Conv(
-        width, (3, 3), dtype=self.dtype, conv_general_dilated=conv_fn, name=f'conv{i + 1}'
+        width,
+        (3, 3),
+        dtype=self.dtype,
+        kernel_init=LECUN_NORMAL,
+        conv_general_dilated=conv_fn,
+        name=f'conv{i + 1}',
       )(x)
       x = nn.relu(x)
       x = max_pool_2x2(x, self.conv_impl)
       features[f'stage{i + 1}'] = x
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.embedding_width, dtype=self.dtype, name='embed')(x))
+    x = nn.relu(
+      nn.Dense(self.embedding_width, dtype=self.dtype, kernel_init=LECUN_NORMAL, name='embed')(x)
+    )
     return x, features
 
 
@@ -80,7 +88,9 @@ class BatchNormCNN(Model):
         x = max_pool_2x2(x, self.conv_impl)
       features[f'stage{i + 1}'] = x
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.embedding_width, dtype=self.dtype, name='embed')(x))
+    x = nn.relu(
+      nn.Dense(self.embedding_width, dtype=self.dtype, kernel_init=LECUN_NORMAL, name='embed')(x)
+    )
     return x, features
 
 
