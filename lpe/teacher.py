@@ -35,8 +35,10 @@ class Teacher:
 
 def feature_shapes(module: nn.Module, image_shape: tuple[int, ...]) -> dict[str, Any]:
   """The shapes of `module`'s named features for one image (no weights are needed)."""
-  x = jnp.zeros((1, *image_shape))
-  return jax.eval_shape(lambda: module.apply(module.init(jax.random.key(0), x), x))[1]
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  # One trace: `init_with_output` returns the forward pass's output beside the variables.
+  (_, features), _ = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x), x)
+  return features
 
 
 def check_compatible(
