@@ -155,12 +155,11 @@ def run_one_step(tmp_path_factory):
       config = _trained_config(name)
       for r in _runs(config):
         _shrink(r, str(root / 'tfds'))
-        if _distilling(r) and r.teacher.checkpoint.startswith('runs/'):
-          r.teacher.checkpoint = run(_teacher_config(r.teacher.model, r.dataset))[0]
+        if teacher := _exported_teacher(r):
+          r.teacher.checkpoint = run(teacher)[0]
         elif _distilling(r):  # A teacher converted from elsewhere: random weights of its model.
           r.teacher.checkpoint = _random_teacher(r, str(root / 'teachers'))
-      if config.get('teacher_checkpoint'):
-        teacher = _teacher_config(config.runs.teacher.model, config.runs.teacher.dataset)
+      if teacher := _compared_teacher(config):
         config.teacher_checkpoint = run(teacher)[0]
       workdir = str(root / name.replace(':', '_'))
       with tfds.testing.mock_data(num_examples=16):
@@ -190,15 +189,25 @@ def _trained_runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple
   return [(os.path.join(workdir, n), config.runs[n]) for n in names]
 
 
-def _loaded_teacher(name: str) -> str | None:
-  """The teacher config whose exported run config `name` distils from, else None."""
-  config = _trained_config(name)
-  for run in _runs(config):
-    if _distilling(run) and run.teacher.checkpoint.startswith('runs/'):
-      return _teacher_config(run.teacher.model, run.dataset)
+def _exported_teacher(run: ml_collections.ConfigDict) -> str | None:
+  """The teacher config whose exported run `run` distils from (its checkpoint under runs/)."""
+  if _distilling(run) and run.teacher.checkpoint.startswith('runs/'):
+    return _teacher_config(run.teacher.model, run.dataset)
+  return None
+
+
+def _compared_teacher(config: ml_collections.ConfigDict) -> str | None:
+  """The teacher config whose run a comparison loads as its teacher (`teacher_checkpoint`)."""
   if config.get('teacher_checkpoint'):
     return _teacher_config(config.runs.teacher.model, config.runs.teacher.dataset)
   return None
+
+
+def _loaded_teacher(name: str) -> str | None:
+  """The teacher config whose exported run config `name` distils from, else None."""
+  config = _trained_config(name)
+  teachers = [_exported_teacher(run) for run in _runs(config)] + [_compared_teacher(config)]
+  return next((t for t in teachers if t), None)
 
 
 def _one_step_params() -> list:
