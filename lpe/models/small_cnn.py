@@ -38,7 +38,8 @@ class SmallCNN(Model):
     features = {}
     conv_fn = conv_general_dilated_fn(self.conv_impl)
     for i, width in enumerate(self.widths):
-      # Flax's default init and 'SAME' padding, not layers.conv: the core models predate the zoo.
+      # Flax's default init (LeCun normal) and 'SAME' padding, not layers.conv: the core models
+      # predate the zoo.
       x = nn.Conv(
         width,
         (3, 3),
