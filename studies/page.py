@@ -462,6 +462,48 @@ def followup_table(
   return lines
 
 
+# The relational baselines (computed on the batch as a whole), and the LP rows compared with the
+# best of them.
+RELATIONAL_BASELINES = ('sp', 'rkd', 'pkt')
+
+
+def _is_lp(name: str) -> bool:
+  return name == 'lp' or name.startswith('lp_')
+
+
+def against_best_baseline(rows: dict[str, dict[str, Any]], alpha: float = 0.05) -> list[str]:
+  """Each LP row of a setting against its best relational baseline (SP, RKD or PKT, whichever
+  has the highest mean last-epoch accuracy over its seeds), paired by seed, with Holm's correction
+  over these comparisons. Empty without a baseline or an LP row."""
+  baselines = [n for n in RELATIONAL_BASELINES if n in rows]
+  lp_rows = [n for n in rows if _is_lp(n)]
+  if not baselines or not lp_rows:
+    return []
+  best = max(baselines, key=lambda n: statistics.fmean(_finite(rows[n]['last'])))
+  reference = rows[best]['last']
+  p_values = {n: paired_p_value(rows[n]['last'], reference) for n in lp_rows}
+  adjusted = holm_adjusted(p_values)
+  lines = [
+    f'Each LP row against the best relational baseline, {LABELS[best]} '
+    f'({_pct(reference)}; the best by its own mean over the final seeds, a choice on the test '
+    "split that favours the baseline), paired by seed, Holm's correction over these "
+    f'{len(lp_rows)} comparisons:',
+    '',
+    f'| method | last vs {LABELS[best]}, pp [95% CI] | p | Holm-adjusted p | '
+    f'verdict (Holm, {alpha:g}) |',
+    '|---|---:|---:|---:|---|',
+  ]
+  for name in lp_rows:
+    interval, _ = _interval(rows[name]['last'], reference)
+    mean = statistics.fmean(_finite(rows[name]['last'])) - statistics.fmean(_finite(reference))
+    adj = adjusted[name]
+    verdict = 'one seed' if math.isnan(adj) else 'not resolved'
+    if adj < alpha:
+      verdict = 'better' if mean > 0 else 'worse'
+    lines.append(f'| {LABELS[name]} | {interval} | {_p(p_values[name])} | {_p(adj)} | {verdict} |')
+  return lines
+
+
 def _p(p: float) -> str:
   return '-' if math.isnan(p) else f'{p:.3f}'
 
@@ -515,6 +557,8 @@ def write_followup_page(config, *, teacher, recipe, sweeps, finals, wall, pendin
     setting = config.settings[name]
     table = followup_table(rows, tuple(setting.get('reused', ())))
     lines += ['', f'## `{name}`: {setting.description}', '', *table]
+    comparison = against_best_baseline(rows)
+    lines += ['', *comparison] if comparison else []
     paired, curves = f'{stem}_{name}_paired.png', f'{stem}_{name}_curves.png'
     _plot_paired(rows, os.path.join(folder, paired))
     _plot_curves(

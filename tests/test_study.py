@@ -390,6 +390,30 @@ def test_holm_adjusts_step_down_and_keeps_the_order():
   assert math.isnan(study_page.paired_p_value([0.9], [0.8]))
 
 
+def test_lp_rows_are_compared_with_the_best_relational_baseline():
+  """The best relational baseline is the one with the highest mean; each LP row is paired with it
+  by seed, and Holm's correction runs over those comparisons alone."""
+
+  def row(last):
+    return {'last': last}
+
+  rows = {
+    'student': row([0.900, 0.901, 0.902]),
+    'sp': row([0.910, 0.911, 0.912]),
+    'rkd': row([0.915, 0.917, 0.916]),
+    'lp_l2': row([0.905, 0.906, 0.907]),
+    'lp': row([0.915, 0.916, 0.917]),
+    'neighbours_control': row([0.95, 0.95, 0.95]),
+  }
+  lines = study_page.against_best_baseline(rows)
+  text = '\n'.join(lines)
+  assert 'best relational baseline, RKD (91.60 ± 0.10' in text
+  assert '| LP, L2-normalised student | -1.00 [-1.25, -0.75] | 0.003 | 0.007 | worse |' in text
+  assert '| LP | +0.00 [-0.25, +0.25]' in text and 'not resolved' in text
+  assert 'control' not in text and len(lines) == 6  # Two LP rows, no other row.
+  assert study_page.against_best_baseline({'student': rows['student'], 'lp': rows['lp']}) == []
+
+
 def test_the_library_loads_neither_the_studies_nor_their_dependencies():
   """`studies` is a tool beside lpe: a training run imports none of it, nor scipy or matplotlib."""
   code = (
