@@ -1,4 +1,4 @@
-"""A model's cold `init` (as at the start of every run): the zoo's flat draws against jax's shaped draws.
+"""A model's cold `init`, as at the start of every run: the zoo's flat draws against shaped ones.
 
   .venv/bin/python benchmarks/init_time.py                 # ~3 min on 2 cores
   .venv/bin/python benchmarks/init_time.py --models=resnet56,MobileNetV2 --rounds=3
@@ -7,9 +7,9 @@ Each measurement is a fresh process with no persistent compilation cache (as a u
 it builds one zoo model and times `model.init` on one example, with the zoo's initializers as they
 are (`lpe.models.initializers`: every draw flat at a power-of-two size, cut to shape) and with the
 draws of each shape compiled for that shape, as jax's own initializers do (the same values: the
-last column says whether the variables' digests agree). Rounds alternate the two, so that the load of a shared
-machine falls on both. Reported: the median seconds per init and the ratio; the header gives the
-processor's vector ISA and the load average. Nothing is asserted.
+last column says whether the variables' digests agree). Rounds alternate the two, so that the
+load of a shared machine falls on both. Reported: the median seconds per init and the ratio; the
+header gives the processor's vector ISA and the load average. Nothing is asserted.
 """
 
 import argparse
