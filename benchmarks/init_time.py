@@ -1,6 +1,6 @@
 """A model's cold `init`, as at the start of every run: the zoo's flat draws against shaped ones.
 
-  .venv/bin/python benchmarks/init_time.py                 # ~3 min on 2 cores
+  .venv/bin/python benchmarks/init_time.py                 # ~6 min on 2 cores
   .venv/bin/python benchmarks/init_time.py --models=resnet56,MobileNetV2 --rounds=3
 
 Each measurement is a fresh process with no persistent compilation cache (as a user's run starts):
