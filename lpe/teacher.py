@@ -36,9 +36,12 @@ class Teacher:
 def feature_shapes(module: nn.Module, image_shape: tuple[int, ...]) -> dict[str, Any]:
   """The shapes of `module`'s named features for one image (no weights are needed)."""
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  # One trace: `init_with_output` returns the forward pass's output beside the variables.
-  (_, features), _ = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x), x)
-  return features
+  key = jax.random.key(0)
+  if isinstance(module, nn.Module):  # One trace: the forward pass's output beside the variables.
+    (_, features), _ = jax.eval_shape(lambda x: module.init_with_output(key, x), x)
+    return features
+  # Another model with `init` and `apply` (an NNX model through `lpe.models.nnx_adapter`).
+  return jax.eval_shape(lambda x: module.apply(module.init(key, x), x), x)[1]
 
 
 def check_compatible(
