@@ -13,6 +13,7 @@ import numpy as np
 from scipy import stats
 
 from lpe import files, objectives
+from lpe import methods as lpe_methods
 
 Records = list[dict[str, Any]]
 # A study's row labels.
@@ -447,10 +448,7 @@ def followup_table(
       interval, _ = _interval(s['last'], alone)
       mean = statistics.fmean(_finite(s['last'])) - statistics.fmean(_finite(alone))
       adj = adjusted[name]
-      verdict = 'one seed' if math.isnan(adj) else 'not resolved'
-      if adj < alpha:
-        verdict = 'better' if mean > 0 else 'worse'
-      cells = [interval, _p(p_values[name]), _p(adj), verdict]
+      cells = [interval, _p(p_values[name]), _p(adj), _verdict(adj, mean, alpha)]
     label = LABELS[name] + (' (reused)' if name in reused else '')
     if s['diverged']:
       label += f' ({s["diverged"]} of {len(s["last"])} seeds diverged)'
@@ -462,9 +460,21 @@ def followup_table(
   return lines
 
 
-# The relational baselines (computed on the batch as a whole), and the LP rows compared with the
-# best of them.
-RELATIONAL_BASELINES = ('sp', 'rkd', 'pkt')
+def _verdict(adjusted_p: float, mean: float, alpha: float) -> str:
+  """'better' or 'worse' when the Holm-adjusted p is under `alpha`, else 'not resolved' ('one
+  seed' when there is no p)."""
+  if math.isnan(adjusted_p):
+    return 'one seed'
+  if adjusted_p < alpha:
+    return 'better' if mean > 0 else 'worse'
+  return 'not resolved'
+
+
+# The relational baselines (computed on the batch as a whole, LP aside), against the best of which
+# the LP rows are compared; `studies.study` chooses among the same ones.
+RELATIONAL_BASELINES = tuple(
+  n for n, m in lpe_methods.METHODS.items() if m.relational and n != 'lp'
+)
 
 
 def _is_lp(name: str) -> bool:
@@ -497,9 +507,7 @@ def against_best_baseline(rows: dict[str, dict[str, Any]], alpha: float = 0.05) 
     interval, _ = _interval(rows[name]['last'], reference)
     mean = statistics.fmean(_finite(rows[name]['last'])) - statistics.fmean(_finite(reference))
     adj = adjusted[name]
-    verdict = 'one seed' if math.isnan(adj) else 'not resolved'
-    if adj < alpha:
-      verdict = 'better' if mean > 0 else 'worse'
+    verdict = _verdict(adj, mean, alpha)
     lines.append(f'| {LABELS[name]} | {interval} | {_p(p_values[name])} | {_p(adj)} | {verdict} |')
   return lines
 

@@ -63,7 +63,7 @@ METHODS = {
   'neighbours_control': Method(None, _ADDED),
   'lp_bank_warm': Method('distill.lp_weight', _WARM_BANK, scale_free=True),
 }
-RELATIONAL = tuple(n for n, m in methods.METHODS.items() if m.relational and n != 'lp')
+RELATIONAL = study_page.RELATIONAL_BASELINES
 GRAPH_VARIANTS = ('lp_neighbours', 'lp_bank')
 SCALE_INVARIANT = ('lp_l2', 'lp_mean')
 REPAIRED_GRAPH_VARIANTS = ('lp_neighbours_added', 'lp_bank_warm')

@@ -56,18 +56,24 @@ def test_linear_cka_invariances_and_range():
   assert diagnostics.linear_cka(x, y) == pytest.approx(want, rel=1e-9)
 
 
+def _random_split_and_student(seed: int):
+  """45 random Fashion-MNIST-shaped images with labels, the dataset's info, and cnn_student."""
+  from lpe import data, models
+
+  rng = np.random.default_rng(seed)
+  split = data.Split(
+    rng.integers(0, 255, (45, 28, 28, 1)).astype(np.uint8), rng.integers(0, 10, 45).astype(np.int32)
+  )
+  return split, data.dataset_info('fashion_mnist'), models.build('cnn_student', 10)
+
+
 def test_evaluate_reports_diagnostics_against_a_teacher():
   import jax
   import jax.numpy as jnp
 
-  from lpe import data, evaluate, models
+  from lpe import evaluate, models
 
-  info = data.dataset_info('fashion_mnist')
-  rng = np.random.default_rng(0)
-  split = data.Split(
-    rng.integers(0, 255, (45, 28, 28, 1)).astype(np.uint8), rng.integers(0, 10, 45).astype(np.int32)
-  )
-  model = models.build('cnn_student', 10)
+  split, info, model = _random_split_and_student(0)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   plain = evaluate.evaluate(model, variables, split, info=info, batch_size=20)
   assert set(plain) == {'accuracy', 'loss', 'num_examples'}
@@ -93,14 +99,9 @@ def test_evaluator_keeps_the_teachers_outputs_not_the_images_between_calls():
   import jax
   import jax.numpy as jnp
 
-  from lpe import data, evaluate, models
+  from lpe import evaluate
 
-  info = data.dataset_info('fashion_mnist')
-  rng = np.random.default_rng(1)
-  split = data.Split(
-    rng.integers(0, 255, (45, 28, 28, 1)).astype(np.uint8), rng.integers(0, 10, 45).astype(np.int32)
-  )
-  model = models.build('cnn_student', 10)
+  split, info, model = _random_split_and_student(1)
   student = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   teacher = model.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
   evaluator = evaluate.Evaluator(model, split, info, 20, teacher=(model, teacher), k=3)

@@ -43,7 +43,7 @@ def _fans(shape: tuple[int, ...]) -> tuple[float, float]:
   if len(shape) < 2:
     raise ValueError(f'A kernel has at least 2 dimensions, [..., in, out]; got shape {shape}.')
   in_size, out_size = shape[-2], shape[-1]
-  receptive_field_size = math.prod(shape) / in_size / out_size / 1
+  receptive_field_size = math.prod(shape) / in_size / out_size
   return in_size * receptive_field_size, out_size * receptive_field_size
 
 
