@@ -13,7 +13,7 @@ to jax.monitoring's compile events and adds each one's duration to the test that
 (lowering). Tests that start processes of their own (launch.py runs, the multi-device checks)
 show their whole time under "tests s" but none of their children's compilation. Printed: a
 markdown table per file, the slowest tests, and the totals, with the processor's vector ISA, the
-cores and the load. Nothing is asserted.
+cores and the load averages (1, 5, 15 minutes) before and after. Nothing is asserted.
 """
 
 import argparse
@@ -81,8 +81,11 @@ def _machine() -> str:
   sys.path.insert(0, str(ROOT))
   from lpe import xla_cpu  # noqa: PLC0415
 
-  load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
-  return f'processor ISA {xla_cpu.cpu_isa()}; {xla_cpu.usable_cores()} CPUs; load average {load}'
+  return f'processor ISA {xla_cpu.cpu_isa()}; {xla_cpu.usable_cores()} CPUs'
+
+
+def _load() -> str:
+  return ', '.join(f'{x:.1f}' for x in os.getloadavg())
 
 
 def _table(rows: dict[str, collections.Counter], key, title: str, limit: int | None) -> list[str]:
@@ -108,7 +111,7 @@ def main() -> None:
   env = dict(os.environ, **{OUT_ENV: out})
   if not args.warm:
     env['JAX_COMPILATION_CACHE_DIR'] = os.path.join(out, 'jax_compilation')
-  machine = _machine()
+  machine, load_before = _machine(), _load()
   command = [
     sys.executable,
     *('-m pytest -q -p benchmarks.suite_profile -p no:cacheprovider --dist loadgroup'.split()),
@@ -129,7 +132,7 @@ def main() -> None:
   for test, counts in per_test.items():
     per_file[test.split('::')[0]].update(counts)
   total = sum(per_file.values(), collections.Counter())
-  print(f'{machine}; {" ".join(command[1:])}')
+  print(f'{machine}; load average {load_before} before, {_load()} after; {" ".join(command[1:])}')
   print(f'pytest: {summary[-1].strip("= ") if summary else "no summary"}; {wall:.0f} s wall')
   print(
     f'Sum over tests: {total["tests"]:.0f} s; in the test processes XLA compilation '
