@@ -92,13 +92,32 @@ _USER_ERRORS = (
 
 class _LibraryErrorsInOneLine(std_logging.Filter):
   """Orbax logs each failure of its background threads with a traceback (hundreds of lines for
-  one full disk, before the run's own one-line error); keeps only their first lines."""
+  one full disk, before the run's own one-line error); keeps only their first lines. asyncio
+  logs one more when it collects an orbax write task whose exception nothing awaited (the save
+  had already failed): that one becomes a line too. Other libraries' errors stay whole."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if f'{os.sep}orbax{os.sep}' in record.pathname and record.levelno >= std_logging.ERROR:
-      record.msg, record.args = record.getMessage().strip().splitlines()[0][:300], ()
-      record.exc_info, record.exc_text = None, None
+    if record.levelno < std_logging.ERROR:
+      return True
+    orbax = f'{os.sep}orbax{os.sep}'
+    if orbax in record.pathname:
+      line = record.getMessage()
+    elif record.name == 'asyncio' and orbax in record.getMessage():
+      error = record.exc_info[1] if record.exc_info else None
+      line = f'orbax: a checkpoint write failed after the save had stopped: {error}'
+    else:
+      return True
+    record.msg, record.args = line.strip().splitlines()[0][:300], ()
+    record.exc_info, record.exc_text = None, None
     return True
+
+
+def _library_failures_in_one_line() -> None:
+  """Cuts orbax's failure reports (its log records, asyncio's and tensorstore's) to one line."""
+  one_line = _LibraryErrorsInOneLine()
+  std_logging.getLogger('absl').addFilter(one_line)
+  std_logging.getLogger('asyncio').addFilter(one_line)
+  sys.unraisablehook = _closed_loop_reported_once(sys.unraisablehook)
 
 
 def _closed_loop_reported_once(hook):
@@ -191,8 +210,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Progress goes to stdout; orbax's INFO is noise.
-    std_logging.getLogger('absl').addFilter(_LibraryErrorsInOneLine())
-    sys.unraisablehook = _closed_loop_reported_once(sys.unraisablehook)
+    _library_failures_in_one_line()
   try:
     if _MODE.value == 'evaluate':
       result = experiment.evaluate_and_save(

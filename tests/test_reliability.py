@@ -1008,7 +1008,7 @@ import _testcapi
 sys.argv = ['launch.py']
 import launch
 
-sys.unraisablehook = launch._closed_loop_reported_once(sys.unraisablehook)
+launch._library_failures_in_one_line()  # As launch.py's main does.
 
 
 def report(error):  # PyErr_WriteUnraisable with no object, as tensorstore does.
@@ -1048,3 +1048,51 @@ def test_closed_event_loop_reports_from_background_threads_are_cut_to_one_line()
   assert lines.count('orbax: more checkpoint writes failed after the save had stopped.') == 1, lines
   assert lines[-1] == 'OSError: another failure', lines  # Other reports stay whole.
   assert not [line for line in lines if 'Event loop is closed' in line], lines
+
+
+_UNRETRIEVED = r"""
+import asyncio, gc, sys
+sys.argv = ['launch.py']
+import launch
+
+launch._library_failures_in_one_line()  # As launch.py's main does.
+writes = {}
+for library in ('orbax', 'other'):  # A coroutine defined in each library's folder.
+  source = f'async def write():\n  raise ValueError("RESOURCE_EXHAUSTED: {library}\\nmore")\n'
+  exec(compile(source, f'/site-packages/{library}/serialization.py', 'exec'), namespace := {})
+  writes[library] = namespace['write']
+
+
+async def main():
+  tasks = [asyncio.ensure_future(write()) for write in writes.values()]
+  await asyncio.sleep(0.05)
+  tasks.clear()  # Collected with their exceptions never retrieved: asyncio logs each.
+  gc.collect()
+
+
+asyncio.run(main())
+"""
+
+
+def test_an_orbax_write_task_failing_unawaited_is_reported_in_one_line():
+  """After a failed save, asyncio logs each orbax write task whose exception nothing awaited
+  when the task is collected, with its traceback: a CI run of the full-disk test above printed
+  one after the run's own error. Here two such tasks, one defined in an orbax folder."""
+  proc = subprocess.run(
+    [sys.executable, '-c', _UNRETRIEVED],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stderr.strip().splitlines()  # Each log line may start with a logging prefix.
+  orbax = 'orbax: a checkpoint write failed after the save had stopped: RESOURCE_EXHAUSTED: orbax'
+  reported = [line for line in lines if 'orbax' in line]
+  assert len(reported) == 1 and reported[0].endswith(orbax), lines
+  # The other library's task keeps asyncio's whole report.
+  assert len([line for line in lines if 'never retrieved' in line]) == 1, lines
+  assert 'Traceback (most recent call last):' in lines, lines
+  error = lines.index('ValueError: RESOURCE_EXHAUSTED: other')
+  assert lines[error + 1] == 'more', lines
