@@ -49,6 +49,24 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: item.path.name in QUICK_FILES)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _temporary_files_under_pytests_base_temp(tmp_path_factory):
+  """Points tempfile, here and in the processes the tests start, at a folder under pytest's base
+  temp, which pytest prunes: tfds makes an empty temporary folder each time it opens a dataset
+  not prepared yet (`DatasetInfo.initialize_from_bucket`) and never removes it, hundreds a run."""
+  import tempfile
+
+  folder = str(tmp_path_factory.mktemp('tmp'))
+  saved = os.environ.get('TMPDIR'), tempfile.tempdir
+  os.environ['TMPDIR'], tempfile.tempdir = folder, folder
+  yield
+  if saved[0] is None:
+    os.environ.pop('TMPDIR')
+  else:
+    os.environ['TMPDIR'] = saved[0]
+  tempfile.tempdir = saved[1]
+
+
 TRAIN_SIZE, TEST_SIZE = 512, 130  # The test split does not divide by typical batch sizes.
 
 
