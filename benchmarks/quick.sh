@@ -10,5 +10,6 @@ start=$SECONDS
 .venv/bin/python benchmarks/input.py --quick --repeats=3 --calls=10
 .venv/bin/python benchmarks/loss_scaling.py --quick
 .venv/bin/python benchmarks/devices.py --steps=10
+.venv/bin/python benchmarks/import_time.py --rounds=2
 .venv/bin/python benchmarks/cpu_conv.py --quick ${TORCH_PYTHON:+--torch-python "$TORCH_PYTHON"}
 echo "benchmarks/quick.sh: $((SECONDS - start)) s in all"
