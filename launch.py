@@ -93,8 +93,13 @@ _USER_ERRORS = (
 class _LibraryErrorsInOneLine(std_logging.Filter):
   """Orbax logs each failure of its background threads with a traceback (hundreds of lines for
   one full disk, before the run's own one-line error); keeps only their first lines. asyncio
-  logs one more when it collects an orbax write task whose exception nothing awaited (the save
-  had already failed): that one becomes a line too. Other libraries' errors stay whole."""
+  logs more when it collects orbax write tasks whose exceptions nothing awaited (the save had
+  already failed): the first becomes one line, the rest are dropped. Other libraries' errors
+  stay whole."""
+
+  def __init__(self):
+    super().__init__()
+    self._unawaited_reported = threading.Event()
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno < std_logging.ERROR:
@@ -103,6 +108,9 @@ class _LibraryErrorsInOneLine(std_logging.Filter):
     if orbax in record.pathname:
       line = record.getMessage()
     elif record.name == 'asyncio' and orbax in record.getMessage():
+      if self._unawaited_reported.is_set():
+        return False
+      self._unawaited_reported.set()
       error = record.exc_info[1] if record.exc_info else None
       line = f'orbax: a checkpoint write failed after the save had stopped: {error}'
     else:
