@@ -92,27 +92,28 @@ _USER_ERRORS = (
 
 class _LibraryErrorsInOneLine(std_logging.Filter):
   """Orbax logs each failure of its background threads with a traceback (hundreds of lines for
-  one full disk, before the run's own one-line error); keeps only their first lines. asyncio
-  logs more when it collects orbax write tasks whose exceptions nothing awaited (the save had
-  already failed): the first becomes one line, the rest are dropped. Other libraries' errors
-  stay whole."""
+  one full disk, before the run's own one-line error); keeps only their first lines. After a
+  failed save asyncio also logs, with a traceback each, the write tasks and futures whose
+  exceptions nothing awaited (launch.py runs no asyncio of its own: they are orbax's): the first
+  becomes one line, the rest are dropped. Other libraries' errors stay whole."""
 
   def __init__(self):
     super().__init__()
-    self._unawaited_reported = threading.Event()
+    self._lock = threading.Lock()
+    self._asyncio_reported = False
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno < std_logging.ERROR:
       return True
-    orbax = f'{os.sep}orbax{os.sep}'
-    if orbax in record.pathname:
-      line = record.getMessage()
-    elif record.name == 'asyncio' and orbax in record.getMessage():
-      if self._unawaited_reported.is_set():
-        return False
-      self._unawaited_reported.set()
+    if record.name == 'asyncio':
+      with self._lock:
+        if self._asyncio_reported:
+          return False
+        self._asyncio_reported = True
       error = record.exc_info[1] if record.exc_info else None
-      line = f'orbax: a checkpoint write failed after the save had stopped: {error}'
+      line = record.getMessage().strip().splitlines()[0] + (f': {error}' if error else '')
+    elif f'{os.sep}orbax{os.sep}' in record.pathname:
+      line = record.getMessage()
     else:
       return True
     record.msg, record.args = line.strip().splitlines()[0][:300], ()
@@ -121,7 +122,8 @@ class _LibraryErrorsInOneLine(std_logging.Filter):
 
 
 def _library_failures_in_one_line() -> None:
-  """Cuts orbax's failure reports (its log records, asyncio's and tensorstore's) to one line."""
+  """Cuts orbax's failure reports (its log records, asyncio's and tensorstore's) to one line; with
+  --verbosity given, launch.py leaves them whole."""
   one_line = _LibraryErrorsInOneLine()
   std_logging.getLogger('absl').addFilter(one_line)
   std_logging.getLogger('asyncio').addFilter(one_line)

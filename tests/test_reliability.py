@@ -1056,17 +1056,17 @@ sys.argv = ['launch.py']
 import launch
 
 launch._library_failures_in_one_line()  # As launch.py's main does.
-writes = {}
-for library in ('orbax', 'other'):  # A coroutine defined in each library's folder.
-  source = f'async def write():\n  raise ValueError("RESOURCE_EXHAUSTED: {library}\\nmore")\n'
-  exec(compile(source, f'/site-packages/{library}/serialization.py', 'exec'), namespace := {})
-  writes[library] = namespace['write']
+source = 'async def write(name):\n  raise ValueError(f"RESOURCE_EXHAUSTED: {name}\\nmore")\n'
+exec(compile(source, '/site-packages/orbax/serialization.py', 'exec'), namespace := {})
+write = namespace['write']
 
 
 async def main():
-  tasks = [asyncio.ensure_future(write()) for write in (*writes.values(), writes['orbax'])]
+  futures = [asyncio.ensure_future(write('task'))]  # The shapes CI's full-disk runs printed.
+  futures.append(asyncio.gather(write('gathered 1'), write('gathered 2')))
+  futures.append(asyncio.ensure_future(write('task 2')))
   await asyncio.sleep(0.05)
-  tasks.clear()  # Collected with their exceptions never retrieved: asyncio logs each.
+  futures.clear()  # Collected with their exceptions never retrieved: asyncio logs each.
   gc.collect()
 
 
@@ -1074,10 +1074,10 @@ asyncio.run(main())
 """
 
 
-def test_an_orbax_write_task_failing_unawaited_is_reported_in_one_line():
-  """After a failed save, asyncio logs each orbax write task whose exception nothing awaited
-  when the task is collected, with its traceback: a CI run of the full-disk test above printed
-  one after the run's own error. Here three such tasks, two defined in an orbax folder."""
+def test_failed_writes_nothing_awaited_are_reported_in_one_line():
+  """After a failed save, asyncio logs each orbax write task or gathering future whose exception
+  nothing awaited, with its traceback, when it is collected: CI runs of the full-disk test above
+  printed one and three of them after the run's own error. Here three of both kinds."""
   proc = subprocess.run(
     [sys.executable, '-c', _UNRETRIEVED],
     cwd=REPO,
@@ -1088,11 +1088,6 @@ def test_an_orbax_write_task_failing_unawaited_is_reported_in_one_line():
   )
   assert proc.returncode == 0, proc.stderr
   lines = proc.stderr.strip().splitlines()  # Each log line may start with a logging prefix.
-  orbax = 'orbax: a checkpoint write failed after the save had stopped: RESOURCE_EXHAUSTED: orbax'
-  reported = [line for line in lines if 'orbax' in line]  # The first orbax task, the other not.
-  assert len(reported) == 1 and reported[0].endswith(orbax), lines
-  # The other library's task keeps asyncio's whole report.
-  assert len([line for line in lines if 'never retrieved' in line]) == 1, lines
-  assert 'Traceback (most recent call last):' in lines, lines
-  error = lines.index('ValueError: RESOURCE_EXHAUSTED: other')
-  assert lines[error + 1] == 'more', lines
+  assert len(lines) == 1, lines
+  line = r'(Task|_GatheringFuture) exception was never retrieved: RESOURCE_EXHAUSTED: [\w ]+'
+  assert re.search(line + '$', lines[0]), lines
