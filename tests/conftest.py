@@ -57,14 +57,10 @@ def _temporary_files_under_pytests_base_temp(tmp_path_factory):
   import tempfile
 
   folder = str(tmp_path_factory.mktemp('tmp'))
-  saved = os.environ.get('TMPDIR'), tempfile.tempdir
-  os.environ['TMPDIR'], tempfile.tempdir = folder, folder
-  yield
-  if saved[0] is None:
-    os.environ.pop('TMPDIR')
-  else:
-    os.environ['TMPDIR'] = saved[0]
-  tempfile.tempdir = saved[1]
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('TMPDIR', folder)
+    patch.setattr(tempfile, 'tempdir', folder)
+    yield
 
 
 TRAIN_SIZE, TEST_SIZE = 512, 130  # The test split does not divide by typical batch sizes.

@@ -1002,6 +1002,20 @@ def test_same_config_and_seed_give_the_same_metrics_and_parameters(
   assert _leaves_equal(_params(workdir), _params(reference))
 
 
+def _stderr_lines(script: str, check: bool = False) -> list[str]:
+  """The stderr lines of `script` run by a fresh Python that imports this repository's modules."""
+  proc = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert not check or proc.returncode == 0, proc.stderr
+  return proc.stderr.strip().splitlines()
+
+
 _CLOSED_LOOP = r"""
 import sys, threading
 import _testcapi
@@ -1036,15 +1050,7 @@ def test_closed_event_loop_reports_from_background_threads_are_cut_to_one_line()
   save) as unraisable exceptions from its own threads: a CI run of the full-disk test above
   printed dozens of such tracebacks. Here the same C call, from a thread and the main thread."""
   pytest.importorskip('_testcapi')
-  proc = subprocess.run(
-    [sys.executable, '-c', _CLOSED_LOOP],
-    cwd=REPO,
-    env=dict(os.environ, PYTHONPATH=REPO),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  lines = proc.stderr.strip().splitlines()
+  lines = _stderr_lines(_CLOSED_LOOP)
   assert lines.count('orbax: more checkpoint writes failed after the save had stopped.') == 1, lines
   assert lines[-1] == 'OSError: another failure', lines  # Other reports stay whole.
   assert not [line for line in lines if 'Event loop is closed' in line], lines
@@ -1056,9 +1062,10 @@ sys.argv = ['launch.py']
 import launch
 
 launch._library_failures_in_one_line()  # As launch.py's main does.
-source = 'async def write(name):\n  raise ValueError(f"RESOURCE_EXHAUSTED: {name}\\nmore")\n'
-exec(compile(source, '/site-packages/orbax/serialization.py', 'exec'), namespace := {})
-write = namespace['write']
+
+
+async def write(name):
+  raise ValueError(f'RESOURCE_EXHAUSTED: {name}\nmore')
 
 
 async def main():
@@ -1077,17 +1084,8 @@ asyncio.run(main())
 def test_failed_writes_nothing_awaited_are_reported_in_one_line():
   """After a failed save, asyncio logs each orbax write task or gathering future whose exception
   nothing awaited, with its traceback, when it is collected: CI runs of the full-disk test above
-  printed one and three of them after the run's own error. Here three of both kinds."""
-  proc = subprocess.run(
-    [sys.executable, '-c', _UNRETRIEVED],
-    cwd=REPO,
-    env=dict(os.environ, PYTHONPATH=REPO),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert proc.returncode == 0, proc.stderr
-  lines = proc.stderr.strip().splitlines()  # Each log line may start with a logging prefix.
+  printed one and three of them after the run's own error. Here two tasks and a gather."""
+  lines = _stderr_lines(_UNRETRIEVED, check=True)  # A log line may start with a prefix.
   assert len(lines) == 1, lines
   line = r'(Task|_GatheringFuture) exception was never retrieved: RESOURCE_EXHAUSTED: [\w ]+'
   assert re.search(line + '$', lines[0]), lines
