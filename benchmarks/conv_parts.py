@@ -25,7 +25,6 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -54,7 +53,7 @@ def _jax_parts():
   sys.path.insert(0, str(ROOT))
   from lpe import xla_cpu
 
-  print(f'setting {xla_cpu.configure().describe()}', flush=True)
+  setting = xla_cpu.configure().describe()
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -91,7 +90,7 @@ def _jax_parts():
     fn, args = parts[key]
     jax.block_until_ready(fn(*args))
 
-  return call, f'jax {jax.__version__}'
+  return call, f'jax {jax.__version__}; {setting}'
 
 
 def _torch_parts():
@@ -124,46 +123,19 @@ def _torch_parts():
 
 
 def run_worker(side: str) -> None:
-  """Prepares every part, prints `ready ...`, then answers lines `CONV|PART|REPS` with timings."""
+  """Prepares every part, prints `ready ...`, then answers lines `CONV|PART REPS` with timings (the
+  protocol of benchmarks/cpu_vs_torch.py's workers, whose `Side` drives these)."""
   call, ready = _jax_parts() if side == 'jax' else _torch_parts()
   print(f'ready {ready}', flush=True)
   for line in sys.stdin:
-    name, part, reps = line.rstrip('\n').split('|')
+    key, reps = line.rstrip('\n').rsplit(' ', 1)
     walls, cpus = [], []
     for _ in range(int(reps)):
       t0, c0 = time.perf_counter(), time.process_time()
-      call((name, part))
+      call(tuple(key.split('|')))
       walls.append(time.perf_counter() - t0)
       cpus.append(time.process_time() - c0)
     print(json.dumps({'wall': walls, 'cpu': cpus}), flush=True)
-
-
-class Side:
-  """A long-lived worker process of one side."""
-
-  def __init__(self, label: str, side: str, python: str):
-    self.label = label
-    cmd = [python, __file__, '--worker', side]
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self.ready = ''
-    for line in self.proc.stdout:
-      if line.startswith('setting '):
-        self.ready = line.split(' ', 1)[1].strip() + '; '
-      elif line.startswith('ready '):
-        self.ready += line.split(' ', 1)[1].strip()
-        break
-    else:
-      hint = ' (is torch installed there? pass --torch-python)' if side == 'torch' else ''
-      raise RuntimeError(f'the {label} worker ({python}) stopped before it was ready{hint}')
-
-  def time(self, name: str, part: str, reps: int) -> dict:
-    self.proc.stdin.write(f'{name}|{part}|{reps}\n')
-    self.proc.stdin.flush()
-    return json.loads(self.proc.stdout.readline())
-
-  def close(self) -> None:
-    self.proc.stdin.close()
-    self.proc.wait()
 
 
 def main() -> None:
@@ -176,25 +148,36 @@ def main() -> None:
   if args.worker:
     run_worker(args.worker)
     return
-  sys.path.insert(0, str(ROOT))
+  sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
+  from cpu_vs_torch import Side  # The same long-lived workers, taking turns.
+
   from lpe.xla_cpu import cpu_flags, cpu_isa
 
   start, load_before = time.perf_counter(), os.getloadavg()[0]
-  sides = [Side('JAX', 'jax', sys.executable), Side('PyTorch', 'torch', args.torch_python)]
-  times = {}
+  keys = [f'{name}|{part}' for name, *_ in CONVS for part in PARTS]
+  sides = []
+  for label, side, python in (
+    ('JAX', 'jax', sys.executable),
+    ('PyTorch', 'torch', args.torch_python),
+  ):
+    sides.append(Side(label, [python, __file__, '--worker', side], dict(os.environ), keys))
+    try:
+      sides[-1].wait_until_ready()
+    except RuntimeError:
+      hint = ' (is torch installed there? pass --torch-python)' if side == 'torch' else ''
+      raise RuntimeError(
+        f'the {label} worker ({python}) stopped before it was ready{hint}'
+      ) from None
   for _ in range(args.rounds):
-    for name, *_ in CONVS:
-      for part in PARTS:
-        for side in sides:
-          got = times.setdefault((side.label, name, part), {'wall': [], 'cpu': []})
-          for key, values in side.time(name, part, args.reps).items():
-            got[key].extend(values)
+    for key in keys:
+      for side in sides:
+        side.time(key, args.reps)
   for side in sides:
     side.close()
   vector = ' '.join(f for f in ('avx512f', 'avx2', 'fma', 'amx_tile') if f in cpu_flags())
   print(f'processor ISA {cpu_isa()} ({vector}); {os.cpu_count()} CPUs, {platform.machine()}')
   for side in sides:
-    print(f'- {side.label}: {side.ready}')
+    print(f'- {side.label}: {side.banner.removeprefix("ready ")}')
   print()
   columns = 'JAX ms (CPU ms) | PyTorch ms (CPU ms) | JAX / PyTorch'
   print(f'| conv (batch 128) | in a step | part | {columns} |')
@@ -205,10 +188,10 @@ def main() -> None:
       if name.startswith('stem') and part == 'input grad':
         continue  # A step never needs the images' gradient.
       cells = []
-      for label in ('JAX', 'PyTorch'):
-        got = times[label, name, part]
-        wall, cpu = statistics.median(got['wall']) * 1e3, statistics.median(got['cpu']) * 1e3
-        totals[label, part] += count * wall
+      for side in sides:
+        key = f'{name}|{part}'
+        wall, cpu = statistics.median(side.times[key]) * 1e3, statistics.median(side.cpu[key]) * 1e3
+        totals[side.label, part] += count * wall
         cells.append((wall, cpu))
       (jw, jc), (tw, tc) = cells
       print(
