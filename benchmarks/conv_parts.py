@@ -49,7 +49,7 @@ def _out_size(size: int, kernel: int, stride: int) -> int:
 
 
 def _jax_parts():
-  """{(conv, part): (jitted function, arguments)} on lpe's CPU conv."""
+  """Compiles every part on lpe's CPU conv; returns `call((conv, part))` and a banner."""
   sys.path.insert(0, str(ROOT))
   from lpe import xla_cpu
 
@@ -94,7 +94,7 @@ def _jax_parts():
 
 
 def _torch_parts():
-  """The same parts in PyTorch, at its default threads."""
+  """The same parts in PyTorch at its default threads; returns `call((conv, part))` and a banner."""
   import torch
 
   torch.manual_seed(0)
