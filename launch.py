@@ -19,6 +19,7 @@ from lpe import xla_cpu
 xla_cpu.configure()  # XLA:CPU flags for this processor; XLA reads them once, when JAX starts.
 
 import ast  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging as std_logging  # noqa: E402
 import os  # noqa: E402
@@ -90,6 +91,12 @@ _USER_ERRORS = (
 )
 
 
+def _first_call_only():
+  """A function that returns True on its first call and False on every later one, from any
+  thread (a lock taken once and never released)."""
+  return functools.partial(threading.Lock().acquire, False)
+
+
 class _LibraryErrorsInOneLine(std_logging.Filter):
   """Orbax logs each failure of its background threads with a traceback (hundreds of lines for
   one full disk, before the run's own one-line error); keeps only their first lines. After a
@@ -99,17 +106,14 @@ class _LibraryErrorsInOneLine(std_logging.Filter):
 
   def __init__(self):
     super().__init__()
-    self._lock = threading.Lock()
-    self._asyncio_reported = False
+    self._first_asyncio_error = _first_call_only()
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno < std_logging.ERROR:
       return True
     if record.name == 'asyncio':
-      with self._lock:
-        if self._asyncio_reported:
-          return False
-        self._asyncio_reported = True
+      if not self._first_asyncio_error():
+        return False
       error = record.exc_info[1] if record.exc_info else None
       line = record.getMessage().strip().splitlines()[0] + (f': {error}' if error else '')
     elif f'{os.sep}orbax{os.sep}' in record.pathname:
@@ -135,14 +139,13 @@ def _closed_loop_reported_once(hook):
   has closed as an unraisable exception (`PyErr_WriteUnraisable`, so sys.unraisablehook): a
   traceback per write, up to hundreds for one full disk, before the run's own one-line error.
   Shows the first as one line, drops the rest; anything else goes to `hook`."""
-  reported = threading.Event()
+  first = _first_call_only()
 
   def unraisablehook(unraisable):
     value = unraisable.exc_value
     if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
       return hook(unraisable)
-    if not reported.is_set():
-      reported.set()
+    if first():
       print('orbax: more checkpoint writes failed after the save had stopped.', file=sys.stderr)
 
   return unraisablehook

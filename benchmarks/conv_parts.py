@@ -149,9 +149,7 @@ def main() -> None:
     run_worker(args.worker)
     return
   sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
-  from cpu_vs_torch import Side  # The same long-lived workers, taking turns.
-
-  from lpe.xla_cpu import cpu_flags, cpu_isa
+  from cpu_vs_torch import Side, isa_line  # The same long-lived workers, taking turns.
 
   start, load_before = time.perf_counter(), os.getloadavg()[0]
   keys = [f'{name}|{part}' for name, *_ in CONVS for part in PARTS]
@@ -174,8 +172,7 @@ def main() -> None:
         side.time(key, args.reps)
   for side in sides:
     side.close()
-  vector = ' '.join(f for f in ('avx512f', 'avx2', 'fma', 'amx_tile') if f in cpu_flags())
-  print(f'processor ISA {cpu_isa()} ({vector}); {os.cpu_count()} CPUs, {platform.machine()}')
+  print(f'{isa_line()}; {os.cpu_count()} CPUs, {platform.machine()}')
   for side in sides:
     print(f'- {side.label}: {side.banner.removeprefix("ready ")}')
   print()
